@@ -1,0 +1,61 @@
+"""The bridge's one error tree.
+
+Core code raises these and nothing HTTP-specific; the edge (the Litestar app and the CLI)
+maps them to status codes and exit codes in one place each::
+
+    BridgeError
+    ├── ConfigError          invalid configuration: start-up stops, exit code 2
+    ├── EventInvalid         a Track/Identify/Forget breaks the ingest field reference
+    ├── SignatureInvalid     a webhook's signature is bad, missing or stale (401)
+    ├── PayloadInvalid       a verified body cannot be understood (400)
+    └── StoreUnavailable     the store cannot take or give data right now (503)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BridgeError",
+    "ConfigError",
+    "EventInvalid",
+    "PayloadInvalid",
+    "SignatureInvalid",
+    "StoreUnavailable",
+]
+
+
+class BridgeError(Exception):
+    """Base of every error the bridge raises on purpose."""
+
+
+class ConfigError(BridgeError):
+    """Configuration that cannot work; `variable` names what the operator must fix."""
+
+    def __init__(self, variable: str, reason: str) -> None:
+        self.variable = variable
+        self.reason = reason
+        super().__init__(f"{variable}: {reason}")
+
+
+class EventInvalid(BridgeError, ValueError):
+    """An analytics call breaks a limit of the ingest API.
+
+    Subclasses ValueError so that msgspec reports it as a validation error with the JSON
+    path when it is raised while decoding.
+    """
+
+    def __init__(self, field: str, limit: str) -> None:
+        self.field = field
+        self.limit = limit
+        super().__init__(f"{field}: {limit}")
+
+
+class SignatureInvalid(BridgeError):
+    """A webhook delivery whose signature does not prove it came from the provider."""
+
+
+class PayloadInvalid(BridgeError):
+    """A verified webhook body that is not what the handler can read."""
+
+
+class StoreUnavailable(BridgeError):
+    """The outbox store cannot be reached or written; the provider should retry."""

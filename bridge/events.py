@@ -1,0 +1,150 @@
+"""The Millimetric calls the bridge sends: `Track`, `Identify`, `Forget`.
+
+The Structs enforce the ingest API's field reference whether they are built in Python (by a
+handler) or decoded from JSON (by the local sink): a violation raises `EventInvalid`
+naming the field and the limit. Fields the server derives itself (`source`, `country`,
+`ip_hash`, ...) do not exist on these types, so they can never be sent.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Final
+
+import msgspec
+
+from bridge.errors import EventInvalid
+
+__all__ = [
+    "BATCH_MAX_BYTES",
+    "BATCH_MAX_EVENTS",
+    "NAME_MAX_CHARS",
+    "PROPERTIES_MAX_BYTES",
+    "SERVER_DERIVED_FIELDS",
+    "Call",
+    "Forget",
+    "Identify",
+    "Track",
+    "encode",
+]
+
+NAME_MAX_CHARS: Final = 128
+PROPERTIES_MAX_BYTES: Final = 8 * 1024
+BATCH_MAX_EVENTS: Final = 500
+BATCH_MAX_BYTES: Final = 256 * 1024
+
+#: What Millimetric derives on its side; sending any of them is an invalid payload.
+SERVER_DERIVED_FIELDS: Final = frozenset(
+    {
+        "source",
+        "medium",
+        "campaign",
+        "source_confidence",
+        "source_rule_id",
+        "country",
+        "device_type",
+        "browser",
+        "os",
+        "ip_hash",
+    }
+)
+
+_encoder: Final = msgspec.json.Encoder()
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=NAME_MAX_CHARS)]
+ZonedTime = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+def _check_name(field: str, value: object, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise EventInvalid(field, "must be a string")
+    if not 1 <= len(value) <= NAME_MAX_CHARS:
+        raise EventInvalid(field, f"must be 1-{NAME_MAX_CHARS} characters, got {len(value)}")
+
+
+def _check_str(field: str, value: object, *, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise EventInvalid(field, "must be a string")
+
+
+def _check_time(field: str, value: object) -> None:
+    if value is None:
+        return
+    offset = value.utcoffset() if isinstance(value, datetime) else None
+    if offset is None:
+        raise EventInvalid(field, "must be an ISO 8601 time with a zone")
+    if offset.total_seconds() % 60:
+        # ISO 8601 offsets carry minutes; encoding would silently move the instant.
+        raise EventInvalid(field, "zone offset must be whole minutes")
+
+
+def _check_json_object(field: str, value: object, max_bytes: int | None) -> None:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise EventInvalid(field, "must be a JSON object with string keys")
+    try:
+        size = len(_encoder.encode(value))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EventInvalid(field, f"must be JSON-serialisable ({exc})") from None
+    if max_bytes is not None and size > max_bytes:
+        raise EventInvalid(field, f"must be at most {max_bytes} bytes as compact JSON, got {size}")
+
+
+class Track(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
+):
+    """One analytics event (`POST /v1/track`, or one entry of `/v1/batch`)."""
+
+    event: Name
+    event_id: Name | None = None
+    timestamp: ZonedTime | None = None
+    anonymous_id: str | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    url: str | None = None
+    path: str | None = None
+    referrer: str | None = None
+    properties: dict[str, Any] = {}
+
+    def __post_init__(self) -> None:
+        _check_name("event", self.event, optional=False)
+        _check_name("event_id", self.event_id, optional=True)
+        _check_time("timestamp", self.timestamp)
+        for field in ("anonymous_id", "user_id", "session_id", "url", "path", "referrer"):
+            _check_str(field, getattr(self, field))
+        _check_json_object("properties", self.properties, PROPERTIES_MAX_BYTES)
+
+
+class Identify(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
+):
+    """Links an anonymous visitor to a known user and sets traits (`POST /v1/identify`)."""
+
+    user_id: str
+    anonymous_id: str | None = None
+    traits: dict[str, Any] = {}
+
+    def __post_init__(self) -> None:
+        _check_str("user_id", self.user_id, optional=False)
+        _check_str("anonymous_id", self.anonymous_id)
+        _check_json_object("traits", self.traits, None)
+
+
+class Forget(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Erases everything Millimetric holds about a user (`POST /v1/forget`)."""
+
+    user_id: str
+
+    def __post_init__(self) -> None:
+        _check_str("user_id", self.user_id, optional=False)
+
+
+Call = Track | Identify | Forget
+
+
+def encode(call: Call | msgspec.Struct | dict[str, Any]) -> bytes:
+    """Compact JSON, exactly as it goes on the wire."""
+    return _encoder.encode(call)

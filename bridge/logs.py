@@ -1,0 +1,92 @@
+"""Logging, configured here and nowhere else.
+
+JSON lines under `serve` (what Fly and Render collect), a readable console under `dev`.
+Every line, ours or a library's through the standard `logging` module, passes
+`redact_secrets`, so a key, token or signature never reaches the output even when it ends
+up in a message or a traceback by mistake.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any, Final
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+__all__ = ["REDACTED", "configure_logging", "redact_secrets"]
+
+REDACTED: Final = "[redacted]"
+
+_SECRET_NAME: Final = re.compile(
+    r"(secret|token|signature|authorization|password|passwd|cookie|credential|api_?key|^key$"
+    r"|_key$|^hmac)",
+    re.IGNORECASE,
+)
+_SECRET_VALUE: Final = re.compile(
+    r"\b(?:sk|pk|rk)_[A-Za-z0-9]+_[A-Za-z0-9]+_[A-Za-z0-9]+\b"  # Millimetric keys
+    r"|\bwhsec_[A-Za-z0-9+/=_-]+"  # Stripe and Standard Webhooks secrets
+    r"|\b[Bb]earer\s+[^\s,;\"']+"  # bearer tokens
+    r"|\b(?:v1|h1|sha256|v1a)=[0-9a-fA-F]{16,}"  # hex signatures in signature headers
+    r"|\bv1,[A-Za-z0-9+/=]{16,}"  # Standard Webhooks signatures
+)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return _SECRET_VALUE.sub(REDACTED, value)
+    if isinstance(value, dict):
+        return {k: REDACTED if _SECRET_NAME.search(str(k)) else _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """Blank every field named like a secret, and secret-shaped text inside any other."""
+    for name, value in list(event_dict.items()):
+        event_dict[name] = REDACTED if _SECRET_NAME.search(name) else _scrub(value)
+    return event_dict
+
+
+def _processors() -> list[Processor]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact_secrets,
+    ]
+
+
+def configure_logging(fmt: str = "json", level: str = "info") -> None:
+    """Set up structlog and route the standard library's records through the same chain."""
+    renderer: Processor = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    )
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    structlog.configure(
+        processors=[*_processors(), renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *_processors()],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    # One canonical line per webhook replaces the access log; its lines repeat URLs only.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

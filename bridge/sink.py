@@ -1,0 +1,284 @@
+"""A local stand-in for the Millimetric ingest API, strict about its contract.
+
+Dev mode, the tests and the benchmarks talk to it. It checks keys the way Millimetric does
+(401 `malformed_api_key` / `invalid_api_key`, 403 `origin_not_allowed` for a `pk_` key,
+403 `forget_requires_secret_key`), validates each route's body with the same Structs the
+bridge sends (400 `invalid_payload` naming the field), enforces 500 events / 256 KB per
+batch, the published per-key rate limits (429 with `Retry-After`) and idempotency on
+`event_id`.
+
+Beyond the contract, under `/_sink/`: what it received (`events`), counters (`stats`),
+fault knobs (`knobs`: fail for the first N seconds, error rate, added latency, limits off,
+the accepted keys) and `reset`. A `rk_` key, read-only at Millimetric, gets 403
+`read_only_key` on ingest routes: the contract names no code for that case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import re
+import time
+import uuid
+from collections import Counter
+from typing import Any, Final
+
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+from litestar.params import FromPath, FromQuery
+
+from bridge.events import (
+    BATCH_MAX_BYTES,
+    BATCH_MAX_EVENTS,
+    SERVER_DERIVED_FIELDS,
+    Forget,
+    Identify,
+    Track,
+)
+from bridge.ratelimit import BATCH_LIMIT, TRACK_LIMIT, RateLimit, TokenBucket
+
+__all__ = ["DEV_KEY", "SinkKnobs", "SinkState", "create_sink_app"]
+
+#: The key dev mode uses; the sink knows it (and its browser and read-only siblings).
+DEV_KEY: Final = "sk_dev_local_bridge"
+DEV_KEYS: Final = (DEV_KEY, "pk_dev_local_bridge", "rk_dev_local_bridge")
+KEY_FORMAT: Final = re.compile(r"^(pk|sk|rk)_[A-Za-z0-9]+_[A-Za-z0-9]+_[A-Za-z0-9]+$")
+
+_UNKNOWN_FIELD: Final = re.compile(r"unknown field `([^`]+)`")
+
+
+class Batch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    events: list[Track]
+
+
+_DECODERS: Final[dict[str, msgspec.json.Decoder[Any]]] = {
+    "track": msgspec.json.Decoder(Track),
+    "identify": msgspec.json.Decoder(Identify),
+    "batch": msgspec.json.Decoder(Batch),
+    "forget": msgspec.json.Decoder(Forget),
+}
+_LIMITS: Final[dict[str, RateLimit]] = {"track": TRACK_LIMIT, "batch": BATCH_LIMIT}
+_encoder: Final = msgspec.json.Encoder()
+
+
+class SinkKnobs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Faults to inject. Posting a partial object to `/_sink/knobs` changes only what it names."""
+
+    fail_for_seconds: float = 0.0  # answer `fail_status` until this many seconds after set
+    fail_status: int = 503
+    error_rate: float = 0.0  # share of requests answered 500, at random
+    latency_ms: float = 0.0  # added to every ingest answer
+    limits: bool = True  # enforce the published rate limits
+    keys: list[str] = msgspec.field(default_factory=lambda: list(DEV_KEYS))
+
+
+class Received(msgspec.Struct, frozen=True):
+    seq: int
+    route: str
+    at: float
+    body: msgspec.Raw  # one call as compact JSON; kept raw so a big backlog stays small
+
+
+class SinkState:
+    """What the sink has received and how it is set to misbehave."""
+
+    def __init__(self, knobs: SinkKnobs | None = None) -> None:
+        self.received: list[Received] = []
+        self.seen_event_ids: set[str] = set()
+        self.answers: Counter[str] = Counter()  # "route status" -> count
+        self.duplicates = 0
+        self.buckets: dict[tuple[str, str], TokenBucket] = {}
+        self.knobs = SinkKnobs()
+        self.fail_until = 0.0
+        self.set_knobs(knobs or SinkKnobs())
+
+    def set_knobs(self, knobs: SinkKnobs, *, restart_failure: bool = True) -> None:
+        """Apply `knobs`; the failure window starts now unless `restart_failure` is off."""
+        self.knobs = knobs
+        if restart_failure:
+            self.fail_until = time.monotonic() + knobs.fail_for_seconds
+        self.buckets.clear()
+
+    def reset(self) -> None:
+        self.received.clear()
+        self.seen_event_ids.clear()
+        self.answers.clear()
+        self.duplicates = 0
+        self.buckets.clear()
+
+    def record(self, route: str, body: bytes) -> None:
+        self.received.append(Received(len(self.received), route, time.time(), msgspec.Raw(body)))
+
+    def accept_event(self, event: Track) -> str | None:
+        """Store one track event unless its event_id was seen; return its id, None if seen."""
+        event_id = event.event_id or uuid.uuid4().hex
+        if event_id in self.seen_event_ids:
+            self.duplicates += 1
+            return None
+        self.seen_event_ids.add(event_id)
+        body = _encoder.encode(
+            event if event.event_id else msgspec.structs.replace(event, event_id=event_id)
+        )
+        self.record("track", body)
+        return event_id
+
+
+def _error(status: int, code: str, message: str = "", **headers: str) -> Response[bytes]:
+    body: dict[str, Any] = {"ok": False, "error": code}
+    if message:
+        body["message"] = message
+    return Response(
+        _encoder.encode(body), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _ok(**fields: Any) -> Response[bytes]:
+    return Response(
+        _encoder.encode({"ok": True, **fields}), status_code=202, media_type="application/json"
+    )
+
+
+def _check_key(state: SinkState, route: str, authorization: str | None) -> Response[bytes] | None:
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not KEY_FORMAT.match(key):
+        return _error(401, "malformed_api_key", "expected Authorization: Bearer (pk|sk|rk)_x_y_z")
+    if key not in state.knobs.keys:
+        return _error(401, "invalid_api_key")
+    if key.startswith("pk_"):
+        return _error(403, "origin_not_allowed", "a pk_ key is for browsers on allowed origins")
+    if route == "forget" and not key.startswith("sk_"):
+        return _error(403, "forget_requires_secret_key")
+    if key.startswith("rk_"):
+        return _error(403, "read_only_key", "an rk_ key can only read")
+    return None
+
+
+def _check_rate(state: SinkState, route: str, key: str) -> Response[bytes] | None:
+    limit = _LIMITS.get(route)
+    if limit is None or not state.knobs.limits:
+        return None
+    bucket = state.buckets.get((key, route))
+    if bucket is None:
+        bucket = state.buckets[(key, route)] = TokenBucket(limit)
+    wait = bucket.try_take()
+    if wait == 0.0:
+        return None
+    return _error(
+        429,
+        "rate_limited",
+        f"{route}: {limit.rate:g}/s, burst {limit.burst:g}",
+        **{"retry-after": str(max(1, math.ceil(wait)))},
+    )
+
+
+def _invalid(exc: msgspec.ValidationError | msgspec.DecodeError) -> Response[bytes]:
+    message = str(exc)
+    unknown = _UNKNOWN_FIELD.search(message)
+    if unknown and unknown.group(1) in SERVER_DERIVED_FIELDS:
+        message = f"{unknown.group(1)} is derived by the server and must not be sent ({message})"
+    return _error(400, "invalid_payload", message)
+
+
+async def _ingest(state: SinkState, route: str, request: Request[Any, Any, Any]) -> Response[bytes]:
+    knobs = state.knobs
+    if knobs.latency_ms:
+        await asyncio.sleep(knobs.latency_ms / 1000)
+    if time.monotonic() < state.fail_until:
+        return _error(knobs.fail_status, "unavailable", "sink fault: failing on purpose")
+    if knobs.error_rate and random.random() < knobs.error_rate:  # noqa: S311 (a fault knob)
+        return _error(500, "internal_error", "sink fault: random error")
+    authorization = request.headers.get("authorization")
+    refused = _check_key(state, route, authorization)
+    if refused is None:
+        refused = _check_rate(state, route, (authorization or "").partition(" ")[2])
+    if refused is not None:
+        return refused
+    body = await request.body()
+    if route == "batch" and len(body) > BATCH_MAX_BYTES:
+        return _error(
+            400,
+            "invalid_payload",
+            f"batch body is {len(body)} bytes; the limit is {BATCH_MAX_BYTES}",
+        )
+    try:
+        call = _DECODERS[route].decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        return _invalid(exc)
+    if isinstance(call, Batch):
+        if not 1 <= len(call.events) <= BATCH_MAX_EVENTS:
+            return _error(
+                400,
+                "invalid_payload",
+                f"events: 1-{BATCH_MAX_EVENTS} per batch, got {len(call.events)}",
+            )
+        accepted = sum(state.accept_event(e) is not None for e in call.events)
+        return _ok(accepted=accepted, duplicates=len(call.events) - accepted)
+    if isinstance(call, Track):
+        event_id = state.accept_event(call) or call.event_id
+        return _ok(event_id=event_id)
+    state.record(route, body)
+    return _ok()
+
+
+def create_sink_app(state: SinkState | None = None) -> Litestar:
+    """The sink as an ASGI app; pass `state` to look at it from a test in the same process."""
+    sink = state or SinkState()
+
+    @post("/v1/{route:str}")
+    async def ingest(route: FromPath[str], request: Request[Any, Any, Any]) -> Response[bytes]:
+        if route not in _DECODERS:
+            return _error(404, "not_found")
+        response = await _ingest(sink, route, request)
+        sink.answers[f"{route} {response.status_code}"] += 1
+        return response
+
+    @get("/_sink/events")
+    async def events(
+        route: FromQuery[str | None] = None,
+        after: FromQuery[int] = -1,
+        limit: FromQuery[int] = 1000,
+    ) -> Response[bytes]:
+        """What was accepted, in order: `after` a seq, at most `limit`, optionally one route."""
+        picked = [r for r in sink.received[after + 1 :] if route is None or r.route == route]
+        return Response(_encoder.encode({"events": picked[:limit]}), media_type="application/json")
+
+    @get("/_sink/stats")
+    async def stats() -> dict[str, Any]:
+        return {
+            "received": len(sink.received),
+            "unique_event_ids": len(sink.seen_event_ids),
+            "duplicates": sink.duplicates,
+            "answers": dict(sink.answers),
+        }
+
+    @get("/_sink/knobs")
+    async def get_knobs() -> SinkKnobs:
+        return sink.knobs
+
+    @post("/_sink/knobs", status_code=200)
+    async def set_knobs(request: Request[Any, Any, Any]) -> Response[bytes]:
+        try:
+            changes = msgspec.json.decode(await request.body(), type=dict[str, Any])
+            knobs = msgspec.convert({**msgspec.to_builtins(sink.knobs), **changes}, SinkKnobs)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return _error(400, "invalid_knobs", str(exc))
+        sink.set_knobs(knobs, restart_failure="fail_for_seconds" in changes)
+        return Response(_encoder.encode(knobs), media_type="application/json")
+
+    @post("/_sink/reset", status_code=200)
+    async def reset() -> dict[str, bool]:
+        sink.reset()
+        return {"ok": True}
+
+    @get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app = Litestar(
+        route_handlers=[ingest, events, stats, get_knobs, set_knobs, reset, healthz],
+        openapi_config=None,
+        logging_config=None,
+    )
+    app.state.sink = sink
+    return app

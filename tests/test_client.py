@@ -1,0 +1,179 @@
+"""The Millimetric client against the real local sink over loopback HTTP: every answer
+class, and Retry-After in both of its forms."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import msgspec
+import pytest
+
+from bridge.client import (
+    Accepted,
+    AuthProblem,
+    Invalid,
+    MillimetricClient,
+    RateLimited,
+    Retryable,
+    batch_body,
+    build_http_client,
+    parse_retry_after,
+)
+from bridge.events import Forget, Identify, Track
+from bridge.sink import DEV_KEY
+from tests.conftest import RunningSink, free_port
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with build_http_client(timeout=2.0, connect_timeout=1.0) as client:
+        yield client
+
+
+def client_for(http: httpx.AsyncClient, sink: RunningSink, key: str = DEV_KEY) -> MillimetricClient:
+    return MillimetricClient(http, key=key, host=sink.url)
+
+
+def set_knobs(sink: RunningSink, **knobs: object) -> None:
+    httpx.post(f"{sink.url}/_sink/knobs", json=knobs).raise_for_status()
+
+
+async def test_every_route_is_accepted_and_recorded(
+    http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    client = client_for(http, sink)
+    assert await client.track(Track(event="signup", event_id="t1", user_id="u1")) == Accepted(202)
+    assert await client.batch([Track(event="purchase", event_id=f"b{i}") for i in range(3)]) == (
+        Accepted(202)
+    )
+    assert await client.identify(Identify(user_id="u1", anonymous_id="a1")) == Accepted(202)
+    assert await client.forget(Forget(user_id="u1")) == Accepted(202)
+
+    listing = (await http.get(f"{sink.url}/_sink/events")).json()["events"]
+    assert [(e["route"], e["body"].get("event_id")) for e in listing] == [
+        ("track", "t1"),
+        ("track", "b0"),
+        ("track", "b1"),
+        ("track", "b2"),
+        ("identify", None),
+        ("forget", None),
+    ]
+
+
+async def test_idempotency_on_event_id(http: httpx.AsyncClient, sink: RunningSink) -> None:
+    client = client_for(http, sink)
+    for _ in range(3):
+        assert await client.batch([Track(event="x", event_id="same")]) == Accepted(202)
+    stats = (await http.get(f"{sink.url}/_sink/stats")).json()
+    assert stats["unique_event_ids"] == 1
+    assert stats["duplicates"] == 2
+
+
+async def test_invalid_payload_is_permanent_and_names_the_field(
+    http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    client = client_for(http, sink)
+    outcome = await client.post("/v1/track", b'{"event":"' + b"x" * 129 + b'"}')
+    assert isinstance(outcome, Invalid)
+    assert outcome.status == 400
+    assert "invalid_payload" in outcome.reason
+    assert "$.event" in outcome.reason
+
+    derived = await client.post("/v1/batch", b'{"events":[{"event":"x","country":"FR"}]}')
+    assert isinstance(derived, Invalid)
+    assert "country is derived by the server" in derived.reason
+
+
+@pytest.mark.parametrize(
+    ("key", "route", "status", "code"),
+    [
+        ("not-a-key", "/v1/track", 401, "malformed_api_key"),
+        ("sk_live_someone_else", "/v1/track", 401, "invalid_api_key"),
+        ("pk_dev_local_bridge", "/v1/track", 403, "origin_not_allowed"),
+        ("rk_dev_local_bridge", "/v1/forget", 403, "forget_requires_secret_key"),
+        ("rk_dev_local_bridge", "/v1/batch", 403, "read_only_key"),
+    ],
+)
+async def test_key_problems_are_auth_problems(
+    http: httpx.AsyncClient, sink: RunningSink, key: str, route: str, status: int, code: str
+) -> None:
+    body = b'{"user_id":"u1"}' if route == "/v1/forget" else b'{"events":[{"event":"x"}]}'
+    if route == "/v1/track":
+        body = b'{"event":"x"}'
+    outcome = await client_for(http, sink, key).post(route, body)
+    assert isinstance(outcome, AuthProblem)
+    assert outcome.status == status
+    assert code in outcome.reason
+    assert (await http.get(f"{sink.url}/_sink/stats")).json()["received"] == 0
+
+
+async def test_rate_limit_gives_rate_limited_with_the_wait(
+    http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    client = client_for(http, sink)
+    outcomes = [await client.batch([Track(event="x", event_id=f"r{i}")]) for i in range(21)]
+    assert outcomes[:20] == [Accepted(202)] * 20  # burst 20
+    limited = outcomes[20]
+    assert isinstance(limited, RateLimited)
+    assert limited.retry_after >= 1.0  # Retry-After is whole seconds
+
+
+async def test_server_errors_are_retryable(http: httpx.AsyncClient, sink: RunningSink) -> None:
+    set_knobs(sink, fail_for_seconds=30)
+    outcome = await client_for(http, sink).track(Track(event="x"))
+    assert isinstance(outcome, Retryable)
+    assert outcome.status == 503
+
+    set_knobs(sink, fail_for_seconds=0, error_rate=1.0)
+    outcome = await client_for(http, sink).track(Track(event="x"))
+    assert outcome == Retryable(outcome.reason, 500)
+
+
+async def test_timeouts_are_retryable(sink: RunningSink) -> None:
+    set_knobs(sink, latency_ms=1500)
+    async with build_http_client(timeout=0.2) as http:
+        outcome = await client_for(http, sink).track(Track(event="x"))
+    assert isinstance(outcome, Retryable)
+    assert outcome.reason.startswith("timeout")
+
+
+async def test_connection_errors_are_retryable(http: httpx.AsyncClient) -> None:
+    client = MillimetricClient(http, key=DEV_KEY, host=f"http://127.0.0.1:{free_port()}")
+    outcome = await client.track(Track(event="x"))
+    assert isinstance(outcome, Retryable)
+    assert outcome.reason.startswith("connection: ConnectError")
+
+
+async def test_retry_after_as_http_date() -> None:
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        assert request.headers["authorization"] == f"Bearer {DEV_KEY}"
+        return httpx.Response(429, headers={"retry-after": later})
+
+    async with build_http_client(transport=httpx.MockTransport(answer)) as http:
+        outcome = await MillimetricClient(http, key=DEV_KEY, host="http://mm").track(
+            Track(event="x")
+        )
+    assert isinstance(outcome, RateLimited)
+    assert 28 <= outcome.retry_after <= 30
+
+
+def test_parse_retry_after() -> None:
+    now = 1_700_000_000.0
+    assert parse_retry_after("7", now=now) == 7.0
+    assert parse_retry_after("0", now=now) == 0.0
+    assert parse_retry_after(email.utils.formatdate(now + 90, usegmt=True), now=now) == 90.0
+    assert parse_retry_after(email.utils.formatdate(now - 90, usegmt=True), now=now) == 0.0
+    assert parse_retry_after(None) == 1.0
+    assert parse_retry_after("soon") == 1.0
+
+
+def test_batch_body_is_the_wire_format() -> None:
+    body = batch_body([b'{"event":"a"}', b'{"event":"b"}'])
+    assert msgspec.json.decode(body) == {"events": [{"event": "a"}, {"event": "b"}]}

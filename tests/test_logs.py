@@ -1,0 +1,82 @@
+"""Secrets never reach a log line, whatever field or message they hide in."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import structlog
+
+from bridge.logs import REDACTED, configure_logging, redact_secrets
+
+SECRETS = [
+    "sk_live_abc123_def456",
+    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    "Bearer s3cr3t-admin-token",
+    "t=1700000000,v1=ea2950ccace22ce8e093fe72cb20ca88ba60916e10013c371a07ea66d3e6a56e",
+    "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+]
+
+
+def test_fields_named_like_secrets_are_blanked() -> None:
+    event = redact_secrets(
+        None,
+        "info",
+        {
+            "event": "x",
+            "api_key": "anything",
+            "Authorization": "x",
+            "webhook_secret": "x",
+            "stripe_signature": "x",
+            "token": "x",
+            "key": "x",
+            "source": "stripe",
+        },
+    )
+    assert event == {
+        "event": "x",
+        "api_key": REDACTED,
+        "Authorization": REDACTED,
+        "webhook_secret": REDACTED,
+        "stripe_signature": REDACTED,
+        "token": REDACTED,
+        "key": REDACTED,
+        "source": "stripe",
+    }
+
+
+@pytest.mark.parametrize("secret", SECRETS)
+def test_secret_shaped_text_is_scrubbed_anywhere(secret: str) -> None:
+    event = redact_secrets(
+        None,
+        "info",
+        {
+            "event": f"failed with {secret} inside",
+            "nested": {"headers": [f"x {secret}"]},
+        },
+    )
+    assert secret not in json.dumps(event)
+    assert REDACTED in event["event"]
+
+
+def test_configured_output_is_json_and_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("json", "info")
+    try:
+        structlog.get_logger().info("sent", millimetric_key=SECRETS[0], note=SECRETS[2])
+        logging.getLogger("uvicorn.error").error("boom %s", SECRETS[1])
+        try:
+            raise RuntimeError(f"bad header {SECRETS[3]}")
+        except RuntimeError:
+            structlog.get_logger().exception("crashed")
+        out = capsys.readouterr().out
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["event"].split()[0] for line in lines] == ["sent", "boom", "crashed"]
+    assert lines[0]["level"] == "info"
+    assert "timestamp" in lines[0]
+    assert "RuntimeError" in lines[2]["exception"]
+    for secret in SECRETS:
+        assert secret not in out

@@ -1,0 +1,73 @@
+"""The commands as a user runs them: real processes, real ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import free_port
+
+SCRIPT = Path(sys.executable).parent / "millimetric-bridge"
+
+
+def wait_for(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the process exited early"
+        try:
+            return httpx.get(url, timeout=1)
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer within {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=20)
+    return proc.returncode, out.decode()
+
+
+def test_dev_runs_bridge_and_sink_without_keys(tmp_path: Path) -> None:
+    port, sink_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MILLIMETRIC_", "BRIDGE_"))}
+    proc = subprocess.Popen(
+        [SCRIPT, "dev", "--port", str(port), "--sink-port", str(sink_port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert wait_for(f"http://127.0.0.1:{port}/healthz", proc).json() == {"status": "ok"}
+        assert wait_for(f"http://127.0.0.1:{sink_port}/_sink/stats", proc).status_code == 200
+    finally:
+        code, out = stop(proc)
+    assert code == 0
+    assert f"curl http://127.0.0.1:{port}/healthz" in out  # the line saying what to try
+
+
+def test_serve_answers_healthz(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "MILLIMETRIC_KEY": "sk_live_abc123_def456",
+        "PORT": str(port),
+        "BRIDGE_HOST": "127.0.0.1",
+        "MILLIMETRIC_HOST": "http://127.0.0.1:9",
+    }
+    proc = subprocess.Popen(
+        [SCRIPT, "serve"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        assert wait_for(f"http://127.0.0.1:{port}/healthz", proc).json() == {"status": "ok"}
+    finally:
+        code, out = stop(proc)
+    assert code == 0
+    assert '"level": "info"' in out or '"level":"info"' in out  # JSON lines under serve
+    assert "sk_live_abc123_def456" not in out
