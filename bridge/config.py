@@ -15,6 +15,9 @@ from urllib.parse import urlsplit
 import msgspec
 
 from bridge.errors import ConfigError
+from bridge.forwarder import ForwarderConfig
+from bridge.ratelimit import RateLimit
+from bridge.store import Retention
 
 __all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_HOST", "Settings", "check_key", "load_settings"]
 
@@ -36,6 +39,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8000
     log_format: LogFormat = "json"
     log_level: str = "info"
+    sqlite_synchronous: str = "FULL"
+    forwarder: ForwarderConfig = ForwarderConfig()
+    ready_max_lag: float = 900.0  # /readyz says degraded when the oldest pending is older
+    shutdown_grace: float = 10.0
     env: Mapping[str, str] = msgspec.field(default_factory=dict)  # source secrets are read here
 
     @property
@@ -91,6 +98,46 @@ def _check_port(variable: str, value: str) -> int:
     return port
 
 
+def _number(
+    env: Mapping[str, str], variable: str, default: float, *, minimum: float = 0.0
+) -> float:
+    """A finite number above `minimum` from the environment, in the variable's unit."""
+    raw = env.get(variable)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(variable, "must be a number") from None
+    if not (minimum < value < float("inf")):  # also refuses NaN
+        raise ConfigError(variable, f"must be a number above {minimum:g}")
+    return value
+
+
+def _forwarder(env: Mapping[str, str]) -> ForwarderConfig:
+    defaults = ForwarderConfig()
+    return ForwarderConfig(
+        batch_limit=RateLimit(
+            rate=_number(env, "BRIDGE_BATCH_RATE", defaults.batch_limit.rate),
+            burst=_number(env, "BRIDGE_BATCH_BURST", defaults.batch_limit.burst, minimum=0.99),
+        ),
+        single_limit=RateLimit(
+            rate=_number(env, "BRIDGE_CALL_RATE", defaults.single_limit.rate),
+            burst=_number(env, "BRIDGE_CALL_BURST", defaults.single_limit.burst, minimum=0.99),
+        ),
+        max_age=_number(env, "BRIDGE_MAX_AGE_HOURS", defaults.max_age / 3600) * 3600,
+        retention=Retention(
+            delivered=_days(env, "BRIDGE_DELIVERED_RETENTION_DAYS", defaults.retention.delivered),
+            raw_payloads=_days(env, "BRIDGE_RAW_RETENTION_DAYS", defaults.retention.raw_payloads),
+            inbox=_days(env, "BRIDGE_INBOX_RETENTION_DAYS", defaults.retention.inbox),
+        ),
+    )
+
+
+def _days(env: Mapping[str, str], variable: str, default_seconds: float) -> float:
+    return _number(env, variable, default_seconds / 86400) * 86400
+
+
 def _check_choice(variable: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(variable, f"must be one of {', '.join(choices)}")
@@ -121,5 +168,12 @@ def load_settings(
         log_level=_check_choice(
             "BRIDGE_LOG_LEVEL", env.get("BRIDGE_LOG_LEVEL", "info").lower(), _LOG_LEVELS
         ),
+        sqlite_synchronous=_check_choice(
+            "BRIDGE_SQLITE_SYNCHRONOUS",
+            env.get("BRIDGE_SQLITE_SYNCHRONOUS", "FULL").upper(),
+            ("FULL", "NORMAL", "EXTRA"),
+        ),
+        forwarder=_forwarder(env),
+        ready_max_lag=_number(env, "BRIDGE_READY_MAX_LAG_SECONDS", 900.0),
         env=dict(env),
     )

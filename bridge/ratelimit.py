@@ -25,12 +25,20 @@ BATCH_LIMIT: Final = RateLimit(rate=5, burst=20)
 
 
 class TokenBucket:
-    """A bucket that starts full and refills continuously."""
+    """A bucket that refills continuously. It starts full, or with one token when
+    `start_full` is off (a client that restarts does not know how much of the server's burst
+    its previous run used)."""
 
-    def __init__(self, limit: RateLimit, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        limit: RateLimit,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        start_full: bool = True,
+    ) -> None:
         self.limit = limit
         self._clock = clock
-        self._tokens = limit.burst
+        self._tokens = limit.burst if start_full else min(1.0, limit.burst)
         self._stamp = clock()
 
     def _refill(self) -> None:

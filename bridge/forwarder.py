@@ -1,0 +1,319 @@
+"""The forwarder: drains the outbox into Millimetric, within its limits, losing nothing.
+
+One lane per route. The track lane claims up to 500 events (under 256 KB of body) and
+sends them as one `/v1/batch`; identify and forget rows go one by one to their routes.
+What each answer means for the rows:
+
+- accepted: delivered;
+- rate limited: released untouched, and the lane waits for `Retry-After`;
+- retryable (5xx, timeouts, connection errors): tried again after an exponential backoff
+  with full jitter, until the row is older than `max_age`, then dead-lettered;
+- invalid: a batch is split in halves until the invalid events are alone; only those are
+  dead-lettered, with Millimetric's answer as the reason;
+- auth problem (401/403): forwarding pauses, no row is charged or dropped, and a probe
+  every few seconds resumes it once the key works.
+
+Every track row carries an `event_id`, so a crash between a send and its bookkeeping can
+only resend what Millimetric deduplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
+
+import msgspec
+import structlog
+
+from bridge.client import (
+    Accepted,
+    AuthProblem,
+    Invalid,
+    MillimetricClient,
+    Outcome,
+    RateLimited,
+    Retryable,
+    batch_body,
+)
+from bridge.errors import StoreUnavailable
+from bridge.events import BATCH_MAX_BYTES, BATCH_MAX_EVENTS
+from bridge.ratelimit import BATCH_LIMIT, TRACK_LIMIT, RateLimit, TokenBucket
+from bridge.store import ROUTES, OutboxRow, Retention, Route, Store
+
+__all__ = ["Forwarder", "ForwarderConfig"]
+
+log = structlog.get_logger("bridge.forwarder")
+
+#: Room left in a batch body for the `{"events":[...]}` wrapper.
+_WRAPPER: Final = len(batch_body([]))
+_SINGLE_ROUTE_CLAIM: Final = 50
+
+
+class ForwarderConfig(msgspec.Struct, frozen=True, kw_only=True):
+    batch_limit: RateLimit = BATCH_LIMIT  # pacing of /v1/batch
+    single_limit: RateLimit = TRACK_LIMIT  # pacing of /v1/identify and /v1/forget
+    batch_events: int = BATCH_MAX_EVENTS
+    batch_bytes: int = BATCH_MAX_BYTES
+    linger: float = 0.1  # wait this long for a partial batch to fill when traffic is light
+    idle_poll: float = 1.0  # look for due rows (retries, other writers) this often when idle
+    max_in_flight: int = 4  # concurrent batch requests (matters when Millimetric is far away)
+    backoff_base: float = 1.0
+    backoff_cap: float = 300.0
+    max_age: float = 72 * 3600  # give up on a row this old, into dead letters
+    probe_min: float = 2.0  # first probe of a refused key after this long
+    probe_max: float = 60.0
+    error_pause: float = 1.0  # after a store error, before trying again
+    retention: Retention = Retention()
+    cleanup_every: float = 600.0
+
+
+class Forwarder:
+    """Runs as tasks inside the app's lifespan; `wake()` after an accept shortens the wait."""
+
+    def __init__(
+        self,
+        store: Store,
+        client: MillimetricClient,
+        config: ForwarderConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.config = config or ForwarderConfig()
+        self.clock = clock
+        self.paused: str | None = None
+        self._probe_after = self.config.probe_min
+        self._probe_at = 0.0
+        self._not_before: dict[Route, float] = dict.fromkeys(ROUTES, 0.0)
+        self._buckets = {
+            route: TokenBucket(
+                self.config.batch_limit if route == "track" else self.config.single_limit,
+                start_full=False,
+            )
+            for route in ROUTES
+        }
+        self._wake = {route: asyncio.Event() for route in ROUTES}
+        self._in_flight = asyncio.Semaphore(self.config.max_in_flight)
+        self._sends: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self.counts: dict[str, int] = {
+            "requests": 0,
+            "delivered": 0,
+            "dead": 0,
+            "rate_limited": 0,
+            "retried": 0,
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._lane(route), name=f"forward-{route}") for route in ROUTES
+        ]
+        self._tasks.append(asyncio.create_task(self._janitor(), name="outbox-cleanup"))
+
+    def wake(self, route: Route = "track") -> None:
+        self._wake[route].set()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop claiming; give sends in flight `grace` seconds to finish, then cancel them.
+        Rows of a cancelled send stay claimed and are due again at the next start."""
+        self._stopping.set()
+        for event in self._wake.values():
+            event.set()
+        if self._sends:
+            await asyncio.wait(set(self._sends), timeout=grace)
+        for task in [*self._tasks, *self._sends]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._sends, return_exceptions=True)
+        self._tasks = []
+
+    # -- the lanes ---------------------------------------------------------------------------
+
+    async def _lane(self, route: Route) -> None:
+        full = self.config.batch_events if route == "track" else _SINGLE_ROUTE_CLAIM
+        while not self._stopping.is_set():
+            try:
+                await self._gate(route)
+                if self._stopping.is_set():
+                    break
+                if route == "track":
+                    await self._in_flight.acquire()
+                    rows = await self._claim(route, full)
+                    if rows:
+                        self._spawn(self._send_then_release(rows))
+                    else:
+                        self._in_flight.release()
+                else:
+                    rows = await self._claim(route, full)
+                    for index, row in enumerate(rows):
+                        if self.paused is not None or self._not_before[route] > self.clock():
+                            rest = [r.id for r in rows[index:]]
+                            await self.store.retry(rest, self.clock(), count_attempt=False)
+                            break
+                        await self._deliver(route, [row])
+                if len(rows) < full:
+                    await self._idle(route)
+            except StoreUnavailable as error:
+                log.error(
+                    "outbox store unavailable; forwarding waits", route=route, error=str(error)
+                )
+                await self._sleep(self.config.error_pause)
+            except Exception:
+                log.exception("forwarder error; carrying on", route=route)
+                await self._sleep(self.config.error_pause)
+
+    async def _claim(self, route: Route, limit: int) -> list[OutboxRow]:
+        budget = self.config.batch_bytes - _WRAPPER if route == "track" else 1 << 30
+        return await self.store.claim(route, limit, budget, self.clock())
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _send_then_release(self, rows: list[OutboxRow]) -> None:
+        try:
+            await self._deliver("track", rows)
+        except Exception:
+            log.exception("batch send failed; its rows are due again after their lease")
+        finally:
+            self._in_flight.release()
+
+    async def _idle(self, route: Route) -> None:
+        """Wait for new rows (or the poll interval), then linger so a batch can fill."""
+        wake = self._wake[route]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), self.config.idle_poll)
+        wake.clear()
+        if route == "track" and not self._stopping.is_set():
+            await self._sleep(self.config.linger)
+
+    async def _gate(self, route: Route) -> None:
+        """Hold the lane while a Retry-After runs or while paused between probes."""
+        while not self._stopping.is_set():
+            now = self.clock()
+            until = self._not_before[route]
+            if self.paused is not None:
+                until = max(until, self._probe_at)
+            if now >= until:
+                return
+            await self._sleep(until - now)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), max(0.0, seconds))
+
+    async def _take_token(self, route: Route) -> None:
+        bucket = self._buckets[route]
+        while (wait := bucket.try_take()) > 0:  # noqa: ASYNC110 (a timed wait, no event to set)
+            await asyncio.sleep(wait)
+
+    # -- one request and what its answer means -----------------------------------------------
+
+    async def _deliver(self, route: Route, rows: Sequence[OutboxRow]) -> None:
+        await self._take_token(route)
+        body = batch_body([r.body for r in rows]) if route == "track" else rows[0].body
+        path = "/v1/batch" if route == "track" else f"/v1/{route}"
+        started = time.perf_counter()
+        outcome = await self.client.post(path, body)
+        self.counts["requests"] += 1
+        log.info(
+            "forward",
+            route=path,
+            events=len(rows),
+            outcome=type(outcome).__name__,
+            status=getattr(outcome, "status", None),
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        await self._settle(route, rows, outcome)
+
+    async def _settle(self, route: Route, rows: Sequence[OutboxRow], outcome: Outcome) -> None:
+        ids = [r.id for r in rows]
+        now = self.clock()
+        match outcome:
+            case Accepted():
+                await self.store.delivered(ids, now)
+                self.counts["delivered"] += len(ids)
+                if self.paused is not None:
+                    await self._resume()
+                if route == "forget":
+                    log.info("forget delivered; local traces erased")
+            case RateLimited(retry_after=wait):
+                self.counts["rate_limited"] += 1
+                self._not_before[route] = max(self._not_before[route], now + wait)
+                await self.store.retry(ids, now + wait, count_attempt=False)
+            case AuthProblem(reason=reason):
+                await self.store.retry(ids, now, count_attempt=False)
+                await self._pause(reason)
+            case Invalid(reason=reason) if len(rows) > 1:
+                half = len(rows) // 2
+                for part in (rows[:half], rows[half:]):
+                    await self._deliver(route, part)
+            case Invalid(reason=reason):
+                await self.store.dead_letter(ids, reason, now)
+                self.counts["dead"] += len(ids)
+                log.warning(
+                    "dead letter: Millimetric refused the call",
+                    route=route,
+                    outbox_id=ids[0],
+                    reason=reason,
+                )
+            case Retryable(reason=reason):
+                await self._retry_later(rows, reason, now)
+
+    async def _retry_later(self, rows: Sequence[OutboxRow], reason: str, now: float) -> None:
+        config = self.config
+        expired = [r.id for r in rows if now - r.created_at >= config.max_age]
+        alive = [r for r in rows if now - r.created_at < config.max_age]
+        if expired:
+            await self.store.dead_letter(
+                expired, f"gave up after {config.max_age / 3600:g} h; last answer: {reason}", now
+            )
+            self.counts["dead"] += len(expired)
+        if alive:
+            attempts = max(r.attempts for r in alive) + 1
+            ceiling = min(config.backoff_cap, config.backoff_base * 2 ** min(attempts, 30))
+            delay = random.uniform(0, ceiling)  # noqa: S311 (jitter, not a secret)
+            await self.store.retry([r.id for r in alive], now + delay, count_attempt=True)
+            self.counts["retried"] += len(alive)
+
+    async def _pause(self, reason: str) -> None:
+        if self.paused is None:
+            self._probe_after = self.config.probe_min
+            log.error(
+                "forwarding paused: Millimetric refused the key; nothing is dropped, "
+                "fix MILLIMETRIC_KEY and it resumes by itself",
+                reason=reason,
+            )
+        else:
+            self._probe_after = min(self._probe_after * 2, self.config.probe_max)
+        self.paused = reason
+        self._probe_at = self.clock() + self._probe_after
+        await self.store.set_paused(reason)
+
+    async def _resume(self) -> None:
+        log.info("forwarding resumed: Millimetric accepts the key again")
+        self.paused = None
+        await self.store.set_paused(None)
+
+    # -- retention -----------------------------------------------------------------------------
+
+    async def _janitor(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                counts = await self.store.cleanup(self.config.retention, self.clock())
+                if any(counts.values()):
+                    log.info("outbox cleanup", **counts)
+            except Exception:
+                log.exception("outbox cleanup failed; trying again later")
+            await self._sleep(self.config.cleanup_every)

@@ -1,0 +1,179 @@
+"""The outbox store: what it promises, in domain terms, and how a backend is chosen.
+
+A delivery (one provider webhook) is accepted in one transaction: its inbox record and
+the outbox rows of its calls. The forwarder then claims rows, sends them and reports back
+(delivered, retry, dead letter). Backends (`sqlite:///`, later `postgresql://`) keep every
+SQL detail to themselves; the contract tests run against each.
+
+Erasure lives here too, because only the store knows what it holds: accepting a `Forget`
+purges the user's pending rows and the raw payloads that mention them, records a
+tombstone (a hash, never the id) so that nothing about them is stored again, and the
+forget row is claimable only once no earlier call for that user is still on its way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Final, Literal, Protocol
+
+import msgspec
+
+from bridge.errors import ConfigError
+from bridge.events import Call, Identify, Track
+
+__all__ = [
+    "ROUTES",
+    "AcceptResult",
+    "DeadLetter",
+    "Delivery",
+    "OutboxRow",
+    "OutboxStats",
+    "Retention",
+    "Route",
+    "Selection",
+    "Store",
+    "derived_event_id",
+    "open_store",
+    "route_of",
+    "subject_of",
+]
+
+Route = Literal["track", "identify", "forget"]
+ROUTES: Final[tuple[Route, ...]] = ("track", "identify", "forget")
+AcceptResult = Literal["accepted", "duplicate"]
+
+
+class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+    """One verified provider webhook and the calls it became (none: knowingly ignored)."""
+
+    source: str
+    provider_event_id: str
+    received_at: float
+    raw_body: bytes | None = None
+    headers: dict[str, str] = {}  # only those needed to verify it again
+    calls: list[Call] = []
+
+
+class OutboxRow(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    route: Route
+    body: bytes  # the call as compact JSON, exactly as sent
+    created_at: float
+    attempts: int
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    route: Route
+    source: str | None
+    event_id: str | None
+    reason: str
+    created_at: float
+    attempts: int
+    body: bytes
+
+
+class OutboxStats(msgspec.Struct, frozen=True, kw_only=True):
+    pending: int
+    delivered: int
+    dead: int
+    oldest_pending_at: float | None
+    inbox: int
+    raw_payloads: int
+    paused: str | None  # why forwarding is paused, as the forwarder last said
+
+
+class Selection(msgspec.Struct, frozen=True, kw_only=True):
+    """Which rows `replay` or `purge` act on; empty means every dead letter."""
+
+    ids: Sequence[int] = ()
+    source: str | None = None
+    since: float | None = None
+    include_delivered: bool = False
+
+
+class Retention(msgspec.Struct, frozen=True, kw_only=True):
+    """How long things are kept, in seconds."""
+
+    delivered: float = 7 * 86400
+    raw_payloads: float = 7 * 86400
+    inbox: float = 30 * 86400  # redeliveries are recognised this long (providers retry for days)
+
+
+class Store(Protocol):
+    """The domain operations the bridge needs from a durable store."""
+
+    async def open(self) -> None:
+        """Connect and apply migrations; refuse a database newer than the code."""
+
+    async def close(self) -> None: ...
+
+    async def recover(self, now: float) -> int:
+        """Before a forwarder starts: make rows claimed by a forwarder that is gone due
+        again; return how many."""
+
+    async def accept(self, delivery: Delivery) -> AcceptResult:
+        """Store the delivery and its calls durably, in one transaction; a second delivery
+        with the same source and provider event id adds nothing and says `duplicate`."""
+
+    async def claim(self, route: Route, limit: int, max_bytes: int, now: float) -> list[OutboxRow]:
+        """Take due rows of `route` in order, at most `limit` and `max_bytes` of bodies
+        (a single larger row is still returned alone)."""
+
+    async def delivered(self, ids: Sequence[int], now: float) -> None: ...
+
+    async def retry(self, ids: Sequence[int], next_at: float, *, count_attempt: bool) -> None:
+        """Release claimed rows to be tried again at `next_at`."""
+
+    async def dead_letter(self, ids: Sequence[int], reason: str, now: float) -> None: ...
+
+    async def stats(self, now: float) -> OutboxStats: ...
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]: ...
+
+    async def replay(self, selection: Selection, now: float) -> int:
+        """Make the selected rows pending again, due now; return how many."""
+
+    async def purge(self, selection: Selection) -> int:
+        """Delete the selected dead letters; return how many."""
+
+    async def cleanup(self, retention: Retention, now: float) -> dict[str, int]:
+        """Drop what retention allows; return counts by kind."""
+
+    async def set_paused(self, reason: str | None) -> None: ...
+
+
+def route_of(call: Call) -> Route:
+    if isinstance(call, Track):
+        return "track"
+    if isinstance(call, Identify):
+        return "identify"
+    return "forget"
+
+
+def subject_of(call: Call) -> str | None:
+    """Who a call is about, as a hash: tombstones and purges match on it without storing
+    a forgotten user's id."""
+    user_id = call.user_id
+    return hash_subject(user_id) if user_id else None
+
+
+def hash_subject(user_id: str) -> str:
+    return hashlib.sha256(b"millimetric-bridge subject\x00" + user_id.encode()).hexdigest()[:40]
+
+
+def derived_event_id(source: str, provider_event_id: str, index: int) -> str:
+    """A stable event_id for a call its handler did not name: the same delivery always
+    yields the same ids, so a redelivery or replay cannot count twice."""
+    digest = hashlib.sha256(f"{source}\x00{provider_event_id}\x00{index}".encode())
+    return digest.hexdigest()[:32]
+
+
+def open_store(database_url: str, *, sqlite_synchronous: str = "FULL") -> Store:
+    """The backend for a `BRIDGE_DATABASE_URL` (not yet opened)."""
+    if database_url.startswith("sqlite:///"):
+        from bridge.sqlite_store import SQLiteStore
+
+        return SQLiteStore(database_url.removeprefix("sqlite:///"), synchronous=sqlite_synchronous)
+    raise ConfigError("BRIDGE_DATABASE_URL", "this build supports sqlite:///PATH only")
