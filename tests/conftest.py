@@ -5,13 +5,15 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvicorn
 
 from bridge.sink import SinkState, create_sink_app
+from bridge.store import Store, open_store
 
 
 @pytest.fixture
@@ -69,3 +71,14 @@ def sink() -> Iterator[RunningSink]:
     state = SinkState()
     with ServerThread(create_sink_app(state)) as server:
         yield RunningSink(server.url, state)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A real store on a temporary file (PostgreSQL joins here when its backend lands)."""
+    opened = open_store(f"sqlite:///{tmp_path}/bridge.db")
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()

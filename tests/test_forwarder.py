@@ -1,0 +1,277 @@
+"""The forwarder against the real local sink over HTTP, on a real SQLite outbox."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+import pytest
+
+from bridge.client import MillimetricClient, build_http_client
+from bridge.events import Forget, Track
+from bridge.forwarder import Forwarder, ForwarderConfig
+from bridge.ratelimit import RateLimit
+from bridge.sink import DEV_KEY
+from bridge.store import Delivery, Store
+from tests.conftest import RunningSink
+
+pytestmark = pytest.mark.anyio
+
+FAST = ForwarderConfig(
+    linger=0.02, idle_poll=0.05, backoff_base=0.05, backoff_cap=0.3, probe_min=0.1, probe_max=0.3
+)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with build_http_client(timeout=5.0) as client:
+        yield client
+
+
+async def sink_get(http: httpx.AsyncClient, sink: RunningSink, what: str, **params: Any) -> Any:
+    return (await http.get(f"{sink.url}/_sink/{what}", params=params)).json()
+
+
+async def knobs(http: httpx.AsyncClient, sink: RunningSink, **values: Any) -> None:
+    (await http.post(f"{sink.url}/_sink/knobs", json=values)).raise_for_status()
+
+
+async def fill(
+    store: Store,
+    n: int,
+    *,
+    prefix: str = "e",
+    user: str | None = None,
+    properties: dict[str, Any] | None = None,
+) -> list[str]:
+    ids = [f"{prefix}{i}" for i in range(n)]
+    for event_id in ids:
+        await store.accept(
+            Delivery(
+                source="test",
+                provider_event_id=event_id,
+                received_at=time.time(),
+                calls=[
+                    Track(
+                        event="purchase",
+                        event_id=event_id,
+                        user_id=user,
+                        properties=properties or {},
+                    )
+                ],
+            )
+        )
+    return ids
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await anyio.sleep(0.05)
+
+
+def forwarder(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink, config: ForwarderConfig = FAST
+) -> Forwarder:
+    return Forwarder(store, MillimetricClient(http, key=DEV_KEY, host=sink.url), config)
+
+
+async def drained(store: Store) -> bool:
+    return (await store.stats(time.time())).pending == 0
+
+
+async def test_batches_hold_at_most_500_events(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    ids = await fill(store, 1200)
+    fwd = forwarder(store, http, sink)
+    fwd.start()
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    stats = await sink_get(http, sink, "stats")
+    assert stats["unique_event_ids"] == 1200
+    assert stats["answers"] == {"batch 202": 3}  # 500 + 500 + 200
+    received = await sink_get(http, sink, "events", limit=2000)
+    assert sorted(e["body"]["event_id"] for e in received["events"]) == sorted(ids)
+
+
+async def test_batches_stay_under_256kb(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    await fill(store, 120, properties={"pad": "x" * 7000})  # ~7 KB each: ~36 a batch
+    fwd = forwarder(store, http, sink)
+    fwd.start()
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    stats = await sink_get(http, sink, "stats")
+    assert stats["unique_event_ids"] == 120
+    # 120 events of ~7 KB make ~840 KB: four requests, and the sink refuses any over 256 KB.
+    assert stats["answers"] == {"batch 202": 4}
+
+
+async def test_a_429_storm_delays_but_loses_nothing(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    await fill(store, 1500)
+    # Pace far above the sink's 5/s so the sink answers 429 often.
+    config = msgspec.structs.replace(
+        FAST, batch_limit=RateLimit(rate=100, burst=100), batch_events=50
+    )
+    fwd = forwarder(store, http, sink, config)
+    fwd.start()
+    await wait_until(lambda: drained(store), within=60)
+    await fwd.stop()
+    stats = await sink_get(http, sink, "stats")
+    assert stats["answers"].get("batch 429", 0) >= 1
+    assert stats["unique_event_ids"] == 1500
+    assert fwd.counts["rate_limited"] >= 1
+    assert fwd.counts["dead"] == 0
+
+
+async def test_the_published_pace_provokes_no_429(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    await fill(store, 500)
+    fwd = forwarder(
+        store, http, sink, msgspec.structs.replace(FAST, batch_events=50)
+    )  # 10 requests at 5/s
+    fwd.start()
+    await wait_until(lambda: drained(store), within=30)
+    await fwd.stop()
+    stats = await sink_get(http, sink, "stats")
+    assert stats["answers"] == {"batch 202": 10}
+
+
+async def test_an_outage_then_recovery(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    await knobs(http, sink, fail_for_seconds=2.0)
+    await fill(store, 700)
+    fwd = forwarder(store, http, sink)
+    fwd.start()
+    await wait_until(lambda: drained(store), within=30)
+    await fwd.stop()
+    stats = await sink_get(http, sink, "stats")
+    assert stats["answers"].get("batch 503", 0) >= 2
+    assert stats["unique_event_ids"] == 700
+    assert fwd.counts["dead"] == 0
+
+
+async def test_rows_older_than_max_age_become_dead_letters(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    await knobs(http, sink, fail_for_seconds=60)
+    await fill(store, 3)
+    fwd = forwarder(store, http, sink, msgspec.structs.replace(FAST, max_age=0.5))
+    fwd.start()
+    await wait_until(lambda: drained(store), within=20)
+    await fwd.stop()
+    dead = await store.dead_letters()
+    assert len(dead) == 3
+    assert dead[0].reason.startswith("gave up after")
+    assert "503" in dead[0].reason
+
+
+async def test_a_poison_event_is_isolated(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink, tmp_path: Path
+) -> None:
+    await fill(store, 100)
+    # An event Millimetric refuses although the bridge thought it fine (rules change).
+    db = sqlite3.connect(tmp_path / "bridge.db")
+    db.execute("""UPDATE outbox SET body = CAST('{"event":"purchase","event_id":"e42","os":"x"}'
+                  AS BLOB) WHERE event_id = 'e42'""")
+    db.commit()
+    db.close()
+    fwd = forwarder(store, http, sink)
+    fwd.start()
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    stats = await sink_get(http, sink, "stats")
+    assert stats["unique_event_ids"] == 99
+    (dead,) = await store.dead_letters()
+    assert dead.event_id == "e42"
+    assert "400 invalid_payload" in dead.reason
+    assert "os is derived by the server" in dead.reason
+
+
+async def test_a_refused_key_pauses_without_touching_rows_then_resumes(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink, tmp_path: Path
+) -> None:
+    await knobs(http, sink, keys=[])
+    await fill(store, 10)
+    fwd = forwarder(store, http, sink)
+    fwd.start()
+
+    async def paused() -> bool:
+        return fwd.paused is not None
+
+    await wait_until(paused)
+    assert "invalid_api_key" in (fwd.paused or "")
+    assert (await store.stats(time.time())).paused == fwd.paused  # what `outbox status` shows
+    await anyio.sleep(0.5)  # several probes
+    db = sqlite3.connect(tmp_path / "bridge.db")
+    assert db.execute("SELECT state, attempts, COUNT(*) FROM outbox GROUP BY 1, 2").fetchall() == [
+        ("pending", 0, 10)
+    ]
+    db.close()
+    await knobs(http, sink, keys=[DEV_KEY])
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    assert fwd.paused is None
+    assert (await store.stats(time.time())).paused is None
+    assert (await sink_get(http, sink, "stats"))["unique_event_ids"] == 10
+
+
+async def test_forget_purges_pending_and_is_not_overtaken(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    await knobs(http, sink, latency_ms=300)
+    await fill(store, 5, prefix="sent-", user="u1")
+    fwd = forwarder(store, http, sink)
+    fwd.start()
+    await anyio.sleep(0.1)  # the batch with u1's events is now in flight
+    await fill(store, 5, prefix="late-", user="u1")  # pending, not yet claimed
+    await store.accept(
+        Delivery(
+            source="cli",
+            provider_event_id="forget-1",
+            received_at=time.time(),
+            calls=[Forget(user_id="u1")],
+        )
+    )
+    fwd.wake("forget")
+    await fill(store, 3, prefix="after-", user="u1")  # after the forget: never stored
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    received = (await sink_get(http, sink, "events"))["events"]
+    order = [(e["route"], e["body"].get("event_id")) for e in received]
+    assert order == [*[("track", f"sent-{i}") for i in range(5)], ("forget", None)]
+
+
+async def test_identify_goes_to_its_own_route(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    from bridge.events import Identify
+
+    await store.accept(
+        Delivery(
+            source="t",
+            provider_event_id="i1",
+            received_at=time.time(),
+            calls=[Identify(user_id="u9", anonymous_id="a9")],
+        )
+    )
+    fwd = forwarder(store, http, sink)
+    fwd.start()
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    received = (await sink_get(http, sink, "events", route="identify"))["events"]
+    assert [e["body"] for e in received] == [{"user_id": "u9", "anonymous_id": "a9"}]

@@ -1,0 +1,235 @@
+"""The store contract, on a real database file."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from bridge.errors import ConfigError, StoreUnavailable
+from bridge.events import Forget, Identify, Track
+from bridge.store import Delivery, Retention, Selection, Store, derived_event_id, open_store
+
+pytestmark = pytest.mark.anyio
+
+NOW = 1_800_000_000.0
+
+
+def delivery(
+    event_id: str = "evt_1",
+    *calls: Track | Identify | Forget,
+    source: str = "stripe",
+    raw: bytes | None = b'{"id":"evt_1"}',
+    at: float = NOW,
+) -> Delivery:
+    return Delivery(
+        source=source,
+        provider_event_id=event_id,
+        received_at=at,
+        raw_body=raw,
+        headers={"stripe-signature": "t=1,v1=00"},
+        calls=list(calls) or [Track(event="purchase", user_id="u1")],
+    )
+
+
+async def test_accept_then_redelivery_adds_nothing(store: Store) -> None:
+    assert await store.accept(delivery()) == "accepted"
+    assert await store.accept(delivery()) == "duplicate"
+    assert await store.accept(delivery(source="stripe-eu")) == "accepted"
+    stats = await store.stats(NOW)
+    assert (stats.inbox, stats.pending, stats.raw_payloads) == (2, 2, 2)
+
+
+async def test_simultaneous_redeliveries_store_once(store: Store) -> None:
+    results = await asyncio.gather(*(store.accept(delivery()) for _ in range(50)))
+    assert sorted(set(results)) == ["accepted", "duplicate"]
+    assert results.count("accepted") == 1
+    assert (await store.stats(NOW)).pending == 1
+
+
+async def test_ignored_delivery_is_recorded_without_rows(store: Store) -> None:
+    ignored = Delivery(source="stripe", provider_event_id="evt_x", received_at=NOW)
+    assert await store.accept(ignored) == "accepted"
+    assert await store.accept(ignored) == "duplicate"
+    stats = await store.stats(NOW)
+    assert (stats.inbox, stats.pending) == (1, 0)
+
+
+async def test_every_track_row_gets_a_stable_event_id(store: Store) -> None:
+    await store.accept(delivery("evt_9", Track(event="a"), Track(event="b", event_id="own")))
+    rows = await store.claim("track", 10, 1 << 20, NOW)
+    ids = [msgspec.json.decode(r.body)["event_id"] for r in rows]
+    assert ids == [derived_event_id("stripe", "evt_9", 0), "own"]
+    assert derived_event_id("stripe", "evt_9", 0) == derived_event_id("stripe", "evt_9", 0)
+
+
+async def test_claim_respects_count_bytes_and_claims(store: Store) -> None:
+    for i in range(10):
+        await store.accept(delivery(f"e{i}", Track(event="x", event_id=f"id{i}")))
+    first = await store.claim("track", 4, 1 << 20, NOW)
+    assert len(first) == 4
+    one_size = len(first[0].body) + 1
+    second = await store.claim("track", 100, one_size * 3, NOW)
+    assert len(second) == 3  # the byte budget, not the count, stopped it
+    assert {r.id for r in first}.isdisjoint(r.id for r in second)
+    third = await store.claim("track", 100, 1 << 20, NOW)
+    assert len(third) == 3
+    assert await store.claim("track", 100, 1 << 20, NOW) == []  # all claimed
+    assert await store.claim("track", 100, 1, NOW) == []
+
+
+async def test_a_row_larger_than_the_budget_is_claimed_alone(store: Store) -> None:
+    await store.accept(delivery("big", Track(event="x", properties={"p": "y" * 5000})))
+    rows = await store.claim("track", 100, 100, NOW)
+    assert len(rows) == 1
+
+
+async def test_retry_makes_rows_due_later_and_counts_attempts(store: Store) -> None:
+    await store.accept(delivery())
+    (row,) = await store.claim("track", 10, 1 << 20, NOW)
+    await store.retry([row.id], NOW + 30, count_attempt=True)
+    assert await store.claim("track", 10, 1 << 20, NOW + 29) == []
+    (again,) = await store.claim("track", 10, 1 << 20, NOW + 30)
+    assert again.attempts == 1
+    await store.retry([row.id], NOW + 30, count_attempt=False)  # a 429 is not an attempt
+    (third,) = await store.claim("track", 10, 1 << 20, NOW + 30)
+    assert third.attempts == 1
+
+
+async def test_recover_releases_claims_of_a_dead_forwarder(store: Store) -> None:
+    await store.accept(delivery())
+    assert len(await store.claim("track", 10, 1 << 20, NOW)) == 1
+    assert await store.claim("track", 10, 1 << 20, NOW + 1) == []
+    assert await store.recover(NOW + 1) == 1
+    assert len(await store.claim("track", 10, 1 << 20, NOW + 1)) == 1
+
+
+async def test_delivered_dead_replay_and_purge(store: Store) -> None:
+    for i in range(4):
+        await store.accept(delivery(f"e{i}", source="stripe" if i < 3 else "shopify"))
+    rows = await store.claim("track", 10, 1 << 20, NOW)
+    await store.delivered([rows[0].id], NOW)
+    await store.dead_letter([r.id for r in rows[1:]], "400 invalid_payload: nope", NOW)
+    stats = await store.stats(NOW)
+    assert (stats.pending, stats.delivered, stats.dead) == (0, 1, 3)
+    dead = await store.dead_letters()
+    assert [(d.source, d.reason) for d in dead] == [
+        ("stripe", "400 invalid_payload: nope"),
+        ("stripe", "400 invalid_payload: nope"),
+        ("shopify", "400 invalid_payload: nope"),
+    ]
+    assert await store.replay(Selection(ids=[dead[0].id]), NOW) == 1
+    assert await store.replay(Selection(source="shopify"), NOW) == 1
+    assert await store.purge(Selection()) == 1  # the one dead letter left
+    stats = await store.stats(NOW)
+    assert (stats.pending, stats.delivered, stats.dead) == (2, 1, 0)
+    assert await store.replay(Selection(include_delivered=True, since=NOW - 1), NOW) == 1
+    assert (await store.stats(NOW)).pending == 3
+
+
+async def test_forget_purges_pending_rows_and_raw_payloads(store: Store) -> None:
+    await store.accept(
+        delivery("e1", Track(event="purchase", user_id="u1"), raw=b'{"customer":"u1","amount":100}')
+    )
+    await store.accept(
+        delivery("e2", Identify(user_id="u1", traits={"plan": "pro"}), raw=b'{"user":"u1"}')
+    )
+    await store.accept(
+        delivery("e3", Track(event="purchase", user_id="u10"), raw=b'{"customer":"u10"}')
+    )
+    await store.accept(delivery("e4", Forget(user_id="u1"), raw=b'{"deleted":"u1"}'))
+    stats = await store.stats(NOW)
+    assert stats.pending == 2  # u10's purchase and the forget itself
+    assert stats.raw_payloads == 1  # only u10's payload is left
+    # Nothing about u1 is stored afterwards, even from a late delivery.
+    await store.accept(delivery("e5", Track(event="login", user_id="u1")))
+    assert (await store.stats(NOW)).pending == 2
+    forget = await store.claim("forget", 10, 1 << 20, NOW)
+    assert [msgspec.json.decode(r.body) for r in forget] == [{"user_id": "u1"}]
+
+
+async def test_forget_waits_for_calls_in_flight_then_erases_them(
+    store: Store, tmp_path: Path
+) -> None:
+    await store.accept(delivery("e1", Track(event="purchase", user_id="u1")))
+    (in_flight,) = await store.claim("track", 10, 1 << 20, NOW)
+    await store.accept(delivery("e2", Forget(user_id="u1")))
+    assert await store.claim("forget", 10, 1 << 20, NOW) == []  # must not overtake
+    await store.delivered([in_flight.id], NOW)
+    (forget,) = await store.claim("forget", 10, 1 << 20, NOW)
+    await store.delivered([forget.id], NOW)
+    db = sqlite3.connect(tmp_path / "bridge.db")
+    rows = db.execute("SELECT body FROM outbox").fetchall()
+    raws = db.execute("SELECT raw_body FROM inbox WHERE raw_body IS NOT NULL").fetchall()
+    db.close()
+    assert rows == []
+    assert all(b"u1" not in raw for (raw,) in raws)
+
+
+async def test_a_failed_send_for_a_forgotten_user_is_not_retried(store: Store) -> None:
+    await store.accept(delivery("e1", Track(event="purchase", user_id="u1")))
+    (row,) = await store.claim("track", 10, 1 << 20, NOW)
+    await store.accept(delivery("e2", Forget(user_id="u1")))
+    await store.retry([row.id], NOW, count_attempt=True)
+    assert await store.claim("track", 10, 1 << 20, NOW) == []
+    assert len(await store.claim("forget", 10, 1 << 20, NOW)) == 1
+
+
+async def test_cleanup_follows_retention(store: Store) -> None:
+    day = 86400.0
+    await store.accept(delivery("old", at=NOW - 40 * day))
+    await store.accept(delivery("recent", at=NOW - 8 * day))
+    await store.accept(delivery("new", at=NOW))
+    rows = await store.claim("track", 10, 1 << 20, NOW)
+    await store.delivered([rows[0].id, rows[1].id], NOW - 8 * day)
+    counts = await store.cleanup(Retention(), NOW)
+    assert counts == {"delivered": 2, "raw_payloads": 2, "inbox": 1}
+    stats = await store.stats(NOW)
+    assert (stats.inbox, stats.raw_payloads, stats.delivered, stats.pending) == (2, 1, 0, 1)
+
+
+async def test_paused_reason_is_shared_through_the_store(store: Store) -> None:
+    await store.set_paused("401 invalid_api_key")
+    assert (await store.stats(NOW)).paused == "401 invalid_api_key"
+    await store.set_paused(None)
+    assert (await store.stats(NOW)).paused is None
+
+
+async def test_group_commit_keeps_every_accepted_delivery(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/bridge.db"
+    first = open_store(url)
+    await first.open()
+    await asyncio.gather(*(first.accept(delivery(f"e{i}")) for i in range(1000)))
+    await first.close()
+    again = open_store(url)
+    await again.open()
+    try:
+        assert (await again.stats(NOW)).pending == 1000
+    finally:
+        await again.close()
+
+
+async def test_a_newer_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=999")
+    db.close()
+    store = open_store(f"sqlite:///{path}")
+    with pytest.raises(ConfigError, match="schema version 999, newer than"):
+        await store.open()
+
+
+async def test_an_unusable_database_is_store_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "bridge.db").mkdir()
+    with pytest.raises(StoreUnavailable, match="sqlite"):
+        await open_store(f"sqlite:///{tmp_path}/bridge.db").open()
+
+
+async def test_operations_on_a_closed_store_fail_clearly(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path}/bridge.db")
+    with pytest.raises(StoreUnavailable, match="not open"):
+        await store.stats(time.time())
