@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Coroutine, Mapping
 from importlib.metadata import entry_points
@@ -16,6 +17,7 @@ import uvicorn
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError
 from bridge.logs import configure_logging
+from bridge.outbox_cli import forget, outbox
 
 __all__ = ["main"]
 
@@ -38,8 +40,13 @@ def _settings(env: Mapping[str, str], **kwargs: Any) -> Settings:
 
 
 def _run(main: Coroutine[Any, Any, Any]) -> None:
-    """Run until a signal; Ctrl-C (which uvicorn re-raises after a clean shutdown) is a
-    normal way to stop, not an error."""
+    """Run until a signal. uvicorn shuts down cleanly on SIGINT or SIGTERM, then raises the
+    signal again for whoever handled it before: here, that means exit 0."""
+
+    def stopped(_signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stopped)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main)
 
@@ -148,3 +155,7 @@ def handlers() -> None:
         click.echo(f"no handlers installed (entry-point group {HANDLER_GROUP})")
     for ep in found:
         click.echo(f"{ep.name:20} {ep.value}")
+
+
+main.add_command(outbox)
+main.add_command(forget)

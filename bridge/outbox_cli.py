@@ -1,0 +1,179 @@
+"""`millimetric-bridge outbox ...` and `millimetric-bridge forget`: operate the outbox from
+a shell, beside a running bridge or without one (SQLite allows one more connection)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, Final, TypeVar
+
+import click
+
+from bridge.config import load_settings
+from bridge.errors import ConfigError, StoreUnavailable
+from bridge.events import Forget
+from bridge.store import Delivery, Selection, Store, open_store
+
+__all__ = ["forget", "outbox"]
+
+T = TypeVar("T")
+_DURATION: Final = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _with_store(work: Callable[[Store], Awaitable[T]]) -> T:
+    try:
+        settings = load_settings(os.environ, require_key=False)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from error
+
+    async def run() -> T:
+        store = open_store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        await store.open()
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except (StoreUnavailable, ConfigError) as error:
+        raise click.ClickException(str(error)) from error
+
+
+def _parse_since(_ctx: Any, _param: Any, value: str | None) -> float | None:
+    """`--since 2h` (a duration back from now) or an ISO 8601 time with a zone."""
+    if value is None:
+        return None
+    if match := _DURATION.match(value):
+        return time.time() - float(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter("use a duration like 2h or 3d, or an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise click.BadParameter("give the time with a zone, e.g. 2026-11-28T10:00:00Z")
+    return when.timestamp()
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _selection(
+    ids: tuple[int, ...],
+    source: str | None,
+    since: float | None,
+    every: bool,
+    include_delivered: bool = False,
+) -> Selection:
+    if not (ids or source or since is not None or every):
+        raise click.UsageError("say which rows: --id, --source, --since, or --all")
+    return Selection(ids=ids, source=source, since=since, include_delivered=include_delivered)
+
+
+_select = [
+    click.option("--id", "ids", type=int, multiple=True, help="An outbox row id (repeatable)."),
+    click.option("--source", help="Rows from one source, e.g. stripe."),
+    click.option("--since", callback=_parse_since, help="Rows created since: 2h, 3d or a time."),
+    click.option("--all", "every", is_flag=True, help="Every dead letter."),
+]
+
+
+def _selecting(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_select):
+        command = option(command)
+    return command
+
+
+@click.group()
+def outbox() -> None:
+    """Look at and operate the outbox (BRIDGE_DATABASE_URL)."""
+
+
+@outbox.command()
+def status() -> None:
+    """Counts by state, the age of the oldest pending call, and whether forwarding is
+    paused."""
+    now = time.time()
+    stats = _with_store(lambda store: store.stats(now))
+    oldest = _age(now - stats.oldest_pending_at) if stats.oldest_pending_at else "-"
+    click.echo(
+        f"pending     {stats.pending}\n"
+        f"delivered   {stats.delivered}\n"
+        f"dead        {stats.dead}\n"
+        f"oldest      {oldest}\n"
+        f"inbox       {stats.inbox} deliveries, {stats.raw_payloads} raw payloads kept\n"
+        f"forwarding  {'PAUSED: ' + stats.paused if stats.paused else 'not paused'}"
+    )
+
+
+@outbox.command()
+@click.option("--limit", default=100, show_default=True, help="At most this many.")
+def dead(limit: int) -> None:
+    """Dead letters with Millimetric's reason; replay them once the cause is fixed."""
+    letters = _with_store(lambda store: store.dead_letters(limit))
+    if not letters:
+        click.echo("no dead letters")
+    for d in letters:
+        click.echo(
+            f"{d.id:>8}  {d.route:8} {d.source or '-':12} {d.event_id or '-':34} "
+            f"attempts={d.attempts}  {d.reason}"
+        )
+
+
+@outbox.command()
+@_selecting
+@click.option(
+    "--include-delivered",
+    is_flag=True,
+    help="Also resend delivered rows (Millimetric deduplicates by event_id).",
+)
+def replay(
+    ids: tuple[int, ...],
+    source: str | None,
+    since: float | None,
+    every: bool,
+    include_delivered: bool,
+) -> None:
+    """Send selected dead letters (or delivered rows) again."""
+    selection = _selection(ids, source, since, every, include_delivered)
+    count = _with_store(lambda store: store.replay(selection, time.time()))
+    click.echo(f"{count} rows are pending again; the running bridge sends them")
+
+
+@outbox.command()
+@_selecting
+@click.confirmation_option(prompt="Delete these dead letters for good?")
+def purge(ids: tuple[int, ...], source: str | None, since: float | None, every: bool) -> None:
+    """Delete selected dead letters for good."""
+    selection = _selection(ids, source, since, every)
+    count = _with_store(lambda store: store.purge(selection))
+    click.echo(f"{count} dead letters deleted")
+
+
+@click.command()
+@click.argument("user_id")
+def forget(user_id: str) -> None:
+    """Erase USER_ID: purge the local data now, then send Millimetric's forget.
+
+    Pending calls and stored raw payloads that mention the user are deleted at once; the
+    running bridge sends `forget` once no earlier call about the user is in flight, and
+    nothing about the user is stored or forwarded afterwards.
+    """
+    delivery = Delivery(
+        source="cli",
+        provider_event_id=f"forget-{uuid.uuid4()}",
+        received_at=time.time(),
+        calls=[Forget(user_id=user_id)],
+    )
+    _with_store(lambda store: store.accept(delivery))
+    click.echo("local data purged; forget is queued and the running bridge sends it")
