@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Drain a backlog of track events from the outbox into the local sink, at the published
+rate limits, and print the drain rate and the bridge's peak memory.
+
+    .venv/bin/python bench/forward.py                      # 1,000 then 100,000 events
+    .venv/bin/python bench/forward.py --events 1000000     # a million-event backlog
+
+Millimetric's ceiling is 2,500 events/s (5 batches/s of 500). The warm rate is measured
+between 20% and 95% delivered, so neither start-up nor the sink's initial burst counts.
+Peak RSS is the bridge process's VmHWM from /proc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bridge.events import Track  # noqa: E402 (after the path is set)
+from bridge.store import Delivery, open_store  # noqa: E402
+
+SCRIPT = Path(sys.executable).parent / "millimetric-bridge"
+CEILING = 2500.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def fill(db: Path, n: int) -> None:
+    store = open_store(f"sqlite:///{db}")
+    await store.open()
+    now = time.time()
+    chunk = 2000
+    for start in range(0, n, chunk):
+        await asyncio.gather(*(
+            store.accept(Delivery(
+                source="bench", provider_event_id=f"evt_{i}", received_at=now,
+                calls=[Track(event="purchase", event_id=f"evt_{i}", user_id=f"user_{i % 5000}",
+                             properties={"amount_cents": 1999, "currency": "usd",
+                                         "plan": "pro"})],
+            ))
+            for i in range(start, min(n, start + chunk))
+        ))
+    await store.close()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run(n: int, workdir: Path) -> dict[str, float]:
+    db = workdir / f"bench-{n}.db"
+    started = time.monotonic()
+    asyncio.run(fill(db, n))
+    fill_s = time.monotonic() - started
+
+    sink_port, port = free_port(), free_port()
+    sink = subprocess.Popen([SCRIPT, "sink", "--port", str(sink_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+           "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
+           "BRIDGE_DATABASE_URL": f"sqlite:///{db}", "PORT": str(port),
+           "BRIDGE_HOST": "127.0.0.1", "BRIDGE_LOG_LEVEL": "warning"}
+    stats_url = f"http://127.0.0.1:{sink_port}/_sink/stats"
+    for _ in range(100):
+        try:
+            httpx.get(stats_url)
+            break
+        except httpx.TransportError:
+            time.sleep(0.05)
+    bridge = subprocess.Popen([SCRIPT, "serve"], env=env, stdout=subprocess.DEVNULL)
+    marks: dict[float, float] = {}
+    began = time.monotonic()
+    try:
+        while True:
+            stats = httpx.get(stats_url).json()
+            done = stats["unique_event_ids"]
+            now = time.monotonic()
+            for share in (0.2, 0.95):
+                if share not in marks and done >= share * n:
+                    marks[share] = now
+            if done >= n:
+                break
+            if now - began > 3600:
+                raise SystemExit("drain took over an hour")
+            time.sleep(0.05)
+        total_s = time.monotonic() - began
+        rss = peak_rss_mb(bridge.pid)
+    finally:
+        bridge.terminate()
+        bridge.wait(30)
+        sink.terminate()
+        sink.wait(30)
+    answers = stats["answers"]
+    warm = (0.75 * n) / (marks[0.95] - marks[0.2]) if n >= 10_000 else n / total_s
+    return {"events": n, "fill_s": fill_s, "drain_s": total_s, "warm_rate": warm,
+            "fraction": warm / CEILING, "peak_rss_mb": rss,
+            "http_429": sum(v for k, v in answers.items() if k.endswith(" 429")),
+            "duplicates": stats["duplicates"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, action="append",
+                        help="backlog size (repeatable) [1000 and 100000]")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="bridge-bench-"))
+    try:
+        print(f"{'events':>9} {'fill s':>7} {'drain s':>8} {'ev/s warm':>10} {'of 2500':>8}"
+              f" {'peak RSS':>9} {'429s':>5} {'dups':>5}")
+        for n in args.events or [1000, 100_000]:
+            r = run(n, workdir)
+            print(f"{r['events']:>9,.0f} {r['fill_s']:>7.1f} {r['drain_s']:>8.1f}"
+                  f" {r['warm_rate']:>10,.0f} {r['fraction']:>8.3f}"
+                  f" {r['peak_rss_mb']:>7.1f}MB {r['http_429']:>5.0f} {r['duplicates']:>5.0f}",
+                  flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
