@@ -47,15 +47,26 @@ async def fill(db: Path, n: int) -> None:
     now = time.time()
     chunk = 2000
     for start in range(0, n, chunk):
-        await asyncio.gather(*(
-            store.accept(Delivery(
-                source="bench", provider_event_id=f"evt_{i}", received_at=now,
-                calls=[Track(event="purchase", event_id=f"evt_{i}", user_id=f"user_{i % 5000}",
-                             properties={"amount_cents": 1999, "currency": "usd",
-                                         "plan": "pro"})],
-            ))
-            for i in range(start, min(n, start + chunk))
-        ))
+        await asyncio.gather(
+            *(
+                store.accept(
+                    Delivery(
+                        source="bench",
+                        provider_event_id=f"evt_{i}",
+                        received_at=now,
+                        calls=[
+                            Track(
+                                event="purchase",
+                                event_id=f"evt_{i}",
+                                user_id=f"user_{i % 5000}",
+                                properties={"amount_cents": 1999, "currency": "usd", "plan": "pro"},
+                            )
+                        ],
+                    )
+                )
+                for i in range(start, min(n, start + chunk))
+            )
+        )
     await store.close()
 
 
@@ -73,12 +84,20 @@ def run(n: int, workdir: Path) -> dict[str, float]:
     fill_s = time.monotonic() - started
 
     sink_port, port = free_port(), free_port()
-    sink = subprocess.Popen([SCRIPT, "sink", "--port", str(sink_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {**os.environ, "MILLIMETRIC_KEY": "sk_dev_local_bridge",
-           "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
-           "BRIDGE_DATABASE_URL": f"sqlite:///{db}", "PORT": str(port),
-           "BRIDGE_HOST": "127.0.0.1", "BRIDGE_LOG_LEVEL": "warning"}
+    sink = subprocess.Popen(
+        [SCRIPT, "sink", "--port", str(sink_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        **os.environ,
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
+        "BRIDGE_DATABASE_URL": f"sqlite:///{db}",
+        "PORT": str(port),
+        "BRIDGE_HOST": "127.0.0.1",
+        "BRIDGE_LOG_LEVEL": "warning",
+    }
     stats_url = f"http://127.0.0.1:{sink_port}/_sink/stats"
     for _ in range(100):
         try:
@@ -111,27 +130,38 @@ def run(n: int, workdir: Path) -> dict[str, float]:
         sink.wait(30)
     answers = stats["answers"]
     warm = (0.75 * n) / (marks[0.95] - marks[0.2]) if n >= 10_000 else n / total_s
-    return {"events": n, "fill_s": fill_s, "drain_s": total_s, "warm_rate": warm,
-            "fraction": warm / CEILING, "peak_rss_mb": rss,
-            "http_429": sum(v for k, v in answers.items() if k.endswith(" 429")),
-            "duplicates": stats["duplicates"]}
+    return {
+        "events": n,
+        "fill_s": fill_s,
+        "drain_s": total_s,
+        "warm_rate": warm,
+        "fraction": warm / CEILING,
+        "peak_rss_mb": rss,
+        "http_429": sum(v for k, v in answers.items() if k.endswith(" 429")),
+        "duplicates": stats["duplicates"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, action="append",
-                        help="backlog size (repeatable) [1000 and 100000]")
+    parser.add_argument(
+        "--events", type=int, action="append", help="backlog size (repeatable) [1000 and 100000]"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bridge-bench-"))
     try:
-        print(f"{'events':>9} {'fill s':>7} {'drain s':>8} {'ev/s warm':>10} {'of 2500':>8}"
-              f" {'peak RSS':>9} {'429s':>5} {'dups':>5}")
+        print(
+            f"{'events':>9} {'fill s':>7} {'drain s':>8} {'ev/s warm':>10} {'of 2500':>8}"
+            f" {'peak RSS':>9} {'429s':>5} {'dups':>5}"
+        )
         for n in args.events or [1000, 100_000]:
             r = run(n, workdir)
-            print(f"{r['events']:>9,.0f} {r['fill_s']:>7.1f} {r['drain_s']:>8.1f}"
-                  f" {r['warm_rate']:>10,.0f} {r['fraction']:>8.3f}"
-                  f" {r['peak_rss_mb']:>7.1f}MB {r['http_429']:>5.0f} {r['duplicates']:>5.0f}",
-                  flush=True)
+            print(
+                f"{r['events']:>9,.0f} {r['fill_s']:>7.1f} {r['drain_s']:>8.1f}"
+                f" {r['warm_rate']:>10,.0f} {r['fraction']:>8.3f}"
+                f" {r['peak_rss_mb']:>7.1f}MB {r['http_429']:>5.0f} {r['duplicates']:>5.0f}",
+                flush=True,
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
