@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 import httpx
 from litestar import Litestar, Request, get
@@ -14,8 +14,16 @@ from litestar.response import Response
 
 from bridge.client import MillimetricClient, build_http_client
 from bridge.config import Settings
-from bridge.errors import StoreUnavailable
+from bridge.errors import (
+    BridgeError,
+    EventInvalid,
+    PayloadInvalid,
+    SignatureInvalid,
+    StoreUnavailable,
+)
 from bridge.forwarder import Forwarder
+from bridge.intake import intake_route
+from bridge.registry import Source, load_handlers, load_sources
 from bridge.store import Store, open_store
 
 __all__ = ["create_app"]
@@ -23,10 +31,38 @@ __all__ = ["create_app"]
 _READY_TIMEOUT = 2.0
 
 
+_STATUS: Final[dict[type[BridgeError], tuple[int, str]]] = {
+    SignatureInvalid: (401, "invalid_signature"),
+    PayloadInvalid: (400, "invalid_payload"),
+    EventInvalid: (400, "invalid_payload"),
+    StoreUnavailable: (503, "store_unavailable"),
+}
+
+
+def bridge_error(_request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """The one place where the error tree becomes HTTP statuses."""
+    status, code = next(
+        (v for k, v in _STATUS.items() if isinstance(error, k)), (500, "internal_error")
+    )
+    headers = {"retry-after": "5"} if status == 503 else None
+    return Response(
+        {"ok": False, "error": code, "reason": str(error)[:300]},
+        status_code=status,
+        headers=headers,
+    )
+
+
 def create_app(
-    settings: Settings, *, http: httpx.AsyncClient | None = None, store: Store | None = None
+    settings: Settings,
+    *,
+    http: httpx.AsyncClient | None = None,
+    store: Store | None = None,
+    sources: Mapping[str, Source] | None = None,
+    dev: bool = False,
 ) -> Litestar:
-    """Build the app. `http` and `store` replace what the settings would build (tests)."""
+    """Build the app. `http`, `store` and `sources` replace what the settings would build."""
+    if sources is None:
+        sources = load_sources(settings.env, load_handlers(), dev=dev)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -89,6 +125,13 @@ def create_app(
         }
         return Response(body)
 
-    app = Litestar(route_handlers=[healthz, readyz], lifespan=[lifespan], logging_config=None)
+    app = Litestar(
+        route_handlers=[healthz, readyz, intake_route(sources)],
+        lifespan=[lifespan],
+        exception_handlers={BridgeError: bridge_error},
+        request_max_body_size=settings.max_body_bytes,
+        logging_config=None,
+    )
+    app.state.sources = sources
     app.state.settings = settings
     return app

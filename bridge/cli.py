@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Coroutine, Mapping
-from importlib.metadata import entry_points
 from typing import Any, NoReturn
 
 import click
+import httpx
 import uvicorn
 
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError
 from bridge.logs import configure_logging
 from bridge.outbox_cli import forget, outbox
+from bridge.registry import HANDLER_GROUP, Source, load_handlers, load_sources
 
 __all__ = ["main"]
 
 DEV_PORT = 8000
 SINK_PORT = 8787
-HANDLER_GROUP = "millimetric_bridge.handlers"
+#: Every handler's secret under `dev`: Standard Webhooks needs base64 after `whsec_`.
+DEV_SECRET = "whsec_" + base64.b64encode(b"millimetric-bridge dev secret").decode()
 
 
 def _refuse(error: ConfigError) -> NoReturn:
@@ -35,6 +39,13 @@ def _refuse(error: ConfigError) -> NoReturn:
 def _settings(env: Mapping[str, str], **kwargs: Any) -> Settings:
     try:
         return load_settings(env, **kwargs)
+    except ConfigError as error:
+        _refuse(error)
+
+
+def _sources(env: Mapping[str, str], *, dev: bool = False) -> dict[str, Source]:
+    try:
+        return load_sources(env, load_handlers(), dev=dev)
     except ConfigError as error:
         _refuse(error)
 
@@ -80,10 +91,12 @@ def serve(host: str | None, port: int | None) -> None:
     Needs MILLIMETRIC_KEY (a secret sk_ key); refuses pk_ and rk_ keys with exit code 2.
     """
     settings = _settings(os.environ, host=host, port=port)
+    sources = _sources(os.environ)
     configure_logging("json", settings.log_level)
     from bridge.app import create_app
 
-    _run(_server(create_app(settings), settings.host, settings.port).serve())
+    app = create_app(settings, sources=sources)
+    _run(_server(app, settings.host, settings.port).serve())
 
 
 @main.command()
@@ -109,17 +122,23 @@ def dev(port: int, sink_port: int) -> None:
         "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
         "BRIDGE_DATABASE_URL": os.environ.get("BRIDGE_DATABASE_URL", "sqlite:///data/bridge.db"),
     }
+    handlers = load_handlers()
+    for handler in handlers.values():  # every handler mounted, with a known dev secret
+        env.setdefault(handler.secret_variable, DEV_SECRET)
     settings = _settings(env, host="127.0.0.1", port=port, log_format="console")
+    sources = _sources(env, dev=True)
     configure_logging("console", settings.log_level)
     click.echo(
         f"\n  bridge   http://127.0.0.1:{port}  (try: curl http://127.0.0.1:{port}/healthz)\n"
         f"  sink     http://127.0.0.1:{sink_port}  (what arrived: curl "
         f"http://127.0.0.1:{sink_port}/_sink/events)\n"
+        f"  webhooks {', '.join(f'/webhooks/{n}' for n in sorted(sources))}\n\n"
+        f"  next: millimetric-bridge send-test stripe checkout.session.completed\n"
     )
 
     async def both() -> None:
         sink = _server(create_sink_app(), "127.0.0.1", sink_port)
-        bridge = _server(create_app(settings), "127.0.0.1", port)
+        bridge = _server(create_app(settings, sources=sources), "127.0.0.1", port)
         await asyncio.gather(sink.serve(), bridge.serve())
 
     _run(both())
@@ -149,12 +168,52 @@ def sink(host: str, port: int, keys: tuple[str, ...], no_limits: bool) -> None:
 
 @main.command()
 def handlers() -> None:
-    """List installed webhook handlers and whether each is configured."""
-    found = sorted(entry_points(group=HANDLER_GROUP), key=lambda ep: ep.name)
-    if not found:
+    """List installed webhook handlers, their sources and whether each is configured.
+
+    A source is mounted at /webhooks/<source> only once its secret variable is set.
+    """
+    sources = _sources(os.environ)
+    if not sources:
         click.echo(f"no handlers installed (entry-point group {HANDLER_GROUP})")
-    for ep in found:
-        click.echo(f"{ep.name:20} {ep.value}")
+    for name, source in sorted(sources.items()):
+        state = (
+            f"configured ({len(source.secrets)} secret{'s' * (len(source.secrets) > 1)})"
+            if source.configured
+            else f"not configured: set {source.secret_variable}"
+        )
+        click.echo(f"{name:16} handler={source.handler.name:12} /webhooks/{name:16} {state}")
+
+
+@main.command("send-test")
+@click.argument("source")
+@click.argument("event")
+@click.option(
+    "--url", default=f"http://127.0.0.1:{DEV_PORT}", show_default=True, help="The running bridge."
+)
+def send_test(source: str, event: str, url: str) -> None:
+    """Post a correctly signed sample EVENT to SOURCE of a running bridge (like `stripe
+    trigger`). The secret is the source's variable, or the dev secret under `dev`."""
+    env = dict(os.environ)
+    sources = _sources(env, dev=True)
+    found = sources.get(source)
+    if found is None:
+        raise click.BadParameter(f"no source {source!r}; try: {', '.join(sorted(sources))}")
+    samples = found.handler.samples()
+    if event not in samples:
+        raise click.BadParameter(f"no sample {event!r}; samples: {', '.join(sorted(samples))}")
+    body = samples[event]
+    freshen = getattr(found.handler, "freshen", None)
+    if callable(freshen):  # a new delivery each time, not a redelivery of the last one
+        body = freshen(body)
+    secret = (found.secrets or (DEV_SECRET,))[0]
+    headers = found.handler.scheme.sign(body, secret, int(time.time()))
+    try:
+        answer = httpx.post(f"{url}/webhooks/{source}", content=body, headers=headers, timeout=10)
+    except httpx.TransportError as error:
+        raise click.ClickException(f"cannot reach the bridge at {url}: {error}") from error
+    click.echo(f"{answer.status_code} {answer.text}")
+    if answer.status_code != 200:
+        sys.exit(1)
 
 
 main.add_command(outbox)

@@ -43,6 +43,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     forwarder: ForwarderConfig = ForwarderConfig()
     ready_max_lag: float = 900.0  # /readyz says degraded when the oldest pending is older
     shutdown_grace: float = 10.0
+    max_body_bytes: int = 1024 * 1024
     env: Mapping[str, str] = msgspec.field(default_factory=dict)  # source secrets are read here
 
     @property
@@ -175,5 +176,6 @@ def load_settings(
         ),
         forwarder=_forwarder(env),
         ready_max_lag=_number(env, "BRIDGE_READY_MAX_LAG_SECONDS", 900.0),
+        max_body_bytes=int(_number(env, "BRIDGE_MAX_BODY_BYTES", 1024 * 1024, minimum=1023)),
         env=dict(env),
     )

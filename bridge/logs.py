@@ -88,5 +88,6 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
-    # One canonical line per webhook replaces the access log; its lines repeat URLs only.
+    # One canonical line per webhook and per forwarder request replaces these.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)

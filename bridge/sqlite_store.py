@@ -25,7 +25,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.events import Forget, Track
+from bridge.events import Call, Forget, Identify, Track
 from bridge.store import (
     AcceptResult,
     DeadLetter,
@@ -326,7 +326,11 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
         return "duplicate"
     inbox_id = cursor.lastrowid
     now = delivery.received_at
-    for index, call in enumerate(delivery.calls):
+    identified = {(c.anonymous_id, c.user_id) for c in delivery.calls if isinstance(c, Identify)}
+    for index, given in enumerate(delivery.calls):
+        call, learned = _identity(conn, given, identified)
+        if learned is not None:
+            _insert(conn, inbox_id, learned, None, now)
         subject = subject_of(call)
         if isinstance(call, Forget):
             _forget(conn, call.user_id, now)
@@ -343,12 +347,49 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
                     event_id=derived_event_id(delivery.source, delivery.provider_event_id, index),
                 )
             event_id = call.event_id
-        conn.execute(
-            "INSERT INTO outbox (inbox_id, route, subject, event_id, body, created_at, next_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (inbox_id, route_of(call), subject, event_id, _encoder.encode(call), now, now),
-        )
+        _insert(conn, inbox_id, call, event_id, now)
     return "accepted"
+
+
+def _insert(
+    conn: sqlite3.Connection, inbox_id: int | None, call: Call, event_id: str | None, now: float
+) -> None:
+    conn.execute(
+        "INSERT INTO outbox (inbox_id, route, subject, event_id, body, created_at, next_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (inbox_id, route_of(call), subject_of(call), event_id, _encoder.encode(call), now, now),
+    )
+
+
+def _identity(
+    conn: sqlite3.Connection, call: Call, identified: set[tuple[str | None, str]]
+) -> tuple[Call, Identify | None]:
+    """The call with what is known about its visitor, and an identify to send first when
+    this call teaches a new link. A user id learned earlier for an anonymous id goes on
+    later calls; a new link is sent once as identify, unless the delivery identifies the
+    pair itself."""
+    if isinstance(call, Forget) or not call.anonymous_id:
+        return call, None
+    known = conn.execute(
+        "SELECT user_id FROM identities WHERE anonymous_id = ?", (call.anonymous_id,)
+    ).fetchone()
+    if call.user_id is None:
+        if known and isinstance(call, Track):
+            return msgspec.structs.replace(call, user_id=known[0]), None
+        return call, None
+    if known is not None and known[0] == call.user_id:
+        return call, None
+    conn.execute(
+        "INSERT INTO identities (anonymous_id, user_id, subject) VALUES (?, ?, ?)"
+        " ON CONFLICT (anonymous_id) DO UPDATE SET user_id = excluded.user_id,"
+        " subject = excluded.subject",
+        (call.anonymous_id, call.user_id, hash_subject(call.user_id)),
+    )
+    pair = (call.anonymous_id, call.user_id)
+    if pair in identified:
+        return call, None
+    identified.add(pair)
+    return call, Identify(user_id=call.user_id, anonymous_id=call.anonymous_id)
 
 
 def _forget(conn: sqlite3.Connection, user_id: str, now: float) -> None:
@@ -358,6 +399,7 @@ def _forget(conn: sqlite3.Connection, user_id: str, now: float) -> None:
     conn.execute(
         "INSERT INTO forgotten (subject, at) VALUES (?, ?) ON CONFLICT DO NOTHING", (subject, now)
     )
+    conn.execute("DELETE FROM identities WHERE subject = ?", (subject,))
     conn.execute(
         "DELETE FROM outbox WHERE route != 'forget' AND NOT (state = 'pending' AND claimed = 1)"
         " AND (subject = ? OR mentions(body, ?))",

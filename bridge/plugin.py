@@ -1,0 +1,82 @@
+"""The handler plugin protocol: everything a provider integration implements.
+
+A handler is one object, usually one module in `handlers/` or in a third-party package,
+registered under the entry-point group `millimetric_bridge.handlers`::
+
+    [project.entry-points."millimetric_bridge.handlers"]
+    acme = "acme_bridge:handler"
+
+It says how deliveries are signed (`scheme`), how to read the verified body (`parse`),
+which id the provider gave the delivery (`delivery_id`), and what Millimetric calls it
+becomes (`translate`). The bridge does everything else: size limits, verification with
+every configured secret, deduplication, durable storage, forwarding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import msgspec
+
+from bridge.events import Call
+
+__all__ = ["Handler", "SignatureScheme", "SourceOptions", "WebhookRequest"]
+
+
+class WebhookRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One delivery as it arrived: header names are lower-case, the body untouched."""
+
+    source: str
+    headers: Mapping[str, str]
+    body: bytes
+    received_at: float  # unix seconds
+
+
+class SourceOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Options every source has; a handler extends this with its own (in `bridge.toml`)."""
+
+    tolerance: int = 300  # seconds a signed timestamp may be off, where the scheme signs one
+    include_test_events: bool = False  # forward the provider's test-mode events too
+
+
+@runtime_checkable
+class SignatureScheme(Protocol):
+    """How a provider signs deliveries. `verify` tries every secret (rotation) and raises
+    `SignatureInvalid` with a short reason; comparisons are constant-time."""
+
+    headers: tuple[str, ...]  # what to keep to verify the delivery again later
+    signs_timestamp: bool
+
+    def verify(self, request: WebhookRequest, secrets: Sequence[str], tolerance: int) -> None: ...
+
+    def sign(self, body: bytes, secret: str, timestamp: int) -> dict[str, str]:
+        """Headers that make `body` a valid delivery (for tests and `send-test`)."""
+        ...
+
+
+@runtime_checkable
+class Handler(Protocol):
+    """A provider integration."""
+
+    name: str  # the default source name and URL: /webhooks/<name>
+    secret_variable: str  # the environment variable holding the default source's secrets
+    scheme: SignatureScheme
+    options_type: type[SourceOptions]
+
+    def parse(self, request: WebhookRequest) -> Any:
+        """Decode the verified body into what `translate` needs; `PayloadInvalid` if it
+        cannot be read."""
+        ...
+
+    def delivery_id(self, request: WebhookRequest, payload: Any) -> str:
+        """The provider's own id for this delivery: redeliveries carry the same one."""
+        ...
+
+    def translate(self, request: WebhookRequest, payload: Any, options: Any) -> list[Call]:
+        """The Millimetric calls this delivery becomes; `[]` acknowledges and ignores it."""
+        ...
+
+    def samples(self) -> Mapping[str, bytes]:
+        """Recorded sample bodies by event type, for `send-test` and the contract test."""
+        ...

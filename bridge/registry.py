@@ -1,0 +1,162 @@
+"""Finding handlers (entry points) and the sources that use them (environment, bridge.toml).
+
+Built-in handlers register through the same entry-point group a third-party package uses.
+Every handler is checked at start-up; a broken one stops start-up with a line naming it.
+A source is mounted at `/webhooks/<source>` only when its secret variable is set.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from bridge.errors import ConfigError
+from bridge.plugin import Handler, SignatureScheme, SourceOptions
+
+__all__ = ["HANDLER_GROUP", "Source", "check_handler", "load_handlers", "load_sources"]
+
+HANDLER_GROUP: Final = "millimetric_bridge.handlers"
+_NAME: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_VARIABLE: Final = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A handler mounted at `/webhooks/<name>` with its own secrets and options."""
+
+    name: str
+    handler: Handler
+    secret_variable: str
+    secrets: tuple[str, ...]
+    options: SourceOptions
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.secrets)
+
+
+def check_handler(registered_as: str, handler: object) -> Handler:
+    """The handler if it keeps the plugin protocol; otherwise a ConfigError naming it."""
+    where = f"handler {registered_as!r}"
+    if not isinstance(handler, Handler):
+        missing = [
+            a
+            for a in (
+                "name",
+                "secret_variable",
+                "scheme",
+                "options_type",
+                "parse",
+                "delivery_id",
+                "translate",
+                "samples",
+            )
+            if not hasattr(handler, a)
+        ]
+        raise ConfigError(where, f"does not keep the Handler protocol (missing {missing})")
+    if handler.name != registered_as or not _NAME.match(handler.name):
+        raise ConfigError(
+            where,
+            f"its name {handler.name!r} must equal the entry-point name "
+            "and be lower-case letters, digits, - or _",
+        )
+    if not _VARIABLE.match(handler.secret_variable):
+        raise ConfigError(
+            where,
+            f"secret_variable {handler.secret_variable!r} is not an environment variable name",
+        )
+    if not isinstance(handler.scheme, SignatureScheme):
+        raise ConfigError(where, "scheme does not keep the SignatureScheme protocol")
+    if not (
+        isinstance(handler.options_type, type) and issubclass(handler.options_type, SourceOptions)
+    ):
+        raise ConfigError(where, "options_type must be a subclass of SourceOptions")
+    for method in ("parse", "delivery_id", "translate", "samples"):
+        if not callable(getattr(handler, method)):
+            raise ConfigError(where, f"{method} is not callable")
+    return handler
+
+
+def load_handlers(found: Iterable[EntryPoint] | None = None) -> dict[str, Handler]:
+    """Every installed handler, checked."""
+    handlers: dict[str, Handler] = {}
+    for ep in found if found is not None else entry_points(group=HANDLER_GROUP):
+        try:
+            loaded = ep.load()
+        except Exception as error:
+            raise ConfigError(
+                f"handler {ep.name!r}", f"cannot be loaded from {ep.value}: {error}"
+            ) from error
+        if ep.name in handlers:
+            continue  # the same package seen twice on sys.path
+        handlers[ep.name] = check_handler(ep.name, loaded)
+    return handlers
+
+
+def _secrets(value: str | None) -> tuple[str, ...]:
+    return tuple(s.strip() for s in (value or "").split(",") if s.strip())
+
+
+def _default_variable(source: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "_", source.upper()) + "_WEBHOOK_SECRET"
+
+
+def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        document = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError("BRIDGE_CONFIG", f"cannot read {path}: {error}") from error
+    sources = document.get("sources", {})
+    if not isinstance(sources, dict) or not all(isinstance(v, dict) for v in sources.values()):
+        raise ConfigError("BRIDGE_CONFIG", f"{path}: [sources.NAME] tables expected")
+    return sources
+
+
+def load_sources(
+    env: Mapping[str, str], handlers: Mapping[str, Handler], *, dev: bool = False
+) -> dict[str, Source]:
+    """Every source: one per handler by default, plus those `bridge.toml` declares."""
+    config_path = Path(env.get("BRIDGE_CONFIG", "bridge.toml"))
+    declared: dict[str, dict[str, Any]] = {}
+    if config_path.exists():
+        declared = _read_toml(config_path)
+    elif "BRIDGE_CONFIG" in env:
+        raise ConfigError("BRIDGE_CONFIG", f"{config_path} does not exist")
+    tables: dict[str, dict[str, Any]] = {name: {} for name in handlers} | declared
+    sources: dict[str, Source] = {}
+    for name, table in tables.items():
+        where = f"bridge.toml [sources.{name}]"
+        options = dict(table)
+        handler_name = options.pop("handler", name)
+        handler = handlers.get(handler_name)
+        if handler is None:
+            raise ConfigError(where, f"no handler named {handler_name!r} is installed")
+        if not _NAME.match(name):
+            raise ConfigError(where, "a source name is lower-case letters, digits, - or _")
+        default_variable = (
+            handler.secret_variable if name == handler.name else _default_variable(name)
+        )
+        variable = options.pop("secret_variable", default_variable)
+        if not isinstance(variable, str) or not _VARIABLE.match(variable):
+            raise ConfigError(where, "secret_variable must be an environment variable name")
+        if dev:
+            options.setdefault("include_test_events", True)
+        try:
+            parsed = msgspec.convert(options, handler.options_type)
+        except msgspec.ValidationError as error:
+            raise ConfigError(where, str(error)) from error
+        sources[name] = Source(
+            name=name,
+            handler=handler,
+            secret_variable=variable,
+            secrets=_secrets(env.get(variable)),
+            options=parsed,
+        )
+    return sources

@@ -1,0 +1,288 @@
+"""Stripe: purchases, refunds, subscriptions and customers.
+
+Revenue is counted once per payment: the purchase's `event_id` comes from the payment (the
+invoice, or the payment intent), not from the webhook, so Checkout's event and the
+invoice's event for the same payment collapse into one purchase at Millimetric.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any, Final
+
+import msgspec
+
+from bridge import Call, Forget, Identify, PayloadInvalid, Track
+from bridge.plugin import SourceOptions, WebhookRequest
+from bridge.signatures import StripeScheme
+
+__all__ = ["StripeHandler", "StripeOptions", "handler"]
+
+Expandable = str | dict[str, Any] | None
+
+
+class StripeOptions(SourceOptions, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    purchases_from_payment_intents: bool = False  # for integrations with neither Checkout
+    forget_on_customer_deleted: bool = False  # nor invoices; and erasure on deletion
+
+
+class Price(msgspec.Struct, frozen=True):
+    id: str | None = None
+    unit_amount: int | None = None
+    amount: int | None = None  # plans and old prices
+    currency: str | None = None
+    interval: str | None = None  # plans and old prices
+    recurring: dict[str, Any] | None = None
+
+
+class Item(msgspec.Struct, frozen=True):
+    price: Price | None = None
+    plan: Price | None = None
+    quantity: int = 1
+
+
+class Items(msgspec.Struct, frozen=True):
+    data: list[Item] = []
+
+
+class Refund(msgspec.Struct, frozen=True):
+    amount: int = 0
+    created: int = 0
+
+
+class Refunds(msgspec.Struct, frozen=True):
+    data: list[Refund] = []
+
+
+class StripeObject(msgspec.Struct, frozen=True):
+    id: str | None = None
+    mode: str | None = None
+    payment_status: str | None = None
+    status: str | None = None
+    amount: int | None = None
+    amount_total: int | None = None
+    amount_paid: int | None = None
+    amount_received: int | None = None
+    amount_refunded: int | None = None
+    currency: str | None = None
+    customer: Expandable = None
+    client_reference_id: str | None = None
+    metadata: dict[str, Any] = {}
+    invoice: Expandable = None
+    payment_intent: Expandable = None
+    subscription: Expandable = None
+    billing_reason: str | None = None
+    items: Items | None = None
+    plan: Price | None = None
+    quantity: int | None = None
+    refunds: Refunds | None = None
+
+
+class Data(msgspec.Struct, frozen=True):
+    object: StripeObject
+    previous_attributes: dict[str, Any] | None = None
+
+
+class Event(msgspec.Struct, frozen=True):
+    id: str
+    type: str
+    created: int
+    data: Data
+    livemode: bool = False
+
+
+_decoder: Final = msgspec.json.Decoder(Event)
+
+
+def _id(value: Expandable) -> str | None:
+    if isinstance(value, dict):
+        found = value.get("id")
+        return found if isinstance(found, str) else None
+    return value
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+class StripeHandler:
+    name = "stripe"
+    secret_variable = "STRIPE_WEBHOOK_SECRET"  # noqa: S105 (a variable's name, not a secret)
+    scheme = StripeScheme()
+    options_type = StripeOptions
+
+    def parse(self, request: WebhookRequest) -> Event:
+        try:
+            return _decoder.decode(request.body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise PayloadInvalid(f"not a Stripe event: {error}") from None
+
+    def delivery_id(self, request: WebhookRequest, payload: Event) -> str:
+        return payload.id
+
+    def samples(self) -> Mapping[str, bytes]:
+        folder = resources.files("handlers").joinpath("samples", "stripe")
+        return {
+            f.name.removesuffix(".json"): f.read_bytes()
+            for f in folder.iterdir()
+            if f.name.endswith(".json")
+        }
+
+    def freshen(self, sample: bytes) -> bytes:
+        """A new delivery from a sample, for `send-test`: fresh ids and time, and a Checkout
+        sample becomes a paid one-off payment, so a purchase shows at the sink."""
+        event = msgspec.json.decode(sample)
+        token = uuid.uuid4().hex[:16]
+        event["id"], event["created"] = f"evt_test_{token}", int(time.time())
+        obj = event["data"]["object"]
+        kind = obj.get("object")
+        if kind == "checkout.session":
+            obj.update(mode="payment", payment_status="paid", payment_intent=f"pi_test_{token}")
+        elif kind in ("invoice", "charge", "payment_intent", "subscription"):
+            obj["id"] = f"{obj['id'].split('_')[0]}_test_{token}"
+        return msgspec.json.encode(event)
+
+    def translate(
+        self, request: WebhookRequest, payload: Event, options: StripeOptions
+    ) -> list[Call]:
+        if not payload.livemode and not options.include_test_events:
+            return []
+        obj = payload.data.object
+        customer = (
+            obj.id
+            if payload.type.startswith("customer.")
+            and not payload.type.startswith("customer.subscription")
+            else _id(obj.customer)
+        )
+        anonymous_id = _text(obj.metadata.get("millimetric_anonymous_id")) or (
+            f"stripe:{customer}" if customer else None
+        )
+        user_id = _text(obj.client_reference_id) or _text(obj.metadata.get("user_id"))
+        when = datetime.fromtimestamp(payload.created, UTC)
+
+        def track(event: str, event_id: str | None, **properties: Any) -> Track:
+            return Track(
+                event=event,
+                event_id=event_id,
+                timestamp=when,
+                anonymous_id=anonymous_id,
+                user_id=user_id,
+                properties={k: v for k, v in properties.items() if v is not None},
+            )
+
+        match payload.type:
+            case "checkout.session.completed" | "checkout.session.async_payment_succeeded":
+                if obj.payment_status != "paid" or not obj.amount_total:
+                    return []
+                if obj.mode == "payment":
+                    payment = _id(obj.payment_intent) or obj.id
+                elif obj.mode == "subscription" and _id(obj.invoice):
+                    payment = _id(obj.invoice)
+                else:  # a subscription's first payment: counted from its invoice.paid
+                    return self._identify(user_id, anonymous_id)
+                return [
+                    track(
+                        "purchase",
+                        f"purchase:{payment}",
+                        amount_cents=obj.amount_total,
+                        currency=obj.currency,
+                        checkout_session=obj.id,
+                        subscription=_id(obj.subscription),
+                    )
+                ]
+            case "invoice.paid":
+                if not obj.amount_paid or obj.amount_paid <= 0:
+                    return []
+                return [
+                    track(
+                        "purchase",
+                        f"purchase:{obj.id}",
+                        amount_cents=obj.amount_paid,
+                        currency=obj.currency,
+                        invoice=obj.id,
+                        subscription=_id(obj.subscription),
+                        billing_reason=obj.billing_reason,
+                    )
+                ]
+            case "payment_intent.succeeded":
+                if not options.purchases_from_payment_intents or _id(obj.invoice):
+                    return []
+                amount = obj.amount_received or obj.amount
+                if not amount:
+                    return []
+                return [
+                    track(
+                        "purchase",
+                        f"purchase:{obj.id}",
+                        amount_cents=amount,
+                        currency=obj.currency,
+                        payment_intent=obj.id,
+                    )
+                ]
+            case "charge.refunded":
+                total = obj.amount_refunded or 0
+                amount = _refunded_now(obj, payload.data.previous_attributes)
+                if amount <= 0:
+                    return []
+                return [
+                    track(
+                        "refund",
+                        f"refund:{obj.id}:{total}",
+                        amount_cents=amount,
+                        currency=obj.currency,
+                        charge=obj.id,
+                        payment_intent=_id(obj.payment_intent),
+                        fully_refunded=(obj.amount is not None and total >= obj.amount),
+                    )
+                ]
+            case "customer.subscription.created" | "customer.subscription.deleted":
+                started = payload.type.endswith("created")
+                name = "subscription_started" if started else "subscription_canceled"
+                return [track(name, f"{name}:{obj.id}", subscription=obj.id, **_plan(obj))]
+            case "customer.created" | "customer.updated":
+                return self._identify(user_id, anonymous_id)
+            case "customer.deleted":
+                if options.forget_on_customer_deleted and user_id:
+                    return [Forget(user_id=user_id)]
+                return []
+        return []
+
+    @staticmethod
+    def _identify(user_id: str | None, anonymous_id: str | None) -> list[Call]:
+        if not user_id:
+            return []
+        return [Identify(user_id=user_id, anonymous_id=anonymous_id)]
+
+
+def _refunded_now(obj: StripeObject, previous: Mapping[str, Any] | None) -> int:
+    """What this event refunded: the change in amount_refunded, else the newest refund."""
+    total = obj.amount_refunded or 0
+    if previous and isinstance(previous.get("amount_refunded"), int):
+        return total - int(previous["amount_refunded"])
+    if obj.refunds and obj.refunds.data:
+        return max(obj.refunds.data, key=lambda r: r.created).amount
+    return total
+
+
+def _plan(obj: StripeObject) -> dict[str, Any]:
+    item = obj.items.data[0] if obj.items and obj.items.data else None
+    price = (item.price or item.plan) if item else obj.plan
+    if price is None:
+        return {}
+    quantity = item.quantity if item else (obj.quantity or 1)
+    unit = price.unit_amount if price.unit_amount is not None else price.amount
+    interval = (price.recurring or {}).get("interval") or price.interval
+    return {
+        "price": price.id,
+        "interval": interval,
+        "quantity": quantity,
+        "amount_cents": unit * quantity if unit is not None else None,
+        "currency": price.currency,
+    }
+
+
+handler: Final = StripeHandler()
