@@ -70,8 +70,14 @@ def create_app(
         outbox = store or open_store(
             settings.database_url, sqlite_synchronous=settings.sqlite_synchronous
         )
-        await outbox.open()
-        await outbox.recover(time.time())
+        try:
+            await outbox.open()
+            await outbox.recover(time.time())
+        except BaseException:
+            await outbox.close()
+            if http is None:
+                await client.aclose()
+            raise
         forwarder = Forwarder(
             outbox,
             MillimetricClient(client, key=settings.millimetric_key, host=settings.millimetric_host),

@@ -13,6 +13,7 @@ type, never from a status code:
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 from collections.abc import Sequence
 from datetime import UTC
@@ -38,6 +39,8 @@ __all__ = [
 
 #: When a 429 comes without a usable Retry-After.
 DEFAULT_RETRY_AFTER: Final = 1.0
+#: The longest wait a Retry-After can impose; past that it is taken for a server mistake.
+MAX_RETRY_AFTER: Final = 3600.0
 _REASON_MAX: Final = 1000
 _INVALID_STATUSES: Final = frozenset({400, 413, 422})
 
@@ -89,9 +92,15 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float:
         return DEFAULT_RETRY_AFTER
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return (
+            min(MAX_RETRY_AFTER, max(0.0, seconds))
+            if math.isfinite(seconds)
+            else (DEFAULT_RETRY_AFTER)
+        )
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -99,7 +108,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float:
     if when.tzinfo is None:  # RFC 9110 dates are GMT
         when = when.replace(tzinfo=UTC)
     current = time.time() if now is None else now
-    return max(0.0, when.timestamp() - current)
+    return min(MAX_RETRY_AFTER, max(0.0, when.timestamp() - current))
 
 
 def _reason(response: httpx.Response) -> str:

@@ -40,7 +40,7 @@ from bridge.client import (
     batch_body,
 )
 from bridge.errors import StoreUnavailable
-from bridge.events import BATCH_MAX_BYTES, BATCH_MAX_EVENTS
+from bridge.events import BATCH_MAX_BYTES, BATCH_MAX_EVENTS, Forget
 from bridge.ratelimit import BATCH_LIMIT, TRACK_LIMIT, RateLimit, TokenBucket
 from bridge.store import ROUTES, OutboxRow, Retention, Route, Store
 
@@ -51,6 +51,7 @@ log = structlog.get_logger("bridge.forwarder")
 #: Room left in a batch body for the `{"events":[...]}` wrapper.
 _WRAPPER: Final = len(batch_body([]))
 _SINGLE_ROUTE_CLAIM: Final = 50
+_forget_decoder: Final = msgspec.json.Decoder(Forget)
 
 
 class ForwarderConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,8 +131,12 @@ class Forwarder:
         self._stopping.set()
         for event in self._wake.values():
             event.set()
+        deadline = asyncio.get_running_loop().time() + grace
+        if self._tasks:  # lanes finish the send they are in, then stop claiming
+            await asyncio.wait(self._tasks, timeout=grace)
         if self._sends:
-            await asyncio.wait(set(self._sends), timeout=grace)
+            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+            await asyncio.wait(set(self._sends), timeout=remaining)
         for task in [*self._tasks, *self._sends]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._sends, return_exceptions=True)
@@ -144,24 +149,11 @@ class Forwarder:
         while not self._stopping.is_set():
             try:
                 await self._gate(route)
-                if self._stopping.is_set():
-                    break
                 if route == "track":
-                    await self._in_flight.acquire()
-                    rows = await self._claim(route, full)
-                    if rows:
-                        self._spawn(self._send_then_release(rows))
-                    else:
-                        self._in_flight.release()
+                    filled = await self._track_step(full)
                 else:
-                    rows = await self._claim(route, full)
-                    for index, row in enumerate(rows):
-                        if self.paused is not None or self._not_before[route] > self.clock():
-                            rest = [r.id for r in rows[index:]]
-                            await self.store.retry(rest, self.clock(), count_attempt=False)
-                            break
-                        await self._deliver(route, [row])
-                if len(rows) < full:
+                    filled = await self._single_step(route, full)
+                if not filled:
                     await self._idle(route)
             except StoreUnavailable as error:
                 log.error(
@@ -171,6 +163,42 @@ class Forwarder:
             except Exception:
                 log.exception("forwarder error; carrying on", route=route)
                 await self._sleep(self.config.error_pause)
+
+    async def _track_step(self, full: int) -> bool:
+        """Claim one batch and start sending it; whether the batch was full (no linger)."""
+        await self._in_flight.acquire()
+        if self._stopping.is_set():  # stopping while waiting for a slot: claim nothing
+            self._in_flight.release()
+            return True
+        try:
+            rows = await self._claim("track", full)
+        except BaseException:
+            self._in_flight.release()
+            raise
+        if not rows:
+            self._in_flight.release()
+            return False
+        self._spawn(self._send_then_release(rows))
+        # A batch cut by the byte limit is as full as one cut by the count.
+        size = sum(len(r.body) + 1 for r in rows)
+        return len(rows) >= full or size >= 0.75 * (self.config.batch_bytes - _WRAPPER)
+
+    async def _single_step(self, route: Route, full: int) -> bool:
+        rows = await self._claim(route, full)
+        for index, row in enumerate(rows):
+            if self._stopping.is_set() or self._held(route):
+                await self.store.retry(
+                    [r.id for r in rows[index:]], self.clock(), count_attempt=False
+                )
+                break
+            if route == "forget":
+                await self.store.erase(_forget_decoder.decode(row.body).user_id)
+            await self._deliver(route, [row])
+        return len(rows) >= full
+
+    def _held(self, route: Route) -> bool:
+        """Whether sending must wait: paused on a refused key, or inside a Retry-After."""
+        return self.paused is not None or self._not_before[route] > self.clock()
 
     async def _claim(self, route: Route, limit: int) -> list[OutboxRow]:
         budget = self.config.batch_bytes - _WRAPPER if route == "track" else 1 << 30
@@ -221,6 +249,14 @@ class Forwarder:
     # -- one request and what its answer means -----------------------------------------------
 
     async def _deliver(self, route: Route, rows: Sequence[OutboxRow]) -> None:
+        # Sends claimed before a 429 or a pause wait for it too (a paused lane's own probe
+        # is the one send that goes through).
+        wait = self._not_before[route] - self.clock()
+        if wait > 0:
+            await self._sleep(wait)
+        if self._stopping.is_set() or (self.paused is not None and self.clock() < self._probe_at):
+            await self.store.retry([r.id for r in rows], self.clock(), count_attempt=False)
+            return
         await self._take_token(route)
         body = batch_body([r.body for r in rows]) if route == "track" else rows[0].body
         path = "/v1/batch" if route == "track" else f"/v1/{route}"
@@ -247,6 +283,8 @@ class Forwarder:
                 if self.paused is not None:
                     await self._resume()
                 if route == "forget":
+                    for row in rows:  # the sends that were in flight at forget time
+                        await self.store.erase(_forget_decoder.decode(row.body).user_id)
                     log.info("forget delivered; local traces erased")
             case RateLimited(retry_after=wait):
                 self.counts["rate_limited"] += 1

@@ -175,5 +175,10 @@ def forget(user_id: str) -> None:
         received_at=time.time(),
         calls=[Forget(user_id=user_id)],
     )
-    _with_store(lambda store: store.accept(delivery))
+
+    async def purge_now(store: Store) -> None:
+        await store.accept(delivery)
+        await store.erase(user_id)
+
+    _with_store(purge_now)
     click.echo("local data purged; forget is queued and the running bridge sends it")

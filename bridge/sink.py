@@ -76,7 +76,8 @@ class SinkKnobs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class Received(msgspec.Struct, frozen=True):
     seq: int
     route: str
-    at: float
+    arrived: float  # when the request came in
+    at: float  # when it was accepted (after any added latency)
     body: msgspec.Raw  # one call as compact JSON; kept raw so a big backlog stays small
 
 
@@ -107,10 +108,12 @@ class SinkState:
         self.duplicates = 0
         self.buckets.clear()
 
-    def record(self, route: str, body: bytes) -> None:
-        self.received.append(Received(len(self.received), route, time.time(), msgspec.Raw(body)))
+    def record(self, route: str, body: bytes, arrived: float) -> None:
+        self.received.append(
+            Received(len(self.received), route, arrived, time.time(), msgspec.Raw(body))
+        )
 
-    def accept_event(self, event: Track) -> str | None:
+    def accept_event(self, event: Track, arrived: float) -> str | None:
         """Store one track event unless its event_id was seen; return its id, None if seen."""
         event_id = event.event_id or uuid.uuid4().hex
         if event_id in self.seen_event_ids:
@@ -120,7 +123,7 @@ class SinkState:
         body = _encoder.encode(
             event if event.event_id else msgspec.structs.replace(event, event_id=event_id)
         )
-        self.record("track", body)
+        self.record("track", body, arrived)
         return event_id
 
 
@@ -181,6 +184,7 @@ def _invalid(exc: msgspec.ValidationError | msgspec.DecodeError) -> Response[byt
 
 
 async def _ingest(state: SinkState, route: str, request: Request[Any, Any, Any]) -> Response[bytes]:
+    arrived = time.time()
     knobs = state.knobs
     if knobs.latency_ms:
         await asyncio.sleep(knobs.latency_ms / 1000)
@@ -212,12 +216,12 @@ async def _ingest(state: SinkState, route: str, request: Request[Any, Any, Any])
                 "invalid_payload",
                 f"events: 1-{BATCH_MAX_EVENTS} per batch, got {len(call.events)}",
             )
-        accepted = sum(state.accept_event(e) is not None for e in call.events)
+        accepted = sum(state.accept_event(e, arrived) is not None for e in call.events)
         return _ok(accepted=accepted, duplicates=len(call.events) - accepted)
     if isinstance(call, Track):
-        event_id = state.accept_event(call) or call.event_id
+        event_id = state.accept_event(call, arrived) or call.event_id
         return _ok(event_id=event_id)
-    state.record(route, body)
+    state.record(route, body, arrived)
     return _ok()
 
 

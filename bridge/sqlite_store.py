@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import queue
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import IO, Any, Final, TypeVar
 
 import msgspec
 
@@ -47,11 +49,13 @@ T = TypeVar("T")
 SYNCHRONOUS: Final = ("FULL", "NORMAL", "EXTRA")
 
 #: How long a claim lasts before the row is due again (a crashed send is retried).
-LEASE_SECONDS: Final = 120.0
+LEASE_SECONDS: Final = 900.0
 #: Most deliveries one group commit takes; bounds how long one transaction holds the lock.
 MAX_GROUP: Final = 512
 #: Rows a retention pass deletes per transaction, so intake is never stalled for long.
 CLEANUP_CHUNK: Final = 5000
+#: Rows an erasure scans per transaction (a regex over each body).
+ERASE_CHUNK: Final = 5000
 
 _encoder: Final = msgspec.json.Encoder()
 _forget_decoder: Final = msgspec.json.Decoder(Forget)
@@ -120,6 +124,7 @@ class SQLiteStore:
         self.synchronous = synchronous
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._lock: IO[str] | None = None
 
     # -- the writer thread -----------------------------------------------------------------
 
@@ -210,6 +215,9 @@ class SQLiteStore:
             raise
 
     async def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
         thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(None)
@@ -218,7 +226,33 @@ class SQLiteStore:
     # -- the Store protocol ----------------------------------------------------------------
 
     async def recover(self, now: float) -> int:
+        # One forwarder per database file: a second `serve` would resend what the first
+        # has in flight, and a forget could overtake it.
+        lock_path = self.path.with_name(self.path.name + ".forwarder.lock")
+        lock = lock_path.open("a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise StoreUnavailable(
+                f"another millimetric-bridge process is forwarding from {self.path}"
+            ) from None
+        self._lock = lock
         return await self._call(_release_all_claims, now)
+
+    async def erase(self, user_id: str) -> int:
+        now = time.time()
+        erased = 0
+        for table, statement, params in (
+            ("outbox", _ERASE_ROWS, (hash_subject(user_id), user_id, now)),
+            ("inbox", _ERASE_RAW, (user_id,)),
+        ):
+            top = await self._call(_execute_one, f"SELECT COALESCE(MAX(id), 0) FROM {table}")
+            for start in range(0, top + 1, ERASE_CHUNK):  # small steps: intake interleaves
+                erased += await self._call(
+                    _execute, statement, (start, start + ERASE_CHUNK, *params)
+                )
+        return erased
 
     async def accept(self, delivery: Delivery) -> AcceptResult:
         return await self._call(_accept, delivery, grouped=True)
@@ -303,6 +337,10 @@ def _statements(sql: str) -> list[str]:
 def _release_all_claims(conn: sqlite3.Connection, now: float) -> int:
     """The forwarder of a previous process is gone: what it had in flight is due again now
     (Millimetric deduplicates those sends by event_id)."""
+    conn.execute(
+        "DELETE FROM outbox WHERE state = 'pending' AND claimed = 1 AND route != 'forget'"
+        " AND subject IN (SELECT subject FROM forgotten)"
+    )
     return conn.execute(
         "UPDATE outbox SET claimed = 0, next_at = ? WHERE state = 'pending' AND claimed = 1",
         (now,),
@@ -333,12 +371,16 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
             _insert(conn, inbox_id, learned, None, now)
         subject = subject_of(call)
         if isinstance(call, Forget):
-            _forget(conn, call.user_id, now)
+            _forget(conn, call.user_id, inbox_id, now)
         elif (
             subject is not None
             and conn.execute("SELECT 1 FROM forgotten WHERE subject = ?", (subject,)).fetchone()
         ):
-            continue  # about a forgotten user: never stored, never sent
+            # About a forgotten user: never stored, never sent, and its raw body not kept.
+            conn.execute(
+                "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ?", (inbox_id,)
+            )
+            continue
         event_id = None
         if isinstance(call, Track):
             if call.event_id is None:
@@ -392,24 +434,22 @@ def _identity(
     return call, Identify(user_id=call.user_id, anonymous_id=call.anonymous_id)
 
 
-def _forget(conn: sqlite3.Connection, user_id: str, now: float) -> None:
-    """Erase what is stored about a user, except sends already in flight (the forget row
-    waits for those, so it cannot overtake them), and remember them as forgotten."""
+def _forget(conn: sqlite3.Connection, user_id: str, inbox_id: int | None, now: float) -> None:
+    """Erase at once what an index finds about a user, and remember them as forgotten.
+    Sends in flight stay (the forget row waits for them, so it cannot overtake them);
+    rows and raw payloads that merely mention the user go in `erase`, in small steps,
+    before the forget is sent."""
     subject = hash_subject(user_id)
     conn.execute(
         "INSERT INTO forgotten (subject, at) VALUES (?, ?) ON CONFLICT DO NOTHING", (subject, now)
     )
     conn.execute("DELETE FROM identities WHERE subject = ?", (subject,))
     conn.execute(
-        "DELETE FROM outbox WHERE route != 'forget' AND NOT (state = 'pending' AND claimed = 1)"
-        " AND (subject = ? OR mentions(body, ?))",
-        (subject, user_id),
+        "DELETE FROM outbox WHERE subject = ? AND route != 'forget'"
+        " AND NOT (state = 'pending' AND claimed = 1 AND next_at > ?)",
+        (subject, now),
     )
-    conn.execute(
-        "UPDATE inbox SET raw_body = NULL, headers = NULL"
-        " WHERE raw_body IS NOT NULL AND mentions(raw_body, ?)",
-        (user_id,),
-    )
+    conn.execute("UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ?", (inbox_id,))
 
 
 def _claim(
@@ -417,11 +457,20 @@ def _claim(
 ) -> list[OutboxRow]:
     if route == "forget":
         # A forget waits until no earlier call about the same user is still pending.
+        # Rows about a forgotten user that are not in flight (a send that was released or
+        # whose lease ran out) are never sent: drop them, then take the forgets that no
+        # send in flight for the same user could be overtaken by.
+        conn.execute(
+            "DELETE FROM outbox WHERE state = 'pending' AND route != 'forget'"
+            " AND subject IN (SELECT subject FROM outbox WHERE state = 'pending'"
+            "   AND route = 'forget') AND NOT (claimed = 1 AND next_at > ?)",
+            (now,),
+        )
         query = (
             "SELECT id, body, created_at, attempts FROM outbox AS f"
             " WHERE state = 'pending' AND route = 'forget' AND next_at <= ?"
             " AND NOT EXISTS (SELECT 1 FROM outbox AS o WHERE o.subject = f.subject"
-            "   AND o.state = 'pending' AND o.id < f.id)"
+            "   AND o.state = 'pending' AND o.route != 'forget')"
             " ORDER BY next_at, id LIMIT ?"
         )
         params: tuple[Any, ...] = (now, limit)
@@ -462,12 +511,12 @@ def _delivered(conn: sqlite3.Connection, ids: list[int], now: float) -> None:
         (now, *ids),
     )
     for body in forgets:
-        # Millimetric has erased the user: now erase the last traces here, the sends that
-        # were in flight at forget time and the forget row itself.
+        # Millimetric has erased the user: the forget row and the sends that were in flight
+        # at forget time go too (the forwarder then runs `erase` for what merely mentions
+        # the user).
         user_id = _forget_decoder.decode(body).user_id
         conn.execute(
-            "DELETE FROM outbox WHERE state != 'pending' AND (subject = ? OR mentions(body, ?))",
-            (hash_subject(user_id), user_id),
+            "DELETE FROM outbox WHERE state != 'pending' AND subject = ?", (hash_subject(user_id),)
         )
 
 
@@ -553,9 +602,10 @@ def _where(selection: Selection) -> tuple[str, list[Any]]:
 def _replay(conn: sqlite3.Connection, selection: Selection, now: float) -> int:
     where, params = _where(selection)
     return conn.execute(
+        # A replay starts the row's life again: its max age counts from now.
         "UPDATE outbox SET state = 'pending', claimed = 0, next_at = ?, attempts = 0,"
-        f" done_at = NULL, reason = NULL WHERE {where}",
-        (now, *params),
+        f" created_at = ?, done_at = NULL, reason = NULL WHERE {where}",
+        (now, now, *params),
     ).rowcount
 
 
@@ -580,6 +630,21 @@ _CLEAN_INBOX: Final = (
 
 def _execute(conn: sqlite3.Connection, statement: str, params: tuple[Any, ...]) -> int:
     return conn.execute(statement, params).rowcount
+
+
+def _execute_one(conn: sqlite3.Connection, statement: str) -> Any:
+    return conn.execute(statement).fetchone()[0]
+
+
+_ERASE_ROWS: Final = (
+    "DELETE FROM outbox WHERE id >= ? AND id < ? AND route != 'forget'"
+    " AND (subject = ? OR mentions(body, ?))"
+    " AND NOT (state = 'pending' AND claimed = 1 AND next_at > ?)"
+)
+_ERASE_RAW: Final = (
+    "UPDATE inbox SET raw_body = NULL, headers = NULL"
+    " WHERE id >= ? AND id < ? AND raw_body IS NOT NULL AND mentions(raw_body, ?)"
+)
 
 
 def _set_meta(conn: sqlite3.Connection, key: str, value: str | None) -> None:

@@ -113,6 +113,11 @@ class Store(Protocol):
         """Before a forwarder starts: make rows claimed by a forwarder that is gone due
         again; return how many."""
 
+    async def erase(self, user_id: str) -> int:
+        """Delete every row and raw payload that mentions a forgotten user, except sends in
+        flight, in small steps; the forwarder runs it before and after sending the
+        forget. Return how many were erased."""
+
     async def accept(self, delivery: Delivery) -> AcceptResult:
         """Store the delivery and its calls durably, in one transaction; a second delivery
         with the same source and provider event id adds nothing and says `duplicate`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -118,7 +119,7 @@ async def test_batches_stay_under_256kb(
 
 
 async def test_a_429_storm_delays_but_loses_nothing(
-    store: Store, http: httpx.AsyncClient, sink: RunningSink
+    store: Store, http: httpx.AsyncClient, sink: RunningSink, tmp_path: Path
 ) -> None:
     await fill(store, 1500)
     # Pace far above the sink's 5/s so the sink answers 429 often.
@@ -134,20 +135,26 @@ async def test_a_429_storm_delays_but_loses_nothing(
     assert stats["unique_event_ids"] == 1500
     assert fwd.counts["rate_limited"] >= 1
     assert fwd.counts["dead"] == 0
+    db = sqlite3.connect(tmp_path / "bridge.db")
+    attempts = db.execute("SELECT MAX(attempts) FROM outbox").fetchone()[0]
+    db.close()
+    assert attempts == 0  # a 429 is not a failed attempt
 
 
 async def test_the_published_pace_provokes_no_429(
     store: Store, http: httpx.AsyncClient, sink: RunningSink
 ) -> None:
     await fill(store, 500)
-    fwd = forwarder(
-        store, http, sink, msgspec.structs.replace(FAST, batch_events=50)
-    )  # 10 requests at 5/s
+    # 25 requests: past the sink's burst of 20, so only pacing at 5/s avoids a 429.
+    fwd = forwarder(store, http, sink, msgspec.structs.replace(FAST, batch_events=20))
+    started = time.monotonic()
     fwd.start()
     await wait_until(lambda: drained(store), within=30)
+    elapsed = time.monotonic() - started
     await fwd.stop()
     stats = await sink_get(http, sink, "stats")
-    assert stats["answers"] == {"batch 202": 10}
+    assert stats["answers"] == {"batch 202": 25}
+    assert elapsed >= 24 / 5 - 0.3  # the first request goes at once, then 5 a second
 
 
 async def test_an_outage_then_recovery(
@@ -231,13 +238,17 @@ async def test_a_refused_key_pauses_without_touching_rows_then_resumes(
 
 
 async def test_forget_purges_pending_and_is_not_overtaken(
-    store: Store, http: httpx.AsyncClient, sink: RunningSink
+    store: Store, http: httpx.AsyncClient, sink: RunningSink, tmp_path: Path
 ) -> None:
-    await knobs(http, sink, latency_ms=300)
+    await knobs(http, sink, latency_ms=400)
     await fill(store, 5, prefix="sent-", user="u1")
     fwd = forwarder(store, http, sink)
     fwd.start()
-    await anyio.sleep(0.1)  # the batch with u1's events is now in flight
+
+    async def in_flight() -> bool:
+        return claimed(tmp_path / "bridge.db") == 5
+
+    await wait_until(in_flight)  # the batch with u1's events is on its way
     await fill(store, 5, prefix="late-", user="u1")  # pending, not yet claimed
     await store.accept(
         Delivery(
@@ -254,6 +265,14 @@ async def test_forget_purges_pending_and_is_not_overtaken(
     received = (await sink_get(http, sink, "events"))["events"]
     order = [(e["route"], e["body"].get("event_id")) for e in received]
     assert order == [*[("track", f"sent-{i}") for i in range(5)], ("forget", None)]
+    # The forget was sent only after Millimetric had answered the batch in flight.
+    assert received[-1]["arrived"] >= max(e["at"] for e in received[:-1])
+
+
+def claimed(db: Path) -> int:
+    """How many rows a send in flight holds."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM outbox WHERE claimed = 1").fetchone()[0])
 
 
 async def test_identify_goes_to_its_own_route(

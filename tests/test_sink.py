@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import httpx
 import msgspec
@@ -16,11 +17,23 @@ from tests.conftest import RunningSink
 AUTH = {"authorization": f"Bearer {DEV_KEY}"}
 
 
-_http = httpx.Client(headers=AUTH)  # one pooled connection keeps bursts fast
-
-
 def post(sink: RunningSink, route: str, body: bytes) -> httpx.Response:
-    return _http.post(f"{sink.url}/v1/{route}", content=body)
+    # One pooled connection per sink keeps bursts fast.
+    client = _clients.get(sink.url)
+    if client is None:
+        client = _clients[sink.url] = httpx.Client(headers=AUTH)
+    return client.post(f"{sink.url}/v1/{route}", content=body)
+
+
+_clients: dict[str, httpx.Client] = {}
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    for client in _clients.values():
+        client.close()
+    _clients.clear()
 
 
 def events_body(n: int, prefix: str = "e", size: int = 0) -> bytes:

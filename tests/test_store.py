@@ -79,7 +79,6 @@ async def test_claim_respects_count_bytes_and_claims(store: Store) -> None:
     third = await store.claim("track", 100, 1 << 20, NOW)
     assert len(third) == 3
     assert await store.claim("track", 100, 1 << 20, NOW) == []  # all claimed
-    assert await store.claim("track", 100, 1, NOW) == []
 
 
 async def test_a_row_larger_than_the_budget_is_claimed_alone(store: Store) -> None:
@@ -144,10 +143,13 @@ async def test_forget_purges_pending_rows_and_raw_payloads(store: Store) -> None
     await store.accept(delivery("e4", Forget(user_id="u1"), raw=b'{"deleted":"u1"}'))
     stats = await store.stats(NOW)
     assert stats.pending == 2  # u10's purchase and the forget itself
-    assert stats.raw_payloads == 1  # only u10's payload is left
+    assert stats.raw_payloads == 3  # the forget's own body is not kept
+    assert await store.erase("u1") == 2  # what merely mentions u1: before forget is sent
+    assert (await store.stats(NOW)).raw_payloads == 1  # only u10's payload is left
     # Nothing about u1 is stored afterwards, even from a late delivery.
-    await store.accept(delivery("e5", Track(event="login", user_id="u1")))
-    assert (await store.stats(NOW)).pending == 2
+    await store.accept(delivery("e5", Track(event="login", user_id="u1"), raw=b'{"u":"u1"}'))
+    stats = await store.stats(NOW)
+    assert (stats.pending, stats.raw_payloads) == (2, 1)
     forget = await store.claim("forget", 10, 1 << 20, NOW)
     assert [msgspec.json.decode(r.body) for r in forget] == [{"user_id": "u1"}]
 
@@ -155,19 +157,23 @@ async def test_forget_purges_pending_rows_and_raw_payloads(store: Store) -> None
 async def test_forget_waits_for_calls_in_flight_then_erases_them(
     store: Store, tmp_path: Path
 ) -> None:
-    await store.accept(delivery("e1", Track(event="purchase", user_id="u1")))
+    await store.accept(
+        delivery("e1", Track(event="purchase", user_id="u1"), raw=b'{"customer":"u1"}')
+    )
     (in_flight,) = await store.claim("track", 10, 1 << 20, NOW)
     await store.accept(delivery("e2", Forget(user_id="u1")))
     assert await store.claim("forget", 10, 1 << 20, NOW) == []  # must not overtake
+    await store.erase("u1")
     await store.delivered([in_flight.id], NOW)
     (forget,) = await store.claim("forget", 10, 1 << 20, NOW)
     await store.delivered([forget.id], NOW)
+    await store.erase("u1")
     db = sqlite3.connect(tmp_path / "bridge.db")
     rows = db.execute("SELECT body FROM outbox").fetchall()
     raws = db.execute("SELECT raw_body FROM inbox WHERE raw_body IS NOT NULL").fetchall()
     db.close()
     assert rows == []
-    assert all(b"u1" not in raw for (raw,) in raws)
+    assert raws == []
 
 
 async def test_a_failed_send_for_a_forgotten_user_is_not_retried(store: Store) -> None:
@@ -233,3 +239,32 @@ async def test_operations_on_a_closed_store_fail_clearly(tmp_path: Path) -> None
     store = open_store(f"sqlite:///{tmp_path}/bridge.db")
     with pytest.raises(StoreUnavailable, match="not open"):
         await store.stats(time.time())
+
+
+async def test_a_forget_claim_drops_stale_rows_of_the_user(store: Store) -> None:
+    await store.accept(delivery("e1", Track(event="purchase", user_id="u1")))
+    await store.claim("track", 10, 1 << 20, NOW)  # a send that never came back
+    await store.accept(delivery("e2", Forget(user_id="u1")))
+    assert await store.claim("forget", 10, 1 << 20, NOW) == []  # its lease still runs
+    # Once the lease is over the stale row is dropped and the forget can go.
+    assert len(await store.claim("forget", 10, 1 << 20, NOW + 3600)) == 1
+    assert await store.claim("track", 10, 1 << 20, NOW + 3600) == []
+
+
+async def test_recover_drops_released_rows_of_a_forgotten_user(store: Store) -> None:
+    await store.accept(delivery("e1", Track(event="purchase", user_id="u1")))
+    await store.claim("track", 10, 1 << 20, NOW)
+    await store.accept(delivery("e2", Forget(user_id="u1")))
+    await store.recover(NOW)
+    assert await store.claim("track", 10, 1 << 20, NOW) == []
+
+
+async def test_one_forwarder_per_database(store: Store, tmp_path: Path) -> None:
+    await store.recover(NOW)
+    other = open_store(f"sqlite:///{tmp_path}/bridge.db")
+    await other.open()
+    try:
+        with pytest.raises(StoreUnavailable, match="another millimetric-bridge process"):
+            await other.recover(NOW)
+    finally:
+        await other.close()
