@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import time
 from collections.abc import Sequence
 from typing import Literal
 
@@ -36,6 +37,11 @@ class StripeScheme:
             raise SignatureInvalid(
                 "body is not UTF-8, so it cannot carry a valid signature"
             ) from None
+        # stripe checks only that the time is not too old; a time far ahead is refused too,
+        # so a signature cannot be made to stay valid for longer than the tolerance.
+        signed_at = _stripe_timestamp(header)
+        if signed_at is not None and signed_at > time.time() + tolerance:
+            raise SignatureInvalid(f"timestamp ahead of the {tolerance}s tolerance")
         stale = False
         for secret in secrets:
             try:
@@ -52,6 +58,14 @@ class StripeScheme:
             body.decode("utf-8"), secret, timestamp
         )
         return {"stripe-signature": header, "content-type": "application/json"}
+
+
+def _stripe_timestamp(header: str) -> int | None:
+    for part in header.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() == "t" and value.strip().isdigit():
+            return int(value)
+    return None
 
 
 class HmacScheme:

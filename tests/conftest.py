@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -43,7 +44,12 @@ class ServerThread:
                 lifespan="on",
             )
         )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()  # for tests that reach into the app
+        await self.server.serve()
 
     def __enter__(self) -> ServerThread:
         self.thread.start()

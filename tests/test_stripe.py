@@ -1,0 +1,304 @@
+"""Stripe end to end: real payloads signed with the `stripe` package's own code, posted
+to the real app over HTTP, forwarded to the real sink. The calls that reach the sink are
+exactly the expected ones."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import stripe
+
+from bridge.app import create_app
+from bridge.config import load_settings
+from bridge.errors import SignatureInvalid
+from bridge.plugin import WebhookRequest
+from handlers.stripe import handler
+from tests.conftest import RunningSink, ServerThread
+
+FIXTURES = Path(__file__).parent / "fixtures" / "stripe"
+SECRET = "whsec_current"
+OLD_SECRET = "whsec_previous"
+
+
+def fixture(name: str, **changes: Any) -> dict[str, Any]:
+    """A recorded event with `changes` applied to its data.object (None deletes a key)."""
+    event: dict[str, Any] = msgspec.json.decode((FIXTURES / f"{name}.json").read_bytes())
+    obj = event["data"]["object"]
+    for key, value in changes.items():
+        if key == "previous_attributes":
+            event["data"]["previous_attributes"] = value
+        elif key in ("id_", "created_"):
+            event[key.rstrip("_")] = value
+        else:
+            obj[key] = value
+    return event
+
+
+def signed(
+    event: dict[str, Any] | bytes, secret: str = SECRET, timestamp: int | None = None
+) -> tuple[bytes, dict[str, str]]:
+    body = event if isinstance(event, bytes) else msgspec.json.encode(event)
+    header = stripe.WebhookSignature.generate_signature_header(
+        body.decode(), secret, timestamp or int(time.time())
+    )
+    return body, {"stripe-signature": header, "content-type": "application/json"}
+
+
+class Bridge:
+    def __init__(self, url: str, sink: RunningSink) -> None:
+        self.url = url
+        self.sink = sink
+
+    def post(
+        self,
+        event: dict[str, Any] | bytes,
+        secret: str = SECRET,
+        timestamp: int | None = None,
+        source: str = "stripe",
+    ) -> httpx.Response:
+        body, headers = signed(event, secret, timestamp)
+        return httpx.post(f"{self.url}/webhooks/{source}", content=body, headers=headers)
+
+    def arrived(self, count: int, within: float = 10) -> list[dict[str, Any]]:
+        """Wait until the sink holds `count` calls, then return them in order."""
+        deadline = time.monotonic() + within
+        while True:
+            events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
+            if len(events) >= count:
+                time.sleep(0.3)  # anything more would show now
+                events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
+                return [{"route": e["route"], **e["body"]} for e in events]
+            assert time.monotonic() < deadline, f"{len(events)} of {count} calls arrived"
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
+    (tmp_path / "bridge.toml").write_text(
+        "[sources.stripe]\ninclude_test_events = true\nforget_on_customer_deleted = true\n"
+        '[sources.stripe-live]\nhandler = "stripe"\n'
+    )
+    env = {
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": sink.url,
+        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
+        "BRIDGE_CONFIG": str(tmp_path / "bridge.toml"),
+        "STRIPE_WEBHOOK_SECRET": f"{OLD_SECRET}, {SECRET}",
+        "STRIPE_LIVE_WEBHOOK_SECRET": SECRET,
+    }
+    with ServerThread(create_app(load_settings(env))) as server:
+        yield Bridge(server.url, sink)
+
+
+def test_sdk_signed_fixtures_verify() -> None:
+    signatures = json.loads((FIXTURES / "signatures.example.json").read_text())
+    for name, headers in signatures["files"].items():
+        body = (FIXTURES / name).read_bytes()
+        request = WebhookRequest(
+            source="stripe",
+            body=body,
+            received_at=time.time(),
+            headers={"stripe-signature": headers["Stripe-Signature"]},
+        )
+        age = int(time.time()) - signatures["timestamp"]
+        handler.scheme.verify(request, [signatures["secret"]], age + 60)
+        with pytest.raises(SignatureInvalid, match="tolerance"):
+            handler.scheme.verify(request, [signatures["secret"]], 300)
+
+
+def test_one_off_checkout_payment(bridge: Bridge) -> None:
+    event = fixture(
+        "checkout.session.completed",
+        mode="payment",
+        payment_intent="pi_one",
+        subscription=None,
+        client_reference_id="user_42",
+    )
+    assert bridge.post(event).json() == {"ok": True, "result": "accepted"}
+    calls = sorted(bridge.arrived(2), key=lambda c: c["route"])  # lanes run side by side
+    anonymous = "stripe:cus_M5wW9RPFk9xNZ5"
+    assert calls == [
+        {"route": "identify", "user_id": "user_42", "anonymous_id": anonymous},
+        {
+            "route": "track",
+            "event": "purchase",
+            "event_id": "purchase:pi_one",
+            "timestamp": "2022-07-20T21:43:20Z",
+            "anonymous_id": anonymous,
+            "user_id": "user_42",
+            "properties": {
+                "amount_cents": 1900,
+                "currency": "usd",
+                "checkout_session": event["data"]["object"]["id"],
+            },
+        },
+    ]
+
+
+def test_subscription_through_checkout_is_one_purchase_then_renewals(bridge: Bridge) -> None:
+    checkout = fixture(
+        "checkout.session.completed",
+        invoice="in_first",
+        client_reference_id="user_7",
+        customer="cus_A",
+    )
+    first_invoice = fixture(
+        "invoice.paid",
+        id="in_first",
+        customer="cus_A",
+        amount_paid=1900,
+        billing_reason="subscription_create",
+        subscription="sub_1",
+    )
+    renewal = fixture(
+        "invoice.paid",
+        id_="evt_renewal",
+        id="in_second",
+        customer="cus_A",
+        amount_paid=1900,
+        billing_reason="subscription_cycle",
+        subscription="sub_1",
+    )
+    for event in (checkout, first_invoice, renewal):
+        assert bridge.post(event).status_code == 200
+    calls = bridge.arrived(3)
+    purchases = [c for c in calls if c.get("event") == "purchase"]
+    # Checkout's event and the first invoice's collapse into one purchase by event_id.
+    assert [(p["event_id"], p["properties"]["amount_cents"]) for p in purchases] == [
+        ("purchase:in_first", 1900),
+        ("purchase:in_second", 1900),
+    ]
+    # The user learned from Checkout is on the renewal, and identify went once.
+    assert {p["user_id"] for p in purchases} == {"user_7"}
+    assert [c for c in calls if c["route"] == "identify"] == [
+        {"route": "identify", "user_id": "user_7", "anonymous_id": "stripe:cus_A"}
+    ]
+
+
+def test_partial_then_full_refund(bridge: Bridge) -> None:
+    partial = fixture(
+        "charge.refunded",
+        amount=1500,
+        amount_refunded=500,
+        previous_attributes={"amount_refunded": 0},
+    )
+    full = fixture(
+        "charge.refunded",
+        id_="evt_full_refund",
+        amount=1500,
+        amount_refunded=1500,
+        previous_attributes={"amount_refunded": 500},
+    )
+    assert bridge.post(partial).status_code == 200
+    assert bridge.post(full).status_code == 200
+    refunds = bridge.arrived(2)
+    assert [
+        (r["event"], r["properties"]["amount_cents"], r["properties"]["fully_refunded"])
+        for r in refunds
+    ] == [("refund", 500, False), ("refund", 1000, True)]
+
+
+def test_redelivery_is_recognised(bridge: Bridge) -> None:
+    event = fixture("invoice.paid")
+    assert bridge.post(event).json()["result"] == "accepted"
+    assert bridge.post(event).json()["result"] == "duplicate"
+    assert len(bridge.arrived(1)) == 1
+    stats = httpx.get(f"{bridge.sink.url}/_sink/stats").json()
+    assert stats["received"] == 1
+
+
+def test_secret_rotation_accepts_either_secret(bridge: Bridge) -> None:
+    assert bridge.post(fixture("invoice.paid", id_="evt_a"), secret=OLD_SECRET).status_code == 200
+    assert bridge.post(fixture("invoice.paid", id_="evt_b"), secret=SECRET).status_code == 200
+    refused = bridge.post(fixture("invoice.paid", id_="evt_c"), secret="whsec_unknown")
+    assert refused.status_code == 401
+
+
+def test_stale_and_tampered_deliveries_are_refused_and_stored_nowhere(bridge: Bridge) -> None:
+    stale = bridge.post(fixture("invoice.paid"), timestamp=int(time.time()) - 301)
+    assert stale.status_code == 401
+    assert "tolerance" in stale.json()["reason"]
+    body, headers = signed(fixture("invoice.paid"))
+    tampered = httpx.post(
+        f"{bridge.url}/webhooks/stripe", content=body.replace(b"24512", b"99999"), headers=headers
+    )
+    assert tampered.status_code == 401
+    missing = httpx.post(f"{bridge.url}/webhooks/stripe", content=body)
+    assert missing.status_code == 401
+    assert missing.json()["reason"] == "missing Stripe-Signature header"
+    ready = httpx.get(f"{bridge.url}/readyz").json()
+    assert ready["pending"] == 0
+    assert httpx.get(f"{bridge.sink.url}/_sink/stats").json()["received"] == 0
+
+
+def test_test_mode_events_stay_out_unless_the_source_says_so(bridge: Bridge) -> None:
+    answer = bridge.post(fixture("invoice.paid"), source="stripe-live")
+    assert answer.json() == {"ok": True, "result": "ignored"}
+    live = fixture("invoice.paid", id_="evt_live")
+    live["livemode"] = True
+    assert bridge.post(live, source="stripe-live").json()["result"] == "accepted"
+    assert [c["event_id"] for c in bridge.arrived(1)] == ["purchase:in_1RFFohKXBGcbgpbZk9MxzDMc"]
+
+
+def test_subscriptions_and_customer_deletion(bridge: Bridge) -> None:
+    assert bridge.post(fixture("customer.subscription.created")).status_code == 200
+    assert bridge.post(fixture("customer.subscription.deleted")).status_code == 200
+    assert (
+        bridge.post(fixture("customer.deleted", metadata={"user_id": "user_9"})).status_code == 200
+    )
+    # Different users: the forget lane need not wait for the track lane here.
+    calls = sorted(bridge.arrived(3), key=lambda c: (c["route"] != "track", c["route"]))
+    assert [c.get("event", c["route"]) for c in calls] == [
+        "subscription_started",
+        "subscription_canceled",
+        "forget",
+    ]
+    assert calls[0]["properties"] == {
+        "subscription": "sub_00000000000000",
+        "price": "FFBEGINNER_00000000000000",
+        "interval": "month",
+        "quantity": 2,
+        "amount_cents": 600,
+        "currency": "usd",
+    }
+    assert calls[2] == {"route": "forget", "user_id": "user_9"}
+
+
+def test_intake_refusals(bridge: Bridge) -> None:
+    assert httpx.post(f"{bridge.url}/webhooks/shopify", content=b"{}").status_code == 404
+    assert httpx.post(f"{bridge.url}/webhooks/nope", content=b"{}").status_code == 404
+    malformed = bridge.post(b"{not json")
+    assert malformed.status_code == 400
+    assert malformed.json()["error"] == "invalid_payload"
+    not_stripe = bridge.post(b'{"hello": "world"}')
+    assert not_stripe.status_code == 400
+    big = b'{"pad": "' + b"x" * (1024 * 1024) + b'"}'
+    assert bridge.post(big).status_code == 413
+
+
+def test_a_store_that_cannot_take_the_delivery_is_503(sink: RunningSink, tmp_path: Path) -> None:
+    env = {
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": sink.url,
+        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
+        "STRIPE_WEBHOOK_SECRET": SECRET,
+        "BRIDGE_CONFIG": str(tmp_path / "none.toml"),
+    }
+    (tmp_path / "none.toml").write_text("")
+    app = create_app(load_settings(env))
+    with ServerThread(app) as server:
+        assert server.loop is not None
+        asyncio.run_coroutine_threadsafe(app.state.store.close(), server.loop).result(10)
+        body, headers = signed(fixture("invoice.paid"))
+        answer = httpx.post(f"{server.url}/webhooks/stripe", content=body, headers=headers)
+        assert answer.status_code == 503
+        assert answer.headers["retry-after"] == "5"
+        assert httpx.get(f"{server.url}/readyz").status_code == 503
