@@ -46,6 +46,34 @@ def test_dev_runs_bridge_and_sink_without_keys(tmp_path: Path) -> None:
     try:
         assert wait_for(f"http://127.0.0.1:{port}/healthz", proc).json() == {"status": "ok"}
         assert wait_for(f"http://127.0.0.1:{sink_port}/_sink/stats", proc).status_code == 200
+        # send-test posts a signed sample; the purchase reaches the sink within a second.
+        sent = subprocess.run(
+            [
+                SCRIPT,
+                "send-test",
+                "stripe",
+                "checkout.session.completed",
+                "--url",
+                f"http://127.0.0.1:{port}",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert sent.stdout.startswith('200 {"ok":true,"result":"accepted"}')
+        posted = time.monotonic()
+        while True:
+            events = httpx.get(f"http://127.0.0.1:{sink_port}/_sink/events").json()["events"]
+            if events:
+                break
+            assert time.monotonic() - posted < 1.0, "the purchase took over a second"
+            time.sleep(0.02)
+        assert events[0]["body"]["event"] == "purchase"
+        assert events[0]["body"]["properties"]["amount_cents"] == 1900
     finally:
         code, out = stop(proc)
     assert code == 0
