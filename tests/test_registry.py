@@ -1,0 +1,88 @@
+"""Handlers are checked at start-up; sources come from the environment and bridge.toml."""
+
+from __future__ import annotations
+
+from importlib.metadata import EntryPoint
+from pathlib import Path
+
+import pytest
+
+from bridge.errors import ConfigError
+from bridge.registry import check_handler, load_handlers, load_sources
+from handlers.stripe import StripeOptions, handler
+
+
+def test_a_handler_that_cannot_load_is_named(tmp_path: Path) -> None:
+    broken = EntryPoint(
+        name="acme", value="no_such_module:handler", group="millimetric_bridge.handlers"
+    )
+    with pytest.raises(ConfigError, match=r"handler 'acme': cannot be loaded from no_such_mod"):
+        load_handlers([broken])
+
+
+def test_a_handler_missing_parts_is_named() -> None:
+    class Half:
+        name = "half"
+
+    with pytest.raises(ConfigError, match=r"handler 'half'.*missing .*'scheme'"):
+        check_handler("half", Half())
+
+
+def test_a_handler_registered_under_another_name_is_refused() -> None:
+    with pytest.raises(ConfigError, match="must equal the entry-point name"):
+        check_handler("stripe2", handler)
+
+
+def test_secrets_are_a_comma_list_and_unset_means_unmounted(tmp_path: Path) -> None:
+    env = {"BRIDGE_CONFIG": str(tmp_path / "none.toml")}
+    (tmp_path / "none.toml").write_text("")
+    sources = load_sources(env, {"stripe": handler})
+    assert not sources["stripe"].configured
+    sources = load_sources(
+        {**env, "STRIPE_WEBHOOK_SECRET": " whsec_a , whsec_b ,"}, {"stripe": handler}
+    )
+    assert sources["stripe"].secrets == ("whsec_a", "whsec_b")
+
+
+def test_bridge_toml_adds_sources_with_their_own_secrets_and_options(tmp_path: Path) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        "[sources.stripe]\nforget_on_customer_deleted = true\n"
+        '[sources.stripe-eu]\nhandler = "stripe"\ntolerance = 600\n'
+    )
+    env = {"BRIDGE_CONFIG": str(config), "STRIPE_EU_WEBHOOK_SECRET": "whsec_eu"}
+    sources = load_sources(env, {"stripe": handler})
+    assert sources["stripe"].options == StripeOptions(forget_on_customer_deleted=True)
+    eu = sources["stripe-eu"]
+    assert (eu.handler, eu.secret_variable, eu.secrets) == (
+        handler,
+        "STRIPE_EU_WEBHOOK_SECRET",
+        ("whsec_eu",),
+    )
+    assert eu.options.tolerance == 600
+    assert load_sources(env, {"stripe": handler}, dev=True)["stripe-eu"].options == (
+        StripeOptions(tolerance=600, include_test_events=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "says"),
+    [
+        ('[sources.x]\nhandler = "nope"\n', "no handler named 'nope'"),
+        ('[sources.stripe]\ntolerance = "long"\n', "Expected `int`"),
+        ("[sources.stripe]\nunknown_option = 1\n", "unknown field `unknown_option`"),
+        ('[sources.Bad_Name]\nhandler = "stripe"\n', "lower-case"),
+        ('[sources.x]\nhandler = "stripe"\nsecret_variable = "lower"\n', "secret_variable"),
+        ("not toml at all [", "cannot read"),
+    ],
+)
+def test_bridge_toml_mistakes_name_the_table(tmp_path: Path, toml: str, says: str) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text(toml)
+    with pytest.raises(ConfigError, match=says):
+        load_sources({"BRIDGE_CONFIG": str(config)}, {"stripe": handler})
+
+
+def test_a_named_config_file_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="BRIDGE_CONFIG"):
+        load_sources({"BRIDGE_CONFIG": str(tmp_path / "missing.toml")}, {"stripe": handler})
