@@ -93,9 +93,13 @@ def test_commands_without_millimetric_need_no_key() -> None:
         load_settings({"MILLIMETRIC_KEY": "pk_a_b_c"}, require_key=False)
 
 
-@pytest.mark.parametrize("command", ["serve", "dev", "sink", "handlers"])
+@pytest.mark.parametrize(
+    "command",
+    ["serve", "dev", "sink", "handlers", "send-test", "forget", "outbox", "outbox status",
+     "outbox dead", "outbox replay", "outbox purge"],
+)
 def test_every_command_has_useful_help(command: str) -> None:
-    result = CliRunner().invoke(main, [command, "--help"])
+    result = CliRunner().invoke(main, [*command.split(), "--help"])
     assert result.exit_code == 0
     assert "Usage: main" in result.output or "Usage:" in result.output
     assert len(result.output.splitlines()) >= 4
