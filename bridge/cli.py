@@ -122,9 +122,8 @@ def dev(port: int, sink_port: int) -> None:
         "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
         "BRIDGE_DATABASE_URL": os.environ.get("BRIDGE_DATABASE_URL", "sqlite:///data/bridge.db"),
     }
-    handlers = load_handlers()
-    for handler in handlers.values():  # every handler mounted, with a known dev secret
-        env.setdefault(handler.secret_variable, DEV_SECRET)
+    for source in _sources(env, dev=True).values():  # all mounted, with a known dev secret
+        env.setdefault(source.secret_variable, DEV_SECRET)
     settings = _settings(env, host="127.0.0.1", port=port, log_format="console")
     sources = _sources(env, dev=True)
     configure_logging("console", settings.log_level)

@@ -15,7 +15,7 @@ every configured secret, deduplication, durable storage, forwarding.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Annotated, Any, Protocol, runtime_checkable
 
 import msgspec
 
@@ -36,7 +36,9 @@ class WebhookRequest(msgspec.Struct, frozen=True, kw_only=True):
 class SourceOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Options every source has; a handler extends this with its own (in `bridge.toml`)."""
 
-    tolerance: int = 300  # seconds a signed timestamp may be off, where the scheme signs one
+    # Seconds a signed timestamp may be off, where the scheme signs one. Never 0: stripe
+    # reads 0 as "no limit", which would accept a replay of any old delivery.
+    tolerance: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 300
     include_test_events: bool = False  # forward the provider's test-mode events too
 
 

@@ -135,6 +135,8 @@ def load_sources(
         where = f"bridge.toml [sources.{name}]"
         options = dict(table)
         handler_name = options.pop("handler", name)
+        if not isinstance(handler_name, str):
+            raise ConfigError(where, "handler must be a handler's name")
         handler = handlers.get(handler_name)
         if handler is None:
             raise ConfigError(where, f"no handler named {handler_name!r} is installed")

@@ -43,6 +43,8 @@ class StripeScheme:
         if signed_at is not None and signed_at > time.time() + tolerance:
             raise SignatureInvalid(f"timestamp ahead of the {tolerance}s tolerance")
         stale = False
+        if not header.isascii():  # a forged header; stripe's comparison would raise on it
+            raise SignatureInvalid("malformed Stripe-Signature header")
         for secret in secrets:
             try:
                 stripe.WebhookSignature.verify_header(payload, header, secret, tolerance)
@@ -63,7 +65,7 @@ class StripeScheme:
 def _stripe_timestamp(header: str) -> int | None:
     for part in header.split(","):
         key, _, value = part.partition("=")
-        if key.strip() == "t" and value.strip().isdigit():
+        if key.strip() == "t" and value.strip().isascii() and value.strip().isdigit():
             return int(value)
     return None
 

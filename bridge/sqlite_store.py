@@ -366,20 +366,20 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
     now = delivery.received_at
     identified = {(c.anonymous_id, c.user_id) for c in delivery.calls if isinstance(c, Identify)}
     for index, given in enumerate(delivery.calls):
-        call, learned = _identity(conn, given, identified)
-        if learned is not None:
-            _insert(conn, inbox_id, learned, None, now)
-        subject = subject_of(call)
-        if isinstance(call, Forget):
-            _forget(conn, call.user_id, inbox_id, now)
-        elif (
-            subject is not None
-            and conn.execute("SELECT 1 FROM forgotten WHERE subject = ?", (subject,)).fetchone()
-        ):
+        call: Call | None = given
+        if isinstance(given, Forget):
+            _forget(conn, given.user_id, inbox_id, now)
+        elif _is_forgotten(conn, subject_of(given)):
             # About a forgotten user: never stored, never sent, and its raw body not kept.
             conn.execute(
                 "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ?", (inbox_id,)
             )
+            continue
+        else:
+            call, learned = _identity(conn, given, identified)
+            if learned is not None:
+                _insert(conn, inbox_id, learned, None, now)
+        if call is None:  # an identify of a link already sent
             continue
         event_id = None
         if isinstance(call, Track):
@@ -391,6 +391,12 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
             event_id = call.event_id
         _insert(conn, inbox_id, call, event_id, now)
     return "accepted"
+
+
+def _is_forgotten(conn: sqlite3.Connection, subject: str | None) -> bool:
+    return subject is not None and bool(
+        conn.execute("SELECT 1 FROM forgotten WHERE subject = ?", (subject,)).fetchone()
+    )
 
 
 def _insert(
@@ -405,7 +411,7 @@ def _insert(
 
 def _identity(
     conn: sqlite3.Connection, call: Call, identified: set[tuple[str | None, str]]
-) -> tuple[Call, Identify | None]:
+) -> tuple[Call | None, Identify | None]:
     """The call with what is known about its visitor, and an identify to send first when
     this call teaches a new link. A user id learned earlier for an anonymous id goes on
     later calls; a new link is sent once as identify, unless the delivery identifies the
@@ -415,6 +421,8 @@ def _identity(
     known = conn.execute(
         "SELECT user_id FROM identities WHERE anonymous_id = ?", (call.anonymous_id,)
     ).fetchone()
+    if isinstance(call, Identify) and not call.traits and known and known[0] == call.user_id:
+        return None, None  # the link is known and was sent: identify once
     if call.user_id is None:
         if known and isinstance(call, Track):
             return msgspec.structs.replace(call, user_id=known[0]), None

@@ -42,7 +42,7 @@ class Price(msgspec.Struct, frozen=True):
 class Item(msgspec.Struct, frozen=True):
     price: Price | None = None
     plan: Price | None = None
-    quantity: int = 1
+    quantity: int | None = None
 
 
 class Items(msgspec.Struct, frozen=True):
@@ -71,7 +71,7 @@ class StripeObject(msgspec.Struct, frozen=True):
     currency: str | None = None
     customer: Expandable = None
     client_reference_id: str | None = None
-    metadata: dict[str, Any] = {}
+    metadata: dict[str, Any] | None = None
     invoice: Expandable = None
     payment_intent: Expandable = None
     subscription: Expandable = None
@@ -83,7 +83,7 @@ class StripeObject(msgspec.Struct, frozen=True):
 
 
 class Data(msgspec.Struct, frozen=True):
-    object: StripeObject
+    object: msgspec.Raw  # decoded only for the event types translated
     previous_attributes: dict[str, Any] | None = None
 
 
@@ -96,6 +96,22 @@ class Event(msgspec.Struct, frozen=True):
 
 
 _decoder: Final = msgspec.json.Decoder(Event)
+_object_decoder: Final = msgspec.json.Decoder(StripeObject)
+#: The event types translated; every other type is acknowledged and ignored unread.
+TRANSLATED: Final = frozenset(
+    {
+        "checkout.session.completed",
+        "checkout.session.async_payment_succeeded",
+        "invoice.paid",
+        "payment_intent.succeeded",
+        "charge.refunded",
+        "customer.subscription.created",
+        "customer.subscription.deleted",
+        "customer.created",
+        "customer.updated",
+        "customer.deleted",
+    }
+)
 
 
 def _id(value: Expandable) -> str | None:
@@ -149,20 +165,28 @@ class StripeHandler:
     def translate(
         self, request: WebhookRequest, payload: Event, options: StripeOptions
     ) -> list[Call]:
-        if not payload.livemode and not options.include_test_events:
+        if payload.type not in TRANSLATED or (
+            not payload.livemode and not options.include_test_events
+        ):
             return []
-        obj = payload.data.object
+        try:
+            obj = _object_decoder.decode(payload.data.object)
+            when = datetime.fromtimestamp(payload.created, UTC)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise PayloadInvalid(f"unexpected {payload.type} object: {error}") from None
+        except (ValueError, OverflowError, OSError):
+            raise PayloadInvalid("created is not a usable time") from None
+        metadata = obj.metadata or {}
         customer = (
             obj.id
             if payload.type.startswith("customer.")
             and not payload.type.startswith("customer.subscription")
             else _id(obj.customer)
         )
-        anonymous_id = _text(obj.metadata.get("millimetric_anonymous_id")) or (
+        anonymous_id = _text(metadata.get("millimetric_anonymous_id")) or (
             f"stripe:{customer}" if customer else None
         )
-        user_id = _text(obj.client_reference_id) or _text(obj.metadata.get("user_id"))
-        when = datetime.fromtimestamp(payload.created, UTC)
+        user_id = _text(obj.client_reference_id) or _text(metadata.get("user_id"))
 
         def track(event: str, event_id: str | None, **properties: Any) -> Track:
             return Track(
@@ -177,9 +201,11 @@ class StripeHandler:
         match payload.type:
             case "checkout.session.completed" | "checkout.session.async_payment_succeeded":
                 if obj.payment_status != "paid" or not obj.amount_total:
-                    return []
+                    return self._identify(user_id, anonymous_id)  # e.g. a free trial
                 if obj.mode == "payment":
-                    payment = _id(obj.payment_intent) or obj.id
+                    # With invoice creation on, the invoice's own invoice.paid names the
+                    # same payment: take the invoice's id so the two collapse.
+                    payment = _id(obj.invoice) or _id(obj.payment_intent) or obj.id
                 elif obj.mode == "subscription" and _id(obj.invoice):
                     payment = _id(obj.invoice)
                 else:  # a subscription's first payment: counted from its invoice.paid
@@ -259,13 +285,14 @@ class StripeHandler:
 
 
 def _refunded_now(obj: StripeObject, previous: Mapping[str, Any] | None) -> int:
-    """What this event refunded: the change in amount_refunded, else the newest refund."""
+    """What this event refunded: the change in amount_refunded, else the newest refund.
+    Never the cumulative total: after a partial refund that would count it twice."""
     total = obj.amount_refunded or 0
     if previous and isinstance(previous.get("amount_refunded"), int):
         return total - int(previous["amount_refunded"])
     if obj.refunds and obj.refunds.data:
         return max(obj.refunds.data, key=lambda r: r.created).amount
-    return total
+    return 0  # nothing says what this event refunded: skip rather than guess
 
 
 def _plan(obj: StripeObject) -> dict[str, Any]:
@@ -273,7 +300,7 @@ def _plan(obj: StripeObject) -> dict[str, Any]:
     price = (item.price or item.plan) if item else obj.plan
     if price is None:
         return {}
-    quantity = item.quantity if item else (obj.quantity or 1)
+    quantity = (item.quantity if item else obj.quantity) or 1
     unit = price.unit_amount if price.unit_amount is not None else price.amount
     interval = (price.recurring or {}).get("interval") or price.interval
     return {

@@ -95,8 +95,19 @@ def test_commands_without_millimetric_need_no_key() -> None:
 
 @pytest.mark.parametrize(
     "command",
-    ["serve", "dev", "sink", "handlers", "send-test", "forget", "outbox", "outbox status",
-     "outbox dead", "outbox replay", "outbox purge"],
+    [
+        "serve",
+        "dev",
+        "sink",
+        "handlers",
+        "send-test",
+        "forget",
+        "outbox",
+        "outbox status",
+        "outbox dead",
+        "outbox replay",
+        "outbox purge",
+    ],
 )
 def test_every_command_has_useful_help(command: str) -> None:
     result = CliRunner().invoke(main, [*command.split(), "--help"])

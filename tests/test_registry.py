@@ -86,3 +86,20 @@ def test_bridge_toml_mistakes_name_the_table(tmp_path: Path, toml: str, says: st
 def test_a_named_config_file_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="BRIDGE_CONFIG"):
         load_sources({"BRIDGE_CONFIG": str(tmp_path / "missing.toml")}, {"stripe": handler})
+
+
+@pytest.mark.parametrize("tolerance", [0, -5, 10**9])
+def test_a_tolerance_that_would_disable_replay_protection_is_refused(
+    tmp_path: Path, tolerance: int
+) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text(f"[sources.stripe]\ntolerance = {tolerance}\n")
+    with pytest.raises(ConfigError, match="tolerance"):
+        load_sources({"BRIDGE_CONFIG": str(config)}, {"stripe": handler})
+
+
+def test_handler_must_be_a_name(tmp_path: Path) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text('[sources.x]\nhandler = ["stripe"]\n')
+    with pytest.raises(ConfigError, match="handler must be"):
+        load_sources({"BRIDGE_CONFIG": str(config)}, {"stripe": handler})

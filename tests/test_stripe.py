@@ -302,3 +302,83 @@ def test_a_store_that_cannot_take_the_delivery_is_503(sink: RunningSink, tmp_pat
         assert answer.status_code == 503
         assert answer.headers["retry-after"] == "5"
         assert httpx.get(f"{server.url}/readyz").status_code == 503
+
+
+def test_a_payment_mode_checkout_with_an_invoice_is_one_purchase(bridge: Bridge) -> None:
+    checkout = fixture(
+        "checkout.session.completed",
+        mode="payment",
+        payment_intent="pi_9",
+        invoice="in_9",
+        customer="cus_B",
+    )
+    invoice = fixture("invoice.paid", id="in_9", customer="cus_B", amount_paid=1900)
+    assert bridge.post(checkout).status_code == 200
+    assert bridge.post(invoice).status_code == 200
+    calls = bridge.arrived(1)
+    assert [c["event_id"] for c in calls] == ["purchase:in_9"]
+
+
+def test_identity_is_sent_once_and_learned_from_a_free_trial(bridge: Bridge) -> None:
+    trial = fixture(
+        "checkout.session.completed",
+        payment_status="no_payment_required",
+        amount_total=0,
+        client_reference_id="user_t",
+        customer="cus_T",
+    )
+    updated = fixture(
+        "customer.created", id_="evt_upd1", id="cus_T", metadata={"user_id": "user_t"}
+    )
+    updated_again = fixture(
+        "customer.created", id_="evt_upd2", id="cus_T", metadata={"user_id": "user_t"}
+    )
+    started = fixture("customer.subscription.created", customer="cus_T")
+    for event in (trial, updated, updated_again, started):
+        assert bridge.post(event).status_code == 200
+    calls = bridge.arrived(2)
+    assert [c["route"] for c in calls if c["route"] == "identify"] == ["identify"]
+    (subscription,) = [c for c in calls if c["route"] == "track"]
+    assert subscription["user_id"] == "user_t"
+
+
+def test_a_refund_that_does_not_say_its_amount_is_not_guessed(bridge: Bridge) -> None:
+    event = fixture("charge.refunded", amount_refunded=1500, refunds=None)
+    assert bridge.post(event).json()["result"] == "ignored"
+
+
+def test_null_fields_stripe_may_send_are_read(bridge: Bridge) -> None:
+    event = fixture("invoice.paid", metadata=None)
+    assert bridge.post(event).json()["result"] == "accepted"
+    sub = fixture("customer.subscription.created", id_="evt_q")
+    sub["data"]["object"]["items"]["data"][0]["quantity"] = None
+    assert bridge.post(sub).json()["result"] == "accepted"
+
+
+def test_hostile_signatures_and_times_are_refused_not_crashed(bridge: Bridge) -> None:
+    body = msgspec.json.encode(fixture("invoice.paid"))
+    for header in ("t=\xb2,v1=00", "t=1,v1=\xe9", "garbage", "t=,v1=", "v1=" + "0" * 64):
+        answer = httpx.post(
+            f"{bridge.url}/webhooks/stripe",
+            content=body,
+            headers={"stripe-signature": header.encode("latin-1")},
+        )
+        assert answer.status_code == 401, header
+    huge = fixture("invoice.paid", id_="evt_huge", created_=10**15)
+    assert bridge.post(huge).status_code == 400
+
+
+def test_forgotten_users_do_not_come_back(bridge: Bridge) -> None:
+    forget = fixture("customer.deleted", metadata={"user_id": "user_gone"})
+    assert bridge.post(forget).status_code == 200
+    assert bridge.arrived(1) == [{"route": "forget", "user_id": "user_gone"}]
+    later = fixture(
+        "checkout.session.completed",
+        id_="evt_later",
+        mode="payment",
+        payment_intent="pi_later",
+        client_reference_id="user_gone",
+    )
+    assert bridge.post(later).status_code == 200
+    time.sleep(0.5)
+    assert len(bridge.arrived(1)) == 1  # no identify, no purchase about them
