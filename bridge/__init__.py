@@ -20,20 +20,23 @@ from bridge.errors import (
     SignatureInvalid,
     StoreUnavailable,
 )
-from bridge.events import Call, Forget, Identify, Track
+from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Track
 
 __all__ = [
     "Accepted",
+    "Alias",
     "AuthProblem",
     "BridgeError",
     "Call",
     "ConfigError",
     "EventInvalid",
     "Forget",
+    "ForgetVisitor",
     "Identify",
     "Invalid",
     "MillimetricClient",
     "Outcome",
+    "Output",
     "PayloadInvalid",
     "RateLimited",
     "Retryable",

@@ -21,9 +21,12 @@ __all__ = [
     "NAME_MAX_CHARS",
     "PROPERTIES_MAX_BYTES",
     "SERVER_DERIVED_FIELDS",
+    "Alias",
     "Call",
     "Forget",
+    "ForgetVisitor",
     "Identify",
+    "Output",
     "Track",
     "encode",
 ]
@@ -143,6 +146,26 @@ class Forget(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
 
 Call = Track | Identify | Forget
+
+
+class Alias(msgspec.Struct, frozen=True, kw_only=True):
+    """Not sent to Millimetric: tells the bridge that `alias` and `anonymous_id` are one
+    visitor, so calls using either carry `anonymous_id` (a Stripe customer and the browser
+    that paid), now and in later deliveries."""
+
+    alias: str
+    anonymous_id: str
+
+
+class ForgetVisitor(msgspec.Struct, frozen=True, kw_only=True):
+    """Not sent as such: becomes a `Forget` of the user the bridge has learned for this
+    anonymous id, if it has learned one."""
+
+    anonymous_id: str
+
+
+#: What a handler's translate returns: calls, and instructions to the bridge.
+Output = Call | Alias | ForgetVisitor
 
 
 def encode(call: Call | msgspec.Struct | dict[str, Any]) -> bytes:

@@ -18,6 +18,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
 
 from bridge.errors import BridgeError
+from bridge.events import Forget, Identify, Track
 from bridge.forwarder import Forwarder
 from bridge.plugin import WebhookRequest
 from bridge.registry import Source
@@ -79,7 +80,7 @@ def intake_route(sources: Mapping[str, Source]) -> HTTPRouteHandler:
         outcome = "ignored" if result == "accepted" and not calls else result
         if outcome == "accepted":
             forwarder: Forwarder = request.app.state.forwarder
-            for route in {route_of(c) for c in calls}:
+            for route in {route_of(c) for c in calls if isinstance(c, Track | Identify | Forget)}:
                 forwarder.wake(route)
         log.info(
             "webhook",

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Protocol, runtime_checkable
 
 import msgspec
 
-from bridge.events import Call
+from bridge.events import Output
 
 __all__ = ["Handler", "SignatureScheme", "SourceOptions", "WebhookRequest"]
 
@@ -75,8 +75,9 @@ class Handler(Protocol):
         """The provider's own id for this delivery: redeliveries carry the same one."""
         ...
 
-    def translate(self, request: WebhookRequest, payload: Any, options: Any) -> list[Call]:
-        """The Millimetric calls this delivery becomes; `[]` acknowledges and ignores it."""
+    def translate(self, request: WebhookRequest, payload: Any, options: Any) -> list[Output]:
+        """The Millimetric calls this delivery becomes (and `Alias` / `ForgetVisitor`
+        instructions); `[]` acknowledges and ignores it."""
         ...
 
     def samples(self) -> Mapping[str, bytes]:

@@ -27,7 +27,7 @@ from typing import IO, Any, Final, TypeVar
 import msgspec
 
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.events import Call, Forget, Identify, Track
+from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Track
 from bridge.store import (
     AcceptResult,
     DeadLetter,
@@ -364,9 +364,12 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
         return "duplicate"
     inbox_id = cursor.lastrowid
     now = delivery.received_at
-    identified = {(c.anonymous_id, c.user_id) for c in delivery.calls if isinstance(c, Identify)}
-    for index, given in enumerate(delivery.calls):
+    resolved = [_resolve(conn, item) for item in delivery.calls]
+    identified = {(c.anonymous_id, c.user_id) for c in resolved if isinstance(c, Identify)}
+    for index, given in enumerate(resolved):
         call: Call | None = given
+        if given is None:  # an instruction, carried out
+            continue
         if isinstance(given, Forget):
             _forget(conn, given.user_id, inbox_id, now)
         elif _is_forgotten(conn, subject_of(given)):
@@ -391,6 +394,39 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
             event_id = call.event_id
         _insert(conn, inbox_id, call, event_id, now)
     return "accepted"
+
+
+def _resolve(conn: sqlite3.Connection, item: Output) -> Call | None:
+    """Carry out an instruction (`Alias`, `ForgetVisitor`) or put a call's anonymous id
+    through the aliases learned so far."""
+    if isinstance(item, Alias):
+        target = _target(conn, item.anonymous_id)
+        if target != item.alias:
+            conn.execute(
+                "INSERT INTO aliases (alias, anonymous_id) VALUES (?, ?) ON CONFLICT (alias)"
+                " DO UPDATE SET anonymous_id = excluded.anonymous_id",
+                (item.alias, target),
+            )
+        return None
+    if isinstance(item, ForgetVisitor):
+        known = conn.execute(
+            "SELECT user_id FROM identities WHERE anonymous_id = ?",
+            (_target(conn, item.anonymous_id),),
+        ).fetchone()
+        return Forget(user_id=known[0]) if known else None
+    if isinstance(item, Forget) or not item.anonymous_id:
+        return item
+    target = _target(conn, item.anonymous_id)
+    return (
+        item if target == item.anonymous_id else msgspec.structs.replace(item, anonymous_id=target)
+    )
+
+
+def _target(conn: sqlite3.Connection, anonymous_id: str) -> str:
+    row = conn.execute(
+        "SELECT anonymous_id FROM aliases WHERE alias = ?", (anonymous_id,)
+    ).fetchone()
+    return str(row[0]) if row else anonymous_id
 
 
 def _is_forgotten(conn: sqlite3.Connection, subject: str | None) -> bool:
@@ -450,6 +486,11 @@ def _forget(conn: sqlite3.Connection, user_id: str, inbox_id: int | None, now: f
     subject = hash_subject(user_id)
     conn.execute(
         "INSERT INTO forgotten (subject, at) VALUES (?, ?) ON CONFLICT DO NOTHING", (subject, now)
+    )
+    conn.execute(
+        "DELETE FROM aliases WHERE anonymous_id IN"
+        " (SELECT anonymous_id FROM identities WHERE subject = ?)",
+        (subject,),
     )
     conn.execute("DELETE FROM identities WHERE subject = ?", (subject,))
     conn.execute(

@@ -20,7 +20,7 @@ from typing import Final, Literal, Protocol
 import msgspec
 
 from bridge.errors import ConfigError
-from bridge.events import Call, Identify, Track
+from bridge.events import Call, Identify, Output, Track
 
 __all__ = [
     "ROUTES",
@@ -52,7 +52,7 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     received_at: float
     raw_body: bytes | None = None
     headers: dict[str, str] = {}  # only those needed to verify it again
-    calls: list[Call] = []
+    calls: list[Output] = []
 
 
 class OutboxRow(msgspec.Struct, frozen=True, kw_only=True):

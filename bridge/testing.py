@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from bridge.events import Call
+from bridge.events import Output
 from bridge.plugin import Handler, SourceOptions, WebhookRequest
 
 __all__ = ["TEST_SECRET", "Translated", "run_handler", "sign", "signed_request"]
@@ -53,7 +53,7 @@ def signed_request(
 class Translated:
     """What one delivery became: the provider's delivery id and the calls."""
 
-    def __init__(self, delivery_id: str, calls: list[Call]) -> None:
+    def __init__(self, delivery_id: str, calls: list[Output]) -> None:
         self.delivery_id = delivery_id
         self.calls = calls
 

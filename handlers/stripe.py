@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import msgspec
 
-from bridge import Call, Forget, Identify, PayloadInvalid, Track
+from bridge import Alias, Forget, ForgetVisitor, Identify, Output, PayloadInvalid, Track
 from bridge.plugin import SourceOptions, WebhookRequest
 from bridge.signatures import StripeScheme
 
@@ -164,7 +164,7 @@ class StripeHandler:
 
     def translate(
         self, request: WebhookRequest, payload: Event, options: StripeOptions
-    ) -> list[Call]:
+    ) -> list[Output]:
         if payload.type not in TRANSLATED or (
             not payload.livemode and not options.include_test_events
         ):
@@ -183,8 +183,13 @@ class StripeHandler:
             and not payload.type.startswith("customer.subscription")
             else _id(obj.customer)
         )
-        anonymous_id = _text(metadata.get("millimetric_anonymous_id")) or (
-            f"stripe:{customer}" if customer else None
+        # One visitor per customer: the browser's id when the payload carries it (so web
+        # attribution follows the purchase), remembered for the customer's later events.
+        customer_key = f"stripe:{customer}" if customer else None
+        browser = _text(metadata.get("millimetric_anonymous_id"))
+        anonymous_id = browser or customer_key
+        prefix: list[Output] = (
+            [Alias(alias=customer_key, anonymous_id=browser)] if browser and customer_key else []
         )
         user_id = _text(obj.client_reference_id) or _text(metadata.get("user_id"))
 
@@ -198,87 +203,93 @@ class StripeHandler:
                 properties={k: v for k, v in properties.items() if v is not None},
             )
 
-        match payload.type:
-            case "checkout.session.completed" | "checkout.session.async_payment_succeeded":
-                if obj.payment_status != "paid" or not obj.amount_total:
-                    return self._identify(user_id, anonymous_id)  # e.g. a free trial
-                if obj.mode == "payment":
-                    # With invoice creation on, the invoice's own invoice.paid names the
-                    # same payment: take the invoice's id so the two collapse.
-                    payment = _id(obj.invoice) or _id(obj.payment_intent) or obj.id
-                elif obj.mode == "subscription" and _id(obj.invoice):
-                    payment = _id(obj.invoice)
-                else:  # a subscription's first payment: counted from its invoice.paid
+        def mapped() -> list[Output]:
+            match payload.type:
+                case "checkout.session.completed" | "checkout.session.async_payment_succeeded":
+                    if obj.payment_status != "paid" or not obj.amount_total:
+                        return self._identify(user_id, anonymous_id)  # e.g. a free trial
+                    if obj.mode == "payment":
+                        # With invoice creation on, the invoice's own invoice.paid names the
+                        # same payment: take the invoice's id so the two collapse.
+                        payment = _id(obj.invoice) or _id(obj.payment_intent) or obj.id
+                    elif obj.mode == "subscription" and _id(obj.invoice):
+                        payment = _id(obj.invoice)
+                    else:  # a subscription's first payment: counted from its invoice.paid
+                        return self._identify(user_id, anonymous_id)
+                    return [
+                        track(
+                            "purchase",
+                            f"purchase:{payment}",
+                            amount_cents=obj.amount_total,
+                            currency=obj.currency,
+                            checkout_session=obj.id,
+                            subscription=_id(obj.subscription),
+                        )
+                    ]
+                case "invoice.paid":
+                    if not obj.amount_paid or obj.amount_paid <= 0:
+                        return []
+                    return [
+                        track(
+                            "purchase",
+                            f"purchase:{obj.id}",
+                            amount_cents=obj.amount_paid,
+                            currency=obj.currency,
+                            invoice=obj.id,
+                            subscription=_id(obj.subscription),
+                            billing_reason=obj.billing_reason,
+                        )
+                    ]
+                case "payment_intent.succeeded":
+                    if not options.purchases_from_payment_intents or _id(obj.invoice):
+                        return []
+                    amount = obj.amount_received or obj.amount
+                    if not amount:
+                        return []
+                    return [
+                        track(
+                            "purchase",
+                            f"purchase:{obj.id}",
+                            amount_cents=amount,
+                            currency=obj.currency,
+                            payment_intent=obj.id,
+                        )
+                    ]
+                case "charge.refunded":
+                    total = obj.amount_refunded or 0
+                    amount = _refunded_now(obj, payload.data.previous_attributes)
+                    if amount <= 0:
+                        return []
+                    return [
+                        track(
+                            "refund",
+                            f"refund:{obj.id}:{total}",
+                            amount_cents=amount,
+                            currency=obj.currency,
+                            charge=obj.id,
+                            payment_intent=_id(obj.payment_intent),
+                            fully_refunded=(obj.amount is not None and total >= obj.amount),
+                        )
+                    ]
+                case "customer.subscription.created" | "customer.subscription.deleted":
+                    started = payload.type.endswith("created")
+                    name = "subscription_started" if started else "subscription_canceled"
+                    return [track(name, f"{name}:{obj.id}", subscription=obj.id, **_plan(obj))]
+                case "customer.created" | "customer.updated":
                     return self._identify(user_id, anonymous_id)
-                return [
-                    track(
-                        "purchase",
-                        f"purchase:{payment}",
-                        amount_cents=obj.amount_total,
-                        currency=obj.currency,
-                        checkout_session=obj.id,
-                        subscription=_id(obj.subscription),
-                    )
-                ]
-            case "invoice.paid":
-                if not obj.amount_paid or obj.amount_paid <= 0:
-                    return []
-                return [
-                    track(
-                        "purchase",
-                        f"purchase:{obj.id}",
-                        amount_cents=obj.amount_paid,
-                        currency=obj.currency,
-                        invoice=obj.id,
-                        subscription=_id(obj.subscription),
-                        billing_reason=obj.billing_reason,
-                    )
-                ]
-            case "payment_intent.succeeded":
-                if not options.purchases_from_payment_intents or _id(obj.invoice):
-                    return []
-                amount = obj.amount_received or obj.amount
-                if not amount:
-                    return []
-                return [
-                    track(
-                        "purchase",
-                        f"purchase:{obj.id}",
-                        amount_cents=amount,
-                        currency=obj.currency,
-                        payment_intent=obj.id,
-                    )
-                ]
-            case "charge.refunded":
-                total = obj.amount_refunded or 0
-                amount = _refunded_now(obj, payload.data.previous_attributes)
-                if amount <= 0:
-                    return []
-                return [
-                    track(
-                        "refund",
-                        f"refund:{obj.id}:{total}",
-                        amount_cents=amount,
-                        currency=obj.currency,
-                        charge=obj.id,
-                        payment_intent=_id(obj.payment_intent),
-                        fully_refunded=(obj.amount is not None and total >= obj.amount),
-                    )
-                ]
-            case "customer.subscription.created" | "customer.subscription.deleted":
-                started = payload.type.endswith("created")
-                name = "subscription_started" if started else "subscription_canceled"
-                return [track(name, f"{name}:{obj.id}", subscription=obj.id, **_plan(obj))]
-            case "customer.created" | "customer.updated":
-                return self._identify(user_id, anonymous_id)
-            case "customer.deleted":
-                if options.forget_on_customer_deleted and user_id:
-                    return [Forget(user_id=user_id)]
-                return []
-        return []
+                case "customer.deleted":
+                    if not options.forget_on_customer_deleted:
+                        return []
+                    if user_id:
+                        return [Forget(user_id=user_id)]
+                    # The user the bridge learned for this customer, e.g. from Checkout.
+                    return [ForgetVisitor(anonymous_id=anonymous_id)] if anonymous_id else []
+            return []
+
+        return [*prefix, *mapped()]
 
     @staticmethod
-    def _identify(user_id: str | None, anonymous_id: str | None) -> list[Call]:
+    def _identify(user_id: str | None, anonymous_id: str | None) -> list[Output]:
         if not user_id:
             return []
         return [Identify(user_id=user_id, anonymous_id=anonymous_id)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bridge.errors import SignatureInvalid
-from bridge.events import Forget, Identify, Track
+from bridge.events import Alias, Forget, ForgetVisitor, Identify, Track
 from bridge.plugin import Handler
 from bridge.registry import load_handlers
 from bridge.testing import TEST_SECRET, run_handler, signed_request
@@ -40,7 +40,9 @@ def test_samples_verify_and_translate_into_valid_calls(handler: Handler, event: 
     translated = run_handler(handler, body)
     assert isinstance(translated.delivery_id, str)
     assert translated.delivery_id
-    assert all(isinstance(c, Track | Identify | Forget) for c in translated.calls)
+    assert all(
+        isinstance(c, Track | Identify | Forget | Alias | ForgetVisitor) for c in translated.calls
+    )
     again = run_handler(handler, body)
     assert again.delivery_id == translated.delivery_id  # a redelivery is recognisable
     assert again.calls == translated.calls  # and becomes the same calls

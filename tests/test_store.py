@@ -268,3 +268,32 @@ async def test_one_forwarder_per_database(store: Store, tmp_path: Path) -> None:
             await other.recover(NOW)
     finally:
         await other.close()
+
+
+async def test_aliases_and_forgetting_a_visitor(store: Store, tmp_path: Path) -> None:
+    from bridge.events import Alias, ForgetVisitor
+
+    await store.accept(
+        delivery(
+            "e1",
+            Alias(alias="stripe:cus_1", anonymous_id="b1"),
+            Track(event="purchase", anonymous_id="stripe:cus_1", user_id="u1"),
+        )
+    )
+    await store.accept(delivery("e2", Track(event="renewal", anonymous_id="stripe:cus_1")))
+    rows = await store.claim("track", 10, 1 << 20, NOW)
+    bodies = [msgspec.json.decode(r.body) for r in rows]
+    assert [(b["anonymous_id"], b.get("user_id")) for b in bodies] == [("b1", "u1"), ("b1", "u1")]
+    await store.delivered([r.id for r in rows], NOW)
+    await store.accept(delivery("e3", ForgetVisitor(anonymous_id="stripe:cus_1")))
+    (forget,) = await store.claim("forget", 10, 1 << 20, NOW)
+    assert msgspec.json.decode(forget.body) == {"user_id": "u1"}
+    db = sqlite3.connect(tmp_path / "bridge.db")
+    left = db.execute(
+        "SELECT (SELECT COUNT(*) FROM identities), (SELECT COUNT(*) FROM aliases)"
+    ).fetchone()
+    db.close()
+    assert left == (0, 0)
+    # An unknown visitor has no user to forget: nothing is queued.
+    await store.accept(delivery("e4", ForgetVisitor(anonymous_id="stripe:cus_unknown")))
+    assert await store.claim("forget", 10, 1 << 20, NOW) == []

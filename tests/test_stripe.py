@@ -382,3 +382,29 @@ def test_forgotten_users_do_not_come_back(bridge: Bridge) -> None:
     assert bridge.post(later).status_code == 200
     time.sleep(0.5)
     assert len(bridge.arrived(1)) == 1  # no identify, no purchase about them
+
+
+def test_the_browser_id_follows_the_customer_and_deletion_forgets_the_learned_user(
+    bridge: Bridge,
+) -> None:
+    checkout = fixture(
+        "checkout.session.completed",
+        mode="payment",
+        payment_intent="pi_w",
+        customer="cus_W",
+        client_reference_id="user_w",
+        metadata={"millimetric_anonymous_id": "browser-123"},
+    )
+    renewal = fixture("invoice.paid", id_="evt_w2", id="in_w2", customer="cus_W")
+    deleted = fixture("customer.deleted", id_="evt_w3", id="cus_W")
+    assert bridge.post(checkout).status_code == 200
+    assert bridge.post(renewal).status_code == 200
+    calls = bridge.arrived(3)
+    tracks = [c for c in calls if c["route"] == "track"]
+    # The renewal carries no metadata, yet it is the same visitor and the same user.
+    assert {(t["anonymous_id"], t["user_id"]) for t in tracks} == {("browser-123", "user_w")}
+    assert [c for c in calls if c["route"] == "identify"] == [
+        {"route": "identify", "user_id": "user_w", "anonymous_id": "browser-123"}
+    ]
+    assert bridge.post(deleted).status_code == 200  # no metadata.user_id on the customer
+    assert bridge.arrived(4)[-1] == {"route": "forget", "user_id": "user_w"}
