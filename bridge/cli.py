@@ -200,12 +200,13 @@ def send_test(source: str, event: str, url: str) -> None:
     samples = found.handler.samples()
     if event not in samples:
         raise click.BadParameter(f"no sample {event!r}; samples: {', '.join(sorted(samples))}")
-    body = samples[event]
+    sample = samples[event]
     freshen = getattr(found.handler, "freshen", None)
     if callable(freshen):  # a new delivery each time, not a redelivery of the last one
-        body = freshen(body)
+        sample = freshen(sample)
     secret = (found.secrets or (DEV_SECRET,))[0]
-    headers = found.handler.scheme.sign(body, secret, int(time.time()))
+    body = sample.body
+    headers = {**sample.headers, **found.handler.scheme.sign(body, secret, int(time.time()))}
     try:
         answer = httpx.post(f"{url}/webhooks/{source}", content=body, headers=headers, timeout=10)
     except httpx.TransportError as error:

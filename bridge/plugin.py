@@ -21,7 +21,7 @@ import msgspec
 
 from bridge.events import Output
 
-__all__ = ["Handler", "SignatureScheme", "SourceOptions", "WebhookRequest"]
+__all__ = ["Handler", "Sample", "SignatureScheme", "SourceOptions", "WebhookRequest"]
 
 
 class WebhookRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -31,6 +31,14 @@ class WebhookRequest(msgspec.Struct, frozen=True, kw_only=True):
     headers: Mapping[str, str]
     body: bytes
     received_at: float  # unix seconds
+
+
+class Sample(msgspec.Struct, frozen=True, kw_only=True):
+    """A recorded delivery: its body and the headers, other than the signature, that the
+    handler reads (a topic, a shop domain, a delivery id)."""
+
+    body: bytes
+    headers: Mapping[str, str] = {}
 
 
 class SourceOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -80,6 +88,6 @@ class Handler(Protocol):
         instructions); `[]` acknowledges and ignores it."""
         ...
 
-    def samples(self) -> Mapping[str, bytes]:
-        """Recorded sample bodies by event type, for `send-test` and the contract test."""
+    def samples(self) -> Mapping[str, Sample]:
+        """Recorded samples by event type, for `send-test` and the contract test."""
         ...

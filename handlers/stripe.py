@@ -17,7 +17,7 @@ from typing import Any, Final
 import msgspec
 
 from bridge import Alias, Forget, ForgetVisitor, Identify, Output, PayloadInvalid, Track
-from bridge.plugin import SourceOptions, WebhookRequest
+from bridge.plugin import Sample, SourceOptions, WebhookRequest
 from bridge.signatures import StripeScheme
 
 __all__ = ["StripeHandler", "StripeOptions", "handler"]
@@ -140,18 +140,18 @@ class StripeHandler:
     def delivery_id(self, request: WebhookRequest, payload: Event) -> str:
         return payload.id
 
-    def samples(self) -> Mapping[str, bytes]:
+    def samples(self) -> Mapping[str, Sample]:
         folder = resources.files("handlers").joinpath("samples", "stripe")
         return {
-            f.name.removesuffix(".json"): f.read_bytes()
+            f.name.removesuffix(".json"): Sample(body=f.read_bytes())
             for f in folder.iterdir()
             if f.name.endswith(".json")
         }
 
-    def freshen(self, sample: bytes) -> bytes:
+    def freshen(self, sample: Sample) -> Sample:
         """A new delivery from a sample, for `send-test`: fresh ids and time, and a Checkout
         sample becomes a paid one-off payment, so a purchase shows at the sink."""
-        event = msgspec.json.decode(sample)
+        event = msgspec.json.decode(sample.body)
         token = uuid.uuid4().hex[:16]
         event["id"], event["created"] = f"evt_test_{token}", int(time.time())
         obj = event["data"]["object"]
@@ -160,7 +160,7 @@ class StripeHandler:
             obj.update(mode="payment", payment_status="paid", payment_intent=f"pi_test_{token}")
         elif kind in ("invoice", "charge", "payment_intent", "subscription"):
             obj["id"] = f"{obj['id'].split('_')[0]}_test_{token}"
-        return msgspec.json.encode(event)
+        return Sample(body=msgspec.json.encode(event), headers=sample.headers)
 
     def translate(
         self, request: WebhookRequest, payload: Event, options: StripeOptions

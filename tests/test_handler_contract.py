@@ -36,23 +36,24 @@ def test_every_handler_is_documented_and_has_samples(handler: Handler) -> None:
 
 @pytest.mark.parametrize(("handler", "event"), SAMPLES, ids=ids)
 def test_samples_verify_and_translate_into_valid_calls(handler: Handler, event: str) -> None:
-    body = handler.samples()[event]
-    translated = run_handler(handler, body)
+    sample = handler.samples()[event]
+    translated = run_handler(handler, sample.body, headers=sample.headers)
     assert isinstance(translated.delivery_id, str)
     assert translated.delivery_id
     assert all(
         isinstance(c, Track | Identify | Forget | Alias | ForgetVisitor) for c in translated.calls
     )
-    again = run_handler(handler, body)
+    again = run_handler(handler, sample.body, headers=sample.headers)
     assert again.delivery_id == translated.delivery_id  # a redelivery is recognisable
     assert again.calls == translated.calls  # and becomes the same calls
 
 
 @pytest.mark.parametrize(("handler", "event"), SAMPLES, ids=ids)
 def test_tampered_bodies_and_wrong_secrets_are_refused(handler: Handler, event: str) -> None:
-    body = handler.samples()[event]
-    request = signed_request(handler, body)
-    tampered = signed_request(handler, body)
+    sample = handler.samples()[event]
+    body = sample.body
+    request = signed_request(handler, body, headers=sample.headers)
+    tampered = signed_request(handler, body, headers=sample.headers)
     tampered = type(tampered)(
         source=tampered.source,
         headers=tampered.headers,
@@ -70,10 +71,11 @@ def test_tampered_bodies_and_wrong_secrets_are_refused(handler: Handler, event: 
 def test_stale_timestamps_are_refused(handler: Handler, event: str) -> None:
     if not handler.scheme.signs_timestamp:
         pytest.skip(f"{handler.name}'s scheme signs no timestamp; its delivery id dedupes")
-    body = handler.samples()[event]
-    stale = signed_request(handler, body, timestamp=int(time.time()) - 301)
+    sample = handler.samples()[event]
+    body, headers = sample.body, sample.headers
+    stale = signed_request(handler, body, timestamp=int(time.time()) - 301, headers=headers)
     with pytest.raises(SignatureInvalid, match="tolerance"):
         handler.scheme.verify(stale, [TEST_SECRET], 300)
-    future = signed_request(handler, body, timestamp=int(time.time()) + 301)
+    future = signed_request(handler, body, timestamp=int(time.time()) + 301, headers=headers)
     with pytest.raises(SignatureInvalid):
         handler.scheme.verify(future, [TEST_SECRET], 300)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from bridge import Call, PayloadInvalid, Track
-from bridge.plugin import SourceOptions, WebhookRequest
+from bridge.plugin import Sample, SourceOptions, WebhookRequest
 from bridge.signatures import HmacScheme
 
 
@@ -76,8 +76,8 @@ class AcmeHandler:
             )
         ]
 
-    def samples(self) -> Mapping[str, bytes]:
-        return {"payment.succeeded": SAMPLE}
+    def samples(self) -> Mapping[str, Sample]:
+        return {"payment.succeeded": Sample(body=SAMPLE)}
 
 
 handler = AcmeHandler()
