@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -10,8 +11,12 @@ from typing import Any, Final
 
 import httpx
 from litestar import Litestar, Request, get
+from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.response import Response
 
+from bridge.admin import admin_router
 from bridge.client import MillimetricClient, build_http_client
 from bridge.config import Settings
 from bridge.errors import (
@@ -50,6 +55,13 @@ def bridge_error(_request: Request[Any, Any, Any], error: Exception) -> Response
         status_code=status,
         headers=headers,
     )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("millimetric-bridge")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
 
 
 def create_app(
@@ -131,8 +143,29 @@ def create_app(
         }
         return Response(body)
 
+    handlers: list[Any] = [healthz, readyz, intake_route(sources), PrometheusController]
+    if settings.admin_token:
+        handlers.append(admin_router(settings.admin_token))
+    prometheus = PrometheusConfig(
+        app_name="millimetric_bridge",
+        prefix="bridge_http",
+        group_path=True,
+        exclude=["/metrics", "/healthz"],
+    )
     app = Litestar(
-        route_handlers=[healthz, readyz, intake_route(sources)],
+        route_handlers=handlers,
+        middleware=[prometheus.middleware],
+        openapi_config=OpenAPIConfig(
+            title="millimetric-bridge",
+            version=_version(),
+            components=Components(
+                security_schemes={
+                    "BearerToken": SecurityScheme(
+                        type="http", scheme="bearer", description="BRIDGE_ADMIN_TOKEN"
+                    ),
+                }
+            ),
+        ),
         lifespan=[lifespan],
         exception_handlers={BridgeError: bridge_error},
         request_max_body_size=settings.max_body_bytes,

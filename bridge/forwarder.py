@@ -29,6 +29,7 @@ from typing import Final
 import msgspec
 import structlog
 
+from bridge import metrics
 from bridge.client import (
     Accepted,
     AuthProblem,
@@ -54,6 +55,12 @@ _SINGLE_ROUTE_CLAIM: Final = 50
 _forget_decoder: Final = msgspec.json.Decoder(Forget)
 
 
+def _failure(outcome: Outcome) -> str:
+    """A status label for an answer that had none: a timeout or a connection error."""
+    reason = getattr(outcome, "reason", "")
+    return "timeout" if reason.startswith("timeout") else "connection"
+
+
 class ForwarderConfig(msgspec.Struct, frozen=True, kw_only=True):
     batch_limit: RateLimit = BATCH_LIMIT  # pacing of /v1/batch
     single_limit: RateLimit = TRACK_LIMIT  # pacing of /v1/identify and /v1/forget
@@ -70,6 +77,7 @@ class ForwarderConfig(msgspec.Struct, frozen=True, kw_only=True):
     error_pause: float = 1.0  # after a store error, before trying again
     retention: Retention = Retention()
     cleanup_every: float = 600.0
+    gauges_every: float = 5.0
 
 
 class Forwarder:
@@ -121,6 +129,7 @@ class Forwarder:
             asyncio.create_task(self._lane(route), name=f"forward-{route}") for route in ROUTES
         ]
         self._tasks.append(asyncio.create_task(self._janitor(), name="outbox-cleanup"))
+        self._tasks.append(asyncio.create_task(self._gauges(), name="outbox-gauges"))
 
     def wake(self, route: Route = "track") -> None:
         self._wake[route].set()
@@ -263,6 +272,10 @@ class Forwarder:
         started = time.perf_counter()
         outcome = await self.client.post(path, body)
         self.counts["requests"] += 1
+        status = getattr(outcome, "status", None)
+        if status is None:
+            status = 429 if isinstance(outcome, RateLimited) else None
+        metrics.ANSWERS.labels(path, str(status) if status else _failure(outcome)).inc()
         log.info(
             "forward",
             route=path,
@@ -280,6 +293,7 @@ class Forwarder:
             case Accepted():
                 await self.store.delivered(ids, now)
                 self.counts["delivered"] += len(ids)
+                metrics.FORWARDED.labels(route).inc(len(ids))
                 if self.paused is not None:
                     await self._resume()
                 if route == "forget":
@@ -288,6 +302,7 @@ class Forwarder:
                     log.info("forget delivered; local traces erased")
             case RateLimited(retry_after=wait):
                 self.counts["rate_limited"] += 1
+                metrics.RETRY_WAIT.labels("rate_limited").inc(wait)
                 self._not_before[route] = max(self._not_before[route], now + wait)
                 await self.store.retry(ids, now + wait, count_attempt=False)
             case AuthProblem(reason=reason):
@@ -300,6 +315,7 @@ class Forwarder:
             case Invalid(reason=reason):
                 await self.store.dead_letter(ids, reason, now)
                 self.counts["dead"] += len(ids)
+                metrics.DEAD_LETTERS.labels(route).inc(len(ids))
                 log.warning(
                     "dead letter: Millimetric refused the call",
                     route=route,
@@ -318,11 +334,13 @@ class Forwarder:
                 expired, f"gave up after {config.max_age / 3600:g} h; last answer: {reason}", now
             )
             self.counts["dead"] += len(expired)
+            metrics.DEAD_LETTERS.labels(rows[0].route).inc(len(expired))
         if alive:
             attempts = max(r.attempts for r in alive) + 1
             ceiling = min(config.backoff_cap, config.backoff_base * 2 ** min(attempts, 30))
             delay = random.uniform(0, ceiling)  # noqa: S311 (jitter, not a secret)
             await self.store.retry([r.id for r in alive], now + delay, count_attempt=True)
+            metrics.RETRY_WAIT.labels("backoff").inc(delay)
             self.counts["retried"] += len(alive)
 
     async def _pause(self, reason: str) -> None:
@@ -336,15 +354,31 @@ class Forwarder:
         else:
             self._probe_after = min(self._probe_after * 2, self.config.probe_max)
         self.paused = reason
+        metrics.PAUSED.set(1)
         self._probe_at = self.clock() + self._probe_after
         await self.store.set_paused(reason)
 
     async def _resume(self) -> None:
         log.info("forwarding resumed: Millimetric accepts the key again")
         self.paused = None
+        metrics.PAUSED.set(0)
         await self.store.set_paused(None)
 
     # -- retention -----------------------------------------------------------------------------
+
+    async def _gauges(self) -> None:
+        """Keep the outbox gauges current for /metrics."""
+        while not self._stopping.is_set():
+            try:
+                now = self.clock()
+                stats = await self.store.stats(now)
+                metrics.OUTBOX_PENDING.set(stats.pending)
+                metrics.OUTBOX_DEAD.set(stats.dead)
+                oldest = stats.oldest_pending_at
+                metrics.OUTBOX_OLDEST_AGE.set(now - oldest if oldest else 0)
+            except Exception:
+                log.exception("outbox gauges failed; trying again later")
+            await self._sleep(self.config.gauges_every)
 
     async def _janitor(self) -> None:
         while not self._stopping.is_set():

@@ -1,0 +1,155 @@
+"""The admin API under `/admin/`: outbox status, dead letters, replay, forget.
+
+Mounted only when `BRIDGE_ADMIN_TOKEN` is set; every call needs
+`Authorization: Bearer <token>`, compared in constant time. It answers with ids, counts
+and reasons, never with payload bodies.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Router, get, post
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers import BaseRouteHandler
+from litestar.params import FromQuery, JSONBody
+
+from bridge.events import Forget
+from bridge.store import Delivery, Selection, Store
+
+__all__ = ["admin_router"]
+
+
+class OutboxStatus(msgspec.Struct, frozen=True, kw_only=True):
+    pending: int
+    delivered: int
+    dead: int
+    oldest_pending_age: float | None
+    inbox: int
+    raw_payloads: int
+    paused: str | None
+
+
+class DeadLetterView(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    route: str
+    source: str | None
+    event_id: str | None
+    reason: str
+    attempts: int
+    created_at: float
+
+
+class ReplayRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Which rows to send again; with nothing named, `all` must be true."""
+
+    ids: list[int] = []
+    source: str | None = None
+    since: float | None = None  # unix seconds
+    all: bool = False
+    include_delivered: bool = False
+
+
+class ForgetRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    user_id: Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class Count(msgspec.Struct, frozen=True):
+    count: int
+
+
+def admin_router(token: str) -> Router:
+    expected = f"Bearer {token}".encode()
+
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        given = connection.headers.get("authorization", "").encode("latin-1", "replace")
+        if not hmac.compare_digest(given, expected):
+            raise NotAuthorizedException(
+                "admin API: Authorization: Bearer $BRIDGE_ADMIN_TOKEN needed",
+                headers={"www-authenticate": "Bearer"},
+            )
+
+    def store_of(request: Request[Any, Any, Any]) -> Store:
+        store: Store = request.app.state.store
+        return store
+
+    @get("/outbox", summary="Outbox status")
+    async def status(request: Request[Any, Any, Any]) -> OutboxStatus:
+        """Counts by state, the age of the oldest pending call, and whether forwarding is
+        paused (with Millimetric's answer)."""
+        now = time.time()
+        stats = await store_of(request).stats(now)
+        oldest = stats.oldest_pending_at
+        return OutboxStatus(
+            pending=stats.pending,
+            delivered=stats.delivered,
+            dead=stats.dead,
+            oldest_pending_age=now - oldest if oldest else None,
+            inbox=stats.inbox,
+            raw_payloads=stats.raw_payloads,
+            paused=stats.paused,
+        )
+
+    @get("/dead", summary="Dead letters")
+    async def dead(
+        request: Request[Any, Any, Any], limit: FromQuery[int] = 100
+    ) -> list[DeadLetterView]:
+        """Calls Millimetric refused or that failed past the maximum age, with the reason."""
+        letters = await store_of(request).dead_letters(max(1, min(limit, 1000)))
+        return [
+            DeadLetterView(
+                id=d.id,
+                route=d.route,
+                source=d.source,
+                event_id=d.event_id,
+                reason=d.reason,
+                attempts=d.attempts,
+                created_at=d.created_at,
+            )
+            for d in letters
+        ]
+
+    @post("/replay", status_code=200, summary="Send dead letters again")
+    async def replay(request: Request[Any, Any, Any], data: JSONBody[ReplayRequest]) -> Count:
+        """Make the selected dead letters (or delivered calls) pending again."""
+        if not (data.ids or data.source or data.since is not None or data.all):
+            from litestar.exceptions import ValidationException
+
+            raise ValidationException("name ids, a source, since, or set all: true")
+        selection = Selection(
+            ids=data.ids,
+            source=data.source,
+            since=data.since,
+            include_delivered=data.include_delivered,
+        )
+        count = await store_of(request).replay(selection, time.time())
+        request.app.state.forwarder.wake("track")
+        return Count(count)
+
+    @post("/forget", status_code=202, summary="Erase a user")
+    async def forget(request: Request[Any, Any, Any], data: JSONBody[ForgetRequest]) -> Count:
+        """Purge the user's pending calls at once and queue Millimetric's forget."""
+        store = store_of(request)
+        await store.accept(
+            Delivery(
+                source="admin",
+                provider_event_id=f"forget-{uuid.uuid4()}",
+                received_at=time.time(),
+                calls=[Forget(user_id=data.user_id)],
+            )
+        )
+        request.app.state.forwarder.wake("forget")
+        return Count(1)
+
+    return Router(
+        "/admin",
+        route_handlers=[status, dead, replay, forget],
+        guards=[guard],
+        tags=["admin"],
+        security=[{"BearerToken": []}],
+    )

@@ -1,0 +1,48 @@
+"""The bridge's own Prometheus series, beside the per-route HTTP series of Litestar's
+Prometheus plugin. Process-wide, like prometheus_client's registry. Labels never carry a
+payload value: sources are configured names (`unknown` otherwise), routes and statuses
+are from small fixed sets."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import Counter, Gauge
+
+__all__ = [
+    "ANSWERS",
+    "DEAD_LETTERS",
+    "FORWARDED",
+    "OUTBOX_DEAD",
+    "OUTBOX_OLDEST_AGE",
+    "OUTBOX_PENDING",
+    "PAUSED",
+    "RETRY_WAIT",
+    "WEBHOOKS",
+]
+
+WEBHOOKS: Final = Counter(
+    "bridge_webhooks",
+    "Webhook deliveries by source and result (accepted, duplicate, ignored, rejected).",
+    ["source", "result", "reason"],
+)
+FORWARDED: Final = Counter(
+    "bridge_forwarded_calls", "Calls Millimetric accepted, by route.", ["route"]
+)
+ANSWERS: Final = Counter(
+    "bridge_millimetric_answers",
+    "Millimetric answers by route and status (or timeout / connection).",
+    ["route", "status"],
+)
+RETRY_WAIT: Final = Counter(
+    "bridge_retry_wait_seconds",
+    "Seconds rows were set to wait before a retry, by cause (rate_limited, backoff).",
+    ["cause"],
+)
+DEAD_LETTERS: Final = Counter("bridge_dead_letters", "Calls moved to dead letters.", ["route"])
+PAUSED: Final = Gauge("bridge_forwarder_paused", "1 while forwarding is paused on a refused key.")
+OUTBOX_PENDING: Final = Gauge("bridge_outbox_pending", "Calls waiting to be sent.")
+OUTBOX_DEAD: Final = Gauge("bridge_outbox_dead", "Calls in dead letters.")
+OUTBOX_OLDEST_AGE: Final = Gauge(
+    "bridge_outbox_oldest_pending_seconds", "Age of the oldest pending call (0 when none)."
+)
