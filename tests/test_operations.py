@@ -155,14 +155,17 @@ def test_one_log_line_per_webhook_with_no_secret_or_payload_value(bridge: Server
         httpx.post(
             f"{bridge.url}/webhooks/stripe",
             content=body,
-            headers={"stripe-signature": headers["stripe-signature"] + "0"},
+            headers={
+                "stripe-signature": headers["stripe-signature"] + "0",
+                "x-request-id": "req-124",
+            },
         )
         time.sleep(0.5)  # the forwarder's line too
     assert answer.headers["x-request-id"] == "req-123"
     webhook_lines = [line for line in lines if line["event"] == "webhook"]
     assert [(line["result"], line["request_id"]) for line in webhook_lines] == [
         ("accepted", "req-123"),
-        ("rejected", "req-123"),
+        ("rejected", "req-124"),
     ]
     assert any(line["event"] == "forward" for line in lines)
     dumped = json.dumps(lines, default=str)
