@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
@@ -278,6 +279,7 @@ class Forwarder:
         metrics.ANSWERS.labels(path, str(status) if status else _failure(outcome)).inc()
         log.info(
             "forward",
+            request_id=uuid.uuid4().hex,
             route=path,
             events=len(rows),
             outcome=type(outcome).__name__,

@@ -167,7 +167,9 @@ def test_one_log_line_per_webhook_with_no_secret_or_payload_value(bridge: Server
         ("accepted", "req-123"),
         ("rejected", "req-124"),
     ]
-    assert any(line["event"] == "forward" for line in lines)
+    forward_lines = [line for line in lines if line["event"] == "forward"]
+    assert forward_lines
+    assert all(len(line["request_id"]) == 32 for line in forward_lines)
     dumped = json.dumps(lines, default=str)
     for value in (
         SECRET,
