@@ -79,13 +79,23 @@ def make_requests(path: Path, count: int) -> None:
     with path.open("w") as out:
         for i in range(count):
             event = {
-                "id": f"evt_bench_{i}", "object": "event", "type": "invoice.paid",
-                "created": now, "livemode": True,
-                "data": {"object": {
-                    "id": f"in_bench_{i}", "object": "invoice", "amount_paid": 1999,
-                    "currency": "usd", "customer": f"cus_{i % 1000}", "status": "paid",
-                    "billing_reason": "subscription_cycle", "metadata": {"note": pad},
-                }},
+                "id": f"evt_bench_{i}",
+                "object": "event",
+                "type": "invoice.paid",
+                "created": now,
+                "livemode": True,
+                "data": {
+                    "object": {
+                        "id": f"in_bench_{i}",
+                        "object": "invoice",
+                        "amount_paid": 1999,
+                        "currency": "usd",
+                        "customer": f"cus_{i % 1000}",
+                        "status": "paid",
+                        "billing_reason": "subscription_cycle",
+                        "metadata": {"note": pad},
+                    }
+                },
             }
             body = msgspec.json.encode(event).decode()
             sig = stripe.WebhookSignature.generate_signature_header(body, SECRET, now)
@@ -104,12 +114,26 @@ def wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
-def run_wrk(url: str, script: Path, requests: Path, seconds: int, connections: int
-            ) -> dict[str, float]:
+def run_wrk(
+    url: str, script: Path, requests: Path, seconds: int, connections: int
+) -> dict[str, float]:
     done = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
-         url, "--", str(requests), "2"],
-        capture_output=True, text=True, check=True,
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+            "--",
+            str(requests),
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     out = done.stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -119,8 +143,12 @@ def run_wrk(url: str, script: Path, requests: Path, seconds: int, connections: i
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rate": rate, "p50": percentile("50"), "p99": percentile("99"),
-            "errors": float(non2xx.group(1)) if non2xx else 0.0}
+    return {
+        "rate": rate,
+        "p50": percentile("50"),
+        "p99": percentile("99"),
+        "errors": float(non2xx.group(1)) if non2xx else 0.0,
+    }
 
 
 def main() -> None:
@@ -140,29 +168,56 @@ def main() -> None:
         results = {}
         bare_port, sink_port, bridge_port = free_port(), free_port(), free_port()
         bare = subprocess.Popen(
-            [BIN / "uvicorn", "bare_app:app", "--port", str(bare_port), "--no-access-log",
-             "--log-level", "warning", "--app-dir", str(ROOT / "bench")],
-            stdout=subprocess.DEVNULL)
-        sink = subprocess.Popen([BIN / "millimetric-bridge", "sink", "--port", str(sink_port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        env = {**os.environ, "MILLIMETRIC_KEY": "sk_dev_local_bridge",
-               "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
-               "BRIDGE_DATABASE_URL": f"sqlite:///{work}/bridge.db", "PORT": str(bridge_port),
-               "BRIDGE_HOST": "127.0.0.1", "STRIPE_WEBHOOK_SECRET": SECRET,
-               "BRIDGE_CONFIG": str(work / "bridge.toml")}
+            [
+                BIN / "uvicorn",
+                "bare_app:app",
+                "--port",
+                str(bare_port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+                "--app-dir",
+                str(ROOT / "bench"),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        sink = subprocess.Popen(
+            [BIN / "millimetric-bridge", "sink", "--port", str(sink_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        env = {
+            **os.environ,
+            "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+            "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
+            "BRIDGE_DATABASE_URL": f"sqlite:///{work}/bridge.db",
+            "PORT": str(bridge_port),
+            "BRIDGE_HOST": "127.0.0.1",
+            "STRIPE_WEBHOOK_SECRET": SECRET,
+            "BRIDGE_CONFIG": str(work / "bridge.toml"),
+        }
         (work / "bridge.toml").write_text("")
-        bridge = subprocess.Popen([BIN / "millimetric-bridge", "serve"], env=env,
-                                  stdout=subprocess.DEVNULL)
+        bridge = subprocess.Popen(
+            [BIN / "millimetric-bridge", "serve"], env=env, stdout=subprocess.DEVNULL
+        )
         try:
             wait_up(f"http://127.0.0.1:{bare_port}/webhooks/x", bare)
             wait_up(f"http://127.0.0.1:{bridge_port}/healthz", bridge)
             wait_up(f"http://127.0.0.1:{sink_port}/healthz", sink)
             results["bare Litestar POST"] = run_wrk(
-                f"http://127.0.0.1:{bare_port}/webhooks/stripe", script, requests,
-                args.seconds, args.connections)
+                f"http://127.0.0.1:{bare_port}/webhooks/stripe",
+                script,
+                requests,
+                args.seconds,
+                args.connections,
+            )
             results["bridge (SQLite)"] = run_wrk(
-                f"http://127.0.0.1:{bridge_port}/webhooks/stripe", script, requests,
-                args.seconds, args.connections)
+                f"http://127.0.0.1:{bridge_port}/webhooks/stripe",
+                script,
+                requests,
+                args.seconds,
+                args.connections,
+            )
             stats = httpx.get(f"http://127.0.0.1:{bridge_port}/readyz").json()
         finally:
             for proc in (bare, bridge, sink):
@@ -171,10 +226,14 @@ def main() -> None:
         base = results["bare Litestar POST"]["rate"]
         print(f"{'':20} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'ratio':>6}")
         for name, r in results.items():
-            print(f"{name:20} {r['rate']:>9,.0f} {r['p50']:>8.2f} {r['p99']:>8.2f}"
-                  f" {r['errors']:>8.0f} {r['rate'] / base:>6.2f}")
-        print(f"bridge outbox after the run: {stats.get('pending')} pending "
-              f"({args.connections} connections, {args.seconds}s each, wrk -t2)")
+            print(
+                f"{name:20} {r['rate']:>9,.0f} {r['p50']:>8.2f} {r['p99']:>8.2f}"
+                f" {r['errors']:>8.0f} {r['rate'] / base:>6.2f}"
+            )
+        print(
+            f"bridge outbox after the run: {stats.get('pending')} pending "
+            f"({args.connections} connections, {args.seconds}s each, wrk -t2)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
