@@ -53,7 +53,10 @@ class SourceOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 @runtime_checkable
 class SignatureScheme(Protocol):
     """How a provider signs deliveries. `verify` tries every secret (rotation) and raises
-    `SignatureInvalid` with a short reason; comparisons are constant-time."""
+    `SignatureInvalid` with a short reason; comparisons are constant-time.
+
+    A scheme that authenticates the sender but not the body (a bearer token, as Auth0's log
+    streams send) says so with a class attribute `signs_body = False`."""
 
     headers: tuple[str, ...]  # what to keep to verify the delivery again later
     signs_timestamp: bool

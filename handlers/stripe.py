@@ -221,7 +221,7 @@ class StripeHandler:
                             "purchase",
                             f"purchase:{payment}",
                             amount_cents=obj.amount_total,
-                            currency=obj.currency,
+                            currency=_upper(obj.currency),
                             checkout_session=obj.id,
                             subscription=_id(obj.subscription),
                         )
@@ -234,7 +234,7 @@ class StripeHandler:
                             "purchase",
                             f"purchase:{obj.id}",
                             amount_cents=obj.amount_paid,
-                            currency=obj.currency,
+                            currency=_upper(obj.currency),
                             invoice=obj.id,
                             subscription=_id(obj.subscription),
                             billing_reason=obj.billing_reason,
@@ -251,7 +251,7 @@ class StripeHandler:
                             "purchase",
                             f"purchase:{obj.id}",
                             amount_cents=amount,
-                            currency=obj.currency,
+                            currency=_upper(obj.currency),
                             payment_intent=obj.id,
                         )
                     ]
@@ -265,7 +265,7 @@ class StripeHandler:
                             "refund",
                             f"refund:{obj.id}:{total}",
                             amount_cents=amount,
-                            currency=obj.currency,
+                            currency=_upper(obj.currency),
                             charge=obj.id,
                             payment_intent=_id(obj.payment_intent),
                             fully_refunded=(obj.amount is not None and total >= obj.amount),
@@ -319,8 +319,13 @@ def _plan(obj: StripeObject) -> dict[str, Any]:
         "interval": interval,
         "quantity": quantity,
         "amount_cents": unit * quantity if unit is not None else None,
-        "currency": price.currency,
+        "currency": _upper(price.currency),
     }
+
+
+def _upper(currency: str | None) -> str | None:
+    """ISO 4217 codes upper-case, as every other handler sends them (Stripe's are lower)."""
+    return currency.upper() if currency else None
 
 
 handler: Final = StripeHandler()

@@ -17,6 +17,8 @@ from bridge.testing import TEST_SECRET, run_handler, signed_request
 
 HANDLERS = load_handlers()
 SAMPLES = [(h, event) for h in HANDLERS.values() for event in sorted(h.samples())]
+# Schemes that sign a time refuse stale ones; the others dedupe replays by delivery id.
+TIMED_SAMPLES = [(h, event) for h, event in SAMPLES if h.scheme.signs_timestamp]
 DOCS = (Path(__file__).parent.parent / "docs" / "handlers.md").read_text()
 
 
@@ -30,7 +32,10 @@ def test_the_built_in_handlers_are_registered() -> None:
 
 @pytest.mark.parametrize("handler", HANDLERS.values(), ids=ids)
 def test_every_handler_is_documented_and_has_samples(handler: Handler) -> None:
-    assert f"## {handler.name}" in DOCS.lower() or f"## {handler.name.title()}" in DOCS
+    headings = {
+        line[3:].replace(" ", "").lower() for line in DOCS.splitlines() if line.startswith("## ")
+    }
+    assert handler.name in headings, f"docs/handlers.md has no section for {handler.name}"
     assert handler.samples(), "a handler ships samples for send-test and this test"
 
 
@@ -60,22 +65,21 @@ def test_tampered_bodies_and_wrong_secrets_are_refused(handler: Handler, event: 
         body=body.replace(b"}", b" }", 1),
         received_at=time.time(),
     )
-    with pytest.raises(SignatureInvalid):
-        handler.scheme.verify(tampered, [TEST_SECRET], 300)
+    if getattr(handler.scheme, "signs_body", True):  # a bearer token (Auth0) signs nothing
+        with pytest.raises(SignatureInvalid):
+            handler.scheme.verify(tampered, [TEST_SECRET], 300)
     with pytest.raises(SignatureInvalid):
         handler.scheme.verify(request, ["whsec_b3RoZXIgc2VjcmV0"], 300)
     handler.scheme.verify(request, ["whsec_b3RoZXIgc2VjcmV0", TEST_SECRET], 300)  # rotation
 
 
-@pytest.mark.parametrize(("handler", "event"), SAMPLES, ids=ids)
+@pytest.mark.parametrize(("handler", "event"), TIMED_SAMPLES, ids=ids)
 def test_stale_timestamps_are_refused(handler: Handler, event: str) -> None:
-    if not handler.scheme.signs_timestamp:
-        pytest.skip(f"{handler.name}'s scheme signs no timestamp; its delivery id dedupes")
     sample = handler.samples()[event]
     body, headers = sample.body, sample.headers
     stale = signed_request(handler, body, timestamp=int(time.time()) - 301, headers=headers)
     with pytest.raises(SignatureInvalid, match="tolerance"):
         handler.scheme.verify(stale, [TEST_SECRET], 300)
-    future = signed_request(handler, body, timestamp=int(time.time()) + 301, headers=headers)
+    future = signed_request(handler, body, timestamp=int(time.time()) + 310, headers=headers)
     with pytest.raises(SignatureInvalid):
         handler.scheme.verify(future, [TEST_SECRET], 300)

@@ -136,7 +136,7 @@ def test_one_off_checkout_payment(bridge: Bridge) -> None:
             "user_id": "user_42",
             "properties": {
                 "amount_cents": 1900,
-                "currency": "usd",
+                "currency": "USD",
                 "checkout_session": event["data"]["object"]["id"],
             },
         },
@@ -267,7 +267,7 @@ def test_subscriptions_and_customer_deletion(bridge: Bridge) -> None:
         "interval": "month",
         "quantity": 2,
         "amount_cents": 600,
-        "currency": "usd",
+        "currency": "USD",
     }
     assert calls[2] == {"route": "forget", "user_id": "user_9"}
 

@@ -1,0 +1,72 @@
+"""Money in a currency's minor unit, exactly: for providers that send decimal strings in
+major units ("404.95", Shopify), where Millimetric wants an integer `amount_cents`.
+
+The number of minor-unit digits is the currency's ISO 4217 exponent: JPY has none, USD two,
+KWD three. The conversion is integer arithmetic on the decimal digits, never a float, so
+"0.29" is 29 and an amount that is not a whole number of minor units is refused instead of
+being rounded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Final
+
+from bridge.errors import PayloadInvalid
+
+__all__ = ["EXPONENTS", "exponent", "to_minor_units"]
+
+
+def _table(codes: str, digits: int) -> dict[str, int]:
+    return dict.fromkeys(codes.split(), digits)
+
+
+#: ISO 4217 currencies whose minor unit is not 1/100 (the default for every other code).
+EXPONENTS: Final[Mapping[str, int]] = {
+    **_table("BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF", 0),
+    **_table("BHD IQD JOD KWD LYD OMR TND", 3),
+    **_table("CLF UYW", 4),
+}
+
+# Plain decimal notation only, ASCII digits: Decimal() would also take "1e3", "NaN",
+# "1_000" and non-ASCII digits, none of which is an amount a provider means. The length
+# cap keeps a hostile body from asking for arbitrarily large integers.
+_AMOUNT: Final = re.compile(r"-?[0-9]{1,30}(?:\.[0-9]{1,30})?")
+_CURRENCY: Final = re.compile(r"[A-Za-z]{3}")
+
+
+def exponent(currency: str) -> int:
+    """The number of decimal digits of `currency`'s minor unit (ISO 4217)."""
+    if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):
+        raise PayloadInvalid(f"not an ISO 4217 currency code: {currency!r}")
+    return EXPONENTS.get(currency.upper(), 2)
+
+
+def to_minor_units(amount: str, currency: str) -> int:
+    """`amount` (a decimal string in major units) as an integer count of minor units.
+
+    Raises PayloadInvalid for anything that is not a plain decimal number (a float
+    included: it may already have lost the exact value) and for an amount that has more
+    significant decimals than the currency has; trailing zeros are fine ("1500.00" JPY is
+    1500, "1.500" USD is 150).
+    """
+    places = exponent(currency)
+    if not isinstance(amount, str) or not _AMOUNT.fullmatch(amount):
+        raise PayloadInvalid(f"not a decimal amount: {amount!r}")
+    sign, digits, exp = Decimal(amount).as_tuple()
+    if not isinstance(exp, int):  # cannot happen: the pattern admits finite numbers only
+        raise PayloadInvalid(f"not a decimal amount: {amount!r}")
+    value = int("".join(map(str, digits)))
+    shift = exp + places  # the power of ten that turns the digits into minor units
+    scale: int = 10 ** abs(shift)
+    if shift >= 0:
+        minor = value * scale
+    else:
+        minor, rest = divmod(value, scale)
+        if rest:
+            raise PayloadInvalid(
+                f"{amount} has more decimals than {currency.upper()} has ({places})"
+            )
+    return -minor if sign else minor

@@ -1,0 +1,230 @@
+"""Auth0 log streams (custom webhook): sign-ups, logins and user deletions.
+
+Auth0 does not sign log-stream deliveries. It sends the "Authorization Token" configured on
+the stream as the `Authorization` header, verbatim, so the bridge compares that whole value
+(e.g. `Bearer 3f9c...`) in constant time against each configured token.
+
+One delivery carries many log records (a JSON array, JSON lines, or one object, as the
+stream's content format says). Each record is its own event: its `event_id` comes from the
+record's `log_id`, so a record that Auth0 sends again, in another batch or another format,
+counts once at Millimetric. A record of the wrong shape is skipped without sinking the
+others in its batch; a body that is not JSON at all is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Annotated, Any, Final
+
+import msgspec
+
+from bridge import Forget, Identify, Output, PayloadInvalid, Track
+from bridge.errors import EventInvalid, SignatureInvalid
+from bridge.plugin import Sample, SourceOptions, WebhookRequest
+
+__all__ = ["Auth0Handler", "Auth0Options", "AuthorizationScheme", "LogBatch", "handler"]
+
+# Auth0's log ids are 56 characters; the cap keeps `<event>:auth0:<log_id>` within the
+# 128 characters an event_id may have, so one odd record cannot fail its whole batch.
+LogId = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+ZonedTime = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+class AuthorizationScheme:
+    """A shared token in the `Authorization` header, compared whole and in constant time.
+
+    Nothing about the body is signed, so a tampered body with the right token is accepted:
+    the token only proves the sender knows it (`signs_body = False` says so). The header is
+    the secret itself, so `headers` is empty: the intake keeps the headers a scheme lists
+    next to the raw body, and a bearer token has no business in the store.
+    """
+
+    headers: tuple[str, ...] = ()
+    signs_timestamp = False
+    signs_body = False
+
+    def verify(self, request: WebhookRequest, secrets: Sequence[str], tolerance: int) -> None:
+        given = request.headers.get("authorization", "").strip()
+        if not given:
+            raise SignatureInvalid("missing Authorization header")
+        presented = given.encode("utf-8", "surrogatepass")
+        matched = False
+        for secret in secrets:  # every token is compared, so timing does not tell which
+            matched |= hmac.compare_digest(
+                secret.strip().encode("utf-8", "surrogatepass"), presented
+            )
+        if not matched:
+            raise SignatureInvalid("Authorization does not match any configured token")
+
+    def sign(self, body: bytes, secret: str, timestamp: int) -> dict[str, str]:
+        return {"authorization": secret, "content-type": "application/json"}
+
+
+class Auth0Options(SourceOptions, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    forget_on_user_deleted: bool = False  # `sdu` erases the user at Millimetric
+
+
+class LogData(msgspec.Struct, frozen=True):
+    """The fields read from a record's `data`; user names, e-mails, IPs and user agents
+    are in the payload too and deliberately left unread."""
+
+    type: str
+    date: ZonedTime
+    user_id: str | None = None
+    log_id: LogId | None = None
+    connection: str | None = None
+    client_id: str | None = None
+    client_name: str | None = None
+    strategy: str | None = None
+
+
+class LogRecord(msgspec.Struct, frozen=True):
+    data: LogData
+    log_id: LogId | None = None  # Auth0 puts it here and in data.log_id
+
+
+class LogBatch(msgspec.Struct, frozen=True):
+    """A delivery's readable records, in the order sent, and how many were skipped."""
+
+    records: tuple[LogRecord, ...]
+    skipped: int = 0
+
+
+_raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
+_array_decoder: Final = msgspec.json.Decoder(list[msgspec.Raw])
+_record_decoder: Final = msgspec.json.Decoder(LogRecord)
+
+#: The log types translated; every other type is acknowledged and ignored.
+TRANSLATED: Final = frozenset({"ss", "s", "sdu"})
+
+
+def _split(body: bytes) -> list[bytes]:
+    """The records of a JSON array, a single object, or JSON lines, as raw JSON texts.
+
+    A JSON-lines line that is not JSON is one bad record, skipped later like any other;
+    only a body in which nothing is JSON is refused."""
+    try:
+        whole = bytes(_raw_decoder.decode(body))
+    except msgspec.DecodeError:
+        whole = None
+    if whole is not None:
+        start = whole.lstrip()[:1]
+        if start == b"[":
+            return [bytes(item) for item in _array_decoder.decode(whole)]
+        if start == b"{":
+            return [whole]
+        raise PayloadInvalid("an Auth0 log stream sends an array, JSON lines or an object")
+    lines = [line for line in body.splitlines() if line.strip()]
+    readable = 0
+    for line in lines:
+        try:
+            _raw_decoder.decode(line)
+            readable += 1
+        except msgspec.DecodeError:
+            continue
+    if not readable:
+        raise PayloadInvalid("not an Auth0 log stream body: no JSON in it")
+    return lines
+
+
+def _read(text: bytes) -> LogRecord | None:
+    try:
+        record = _record_decoder.decode(text)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return record if (record.log_id or record.data.log_id) else None  # no id: no dedupe
+
+
+class Auth0Handler:
+    name = "auth0"
+    secret_variable = "AUTH0_WEBHOOK_TOKEN"  # noqa: S105 (a variable's name, not a secret)
+    scheme = AuthorizationScheme()
+    options_type = Auth0Options
+
+    def parse(self, request: WebhookRequest) -> LogBatch:
+        texts = _split(request.body)
+        read = [_read(text) for text in texts]
+        records = tuple(r for r in read if r is not None)
+        return LogBatch(records=records, skipped=len(read) - len(records))
+
+    def delivery_id(self, request: WebhookRequest, payload: LogBatch) -> str:
+        # A delivery holds many records and Auth0 gives it no id of its own; a retry of
+        # the same batch is the same bytes. Records are deduplicated by their log_id.
+        return "sha256:" + hashlib.sha256(request.body).hexdigest()
+
+    def translate(
+        self, request: WebhookRequest, payload: LogBatch, options: Auth0Options
+    ) -> list[Output]:
+        calls: list[Output] = []
+        for record in payload.records:
+            try:
+                calls.extend(self._record(record, options))
+            except EventInvalid:
+                continue  # one record the ingest API would refuse: skip it, keep the batch
+        return calls
+
+    @staticmethod
+    def _record(record: LogRecord, options: Auth0Options) -> list[Output]:
+        data = record.data
+        user_id = data.user_id or None
+        log_id = record.log_id or data.log_id
+        if data.type not in TRANSLATED or not user_id or not log_id:
+            return []
+        if data.type == "sdu":
+            return [Forget(user_id=user_id)] if options.forget_on_user_deleted else []
+        # Ids and the app's own names only: no IP, user agent, user name or e-mail.
+        context = {
+            "connection": data.connection,
+            "strategy": data.strategy,
+            "client_id": data.client_id,
+            "client_name": data.client_name,
+        }
+        properties = {k: v for k, v in context.items() if v}
+        if data.type == "s":
+            return [_track("login", log_id, data.date, user_id, properties)]
+        traits = {k: v for k, v in properties.items() if k in ("connection", "strategy")}
+        return [
+            Identify(user_id=user_id, traits=traits),
+            _track("signup", log_id, data.date, user_id, properties),
+        ]
+
+    def samples(self) -> Mapping[str, Sample]:
+        folder = resources.files("handlers").joinpath("samples", "auth0")
+        return {
+            f.name.removesuffix(".json"): Sample(body=f.read_bytes())
+            for f in folder.iterdir()
+            if f.name.endswith(".json")
+        }
+
+    def freshen(self, sample: Sample) -> Sample:
+        """A new delivery from a sample, for `send-test`: fresh log ids and dates, so the
+        records are not taken for ones already counted."""
+        decoded: Any = msgspec.json.decode(sample.body)
+        records = decoded if isinstance(decoded, list) else [decoded]
+        now = datetime.fromtimestamp(time.time(), UTC).isoformat(timespec="milliseconds")
+        for record in records:
+            log_id = "900" + uuid.uuid4().hex + uuid.uuid4().hex[:21]  # 56 chars, like Auth0's
+            record["log_id"] = log_id
+            record["data"].update(log_id=log_id, date=now.replace("+00:00", "Z"))
+        return Sample(body=msgspec.json.encode(decoded), headers=sample.headers)
+
+
+def _track(
+    event: str, log_id: str, when: datetime, user_id: str, properties: dict[str, Any]
+) -> Track:
+    return Track(
+        event=event,
+        event_id=f"{event}:auth0:{log_id}",  # the record's own id: resent records collapse
+        timestamp=when,
+        user_id=user_id,
+        properties=properties,
+    )
+
+
+handler: Final = Auth0Handler()

@@ -1,0 +1,361 @@
+"""Auth0 log streams: the Authorization token, the three body formats, one event per log
+record (deduplicated on log_id), bad records skipped without sinking their batch, and the
+end-to-end path through the real app and the real sink."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from bridge.app import create_app
+from bridge.config import load_settings
+from bridge.errors import PayloadInvalid, SignatureInvalid
+from bridge.events import Forget, Identify, Track, encode
+from bridge.plugin import WebhookRequest
+from bridge.registry import load_sources
+from bridge.testing import TEST_SECRET, run_handler
+from handlers import auth0
+from handlers.auth0 import Auth0Options, AuthorizationScheme, handler
+from tests.conftest import RunningSink, ServerThread
+
+FIXTURES = Path(__file__).parent / "fixtures" / "auth0"
+TOKEN = "Bearer 6f1d0c2b9a8e7f6d5c4b3a29"
+OLD_TOKEN = "Bearer 0a1b2c3d4e5f"
+USER = "auth0|6740a1f2c3d4e5f60718293a"
+SIGNUP_ID = "90020261120101630000000000000000000000000000000000000002"
+LOGIN_ID = "90020261120101645000000000000000000000000000000000000003"
+
+
+def records() -> list[dict[str, Any]]:
+    decoded: list[dict[str, Any]] = msgspec.json.decode(
+        (FIXTURES / "log_stream_batch.json").read_bytes()
+    )
+    return decoded
+
+
+def sdu() -> dict[str, Any]:
+    decoded: dict[str, Any] = msgspec.json.decode((FIXTURES / "sdu.SYNTHETIC.json").read_bytes())
+    return decoded
+
+
+def jsonl(items: list[Any]) -> bytes:
+    return b"\n".join(msgspec.json.encode(i) for i in items) + b"\n"
+
+
+def request(body: bytes, authorization: str | None) -> WebhookRequest:
+    headers = {} if authorization is None else {"authorization": authorization}
+    return WebhookRequest(source="auth0", headers=headers, body=body, received_at=time.time())
+
+
+def event_ids(calls: list[Any]) -> list[str | None]:
+    return [c.event_id for c in calls if isinstance(c, Track)]
+
+
+# -- the token ---------------------------------------------------------------------------
+
+
+def test_the_whole_authorization_value_is_the_token() -> None:
+    scheme = AuthorizationScheme()
+    body = (FIXTURES / "log_stream_batch.json").read_bytes()
+    scheme.verify(request(body, TOKEN), [TOKEN], 300)
+    scheme.verify(request(body, TOKEN), [OLD_TOKEN, TOKEN], 300)  # rotation
+    for wrong in ("6f1d0c2b9a8e7f6d5c4b3a29", "Bearer 6f1d0c2b9a8e7f6d5c4b3a2", "bearer x"):
+        with pytest.raises(SignatureInvalid, match="does not match"):
+            scheme.verify(request(body, wrong), [TOKEN], 300)
+    with pytest.raises(SignatureInvalid, match="missing Authorization header"):
+        scheme.verify(request(body, None), [TOKEN], 300)
+    with pytest.raises(SignatureInvalid, match="missing Authorization header"):
+        scheme.verify(request(body, "  "), [TOKEN], 300)
+    with pytest.raises(SignatureInvalid):
+        scheme.verify(request(body, "Bearer \udcff\u00e9"), [TOKEN], 300)  # odd bytes: refused
+
+
+def test_the_token_is_never_kept_and_the_scheme_says_the_body_is_not_signed() -> None:
+    scheme = handler.scheme
+    assert scheme.headers == ()  # the intake stores the listed headers; this one is a secret
+    assert scheme.signs_timestamp is False
+    assert getattr(scheme, "signs_body", True) is False
+    assert scheme.sign(b"[]", TOKEN, 0) == {
+        "authorization": TOKEN,
+        "content-type": "application/json",
+    }
+
+
+# -- bodies -------------------------------------------------------------------------------
+
+
+def test_array_json_lines_and_single_objects_become_the_same_events() -> None:
+    array = run_handler(handler, (FIXTURES / "log_stream_batch.json").read_bytes())
+    lines = run_handler(handler, (FIXTURES / "log_stream_batch.jsonl").read_bytes())
+    singles = [run_handler(handler, msgspec.json.encode(r)) for r in records()]
+    assert array.calls == lines.calls == [c for s in singles for c in s.calls]
+    identify, signup, login = array.calls  # the failed sign-up (fs) is ignored
+    assert identify == Identify(
+        user_id=USER,
+        traits={"connection": "Username-Password-Authentication", "strategy": "auth0"},
+    )
+    assert isinstance(signup, Track)
+    assert isinstance(login, Track)
+    assert (signup.event, signup.event_id) == ("signup", f"signup:auth0:{SIGNUP_ID}")
+    assert (login.event, login.event_id) == ("login", f"login:auth0:{LOGIN_ID}")
+    assert signup.user_id == login.user_id == USER
+    assert signup.timestamp is not None
+    assert signup.timestamp.isoformat() == "2026-11-20T10:16:30.480000+00:00"
+    assert login.properties == {
+        "connection": "Username-Password-Authentication",
+        "strategy": "auth0",
+        "client_id": "aZ7kQ2nV9xL0pT4rB8wY1cE6",
+        "client_name": "Acme Web",
+    }
+    # Three deliveries of the same records: three delivery ids, the same event ids.
+    assert len({array.delivery_id, lines.delivery_id}) == 2
+    assert array.delivery_id.startswith("sha256:")
+
+
+def test_no_ip_user_agent_name_or_email_leaves_the_bridge() -> None:
+    calls = run_handler(handler, (FIXTURES / "log_stream_batch.json").read_bytes()).calls
+    wire = b"".join(encode(c) for c in calls if isinstance(c, Track | Identify | Forget))
+    for private in (b"203.0.113.42", b"Mozilla", b"kim@example.org", b"password", b"tenant"):
+        assert private not in wire
+
+
+def test_a_bad_record_does_not_sink_its_batch() -> None:
+    _, ss, s = records()
+    no_date = {
+        "log_id": "90020261120000000000000000000000000000000000000000000009",
+        "data": {**s["data"], "date": None},
+    }
+    naive_date = {
+        "log_id": "90020261120000000000000000000000000000000000000000000010",
+        "data": {**s["data"], "date": "2026-11-20T10:16:45"},
+    }
+    no_log_id = {"data": {k: v for k, v in s["data"].items() if k != "log_id"}}
+    long_log_id = {"log_id": "9" * 101, "data": {**s["data"], "log_id": "9" * 101}}
+    wrong = [
+        {"data": "not an object"},
+        42,
+        "text",
+        None,
+        [],
+        no_date,
+        naive_date,
+        no_log_id,
+        long_log_id,
+        {"log_id": "x"},
+    ]
+    expected = run_handler(handler, msgspec.json.encode([ss, s])).calls
+    assert len(expected) == 3
+    array = msgspec.json.encode([ss, *wrong, s])
+    assert run_handler(handler, array).calls == expected
+    lines = jsonl([ss, *wrong]) + b"{not json at all\n\n" + jsonl([s])
+    assert run_handler(handler, lines).calls == expected
+    batch = handler.parse(request(array, TOKEN))
+    assert (len(batch.records), batch.skipped) == (2, len(wrong))
+
+
+def test_the_log_id_may_be_only_inside_data() -> None:
+    s = records()[2]
+    del s["log_id"]
+    assert event_ids(run_handler(handler, msgspec.json.encode(s)).calls) == [
+        f"login:auth0:{LOGIN_ID}"
+    ]
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"   ", b"not json", b"{not json", b"42", b'"text"', b"null", b"\xff\xfe"]
+)
+def test_a_body_that_is_not_a_log_stream_is_refused(body: bytes) -> None:
+    with pytest.raises(PayloadInvalid):
+        handler.parse(request(body, TOKEN))
+
+
+def test_an_empty_array_is_acknowledged() -> None:
+    assert run_handler(handler, b"[]").calls == []
+
+
+def test_records_without_a_user_and_other_types_are_ignored() -> None:
+    fs, _, s = records()
+    anonymous_login = {**s, "data": {**s["data"], "user_id": ""}}
+    others = [{**s, "data": {**s["data"], "type": t}} for t in ("ssa", "seacft", "slo", "f")]
+    assert run_handler(handler, msgspec.json.encode([fs, anonymous_login, *others])).calls == []
+
+
+def test_user_deletion_forgets_only_when_the_source_asks() -> None:
+    body = msgspec.json.encode(sdu())
+    assert run_handler(handler, body).calls == []
+    forgotten = run_handler(handler, body, forget_on_user_deleted=True).calls
+    assert forgotten == [Forget(user_id="auth0|6182002f34f4dd006b05b5c7")]
+
+
+def test_redelivery_gives_the_same_delivery_and_event_ids() -> None:
+    body = (FIXTURES / "log_stream_batch.jsonl").read_bytes()
+    first, again = run_handler(handler, body), run_handler(handler, body)
+    assert (first.delivery_id, first.calls) == (again.delivery_id, again.calls)
+    # Auth0 may regroup records into other batches: the events stay the same.
+    fs, _, s = records()
+    regrouped = run_handler(handler, msgspec.json.encode([s, fs])).calls
+    assert event_ids(regrouped) == [f"login:auth0:{LOGIN_ID}"]
+    assert set(event_ids(regrouped)) <= set(event_ids(first.calls))
+
+
+def test_samples_translate_the_same_every_time_and_freshen_into_new_records() -> None:
+    samples = handler.samples()
+    assert set(samples) == {"batch", "ss", "s", "sdu"}
+    for sample in samples.values():
+        one = run_handler(handler, sample.body, headers=sample.headers)
+        two = run_handler(handler, sample.body, headers=sample.headers)
+        assert (one.delivery_id, one.calls) == (two.delivery_id, two.calls)
+        fresh = handler.freshen(sample)
+        renewed = run_handler(handler, fresh.body, headers=fresh.headers)
+        assert renewed.delivery_id != one.delivery_id
+        assert len(renewed.calls) == len(one.calls)
+        assert not set(event_ids(renewed.calls)) & set(event_ids(one.calls))
+
+
+def test_options_are_strict() -> None:
+    assert Auth0Options().forget_on_user_deleted is False
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"forget_on_user_delete": True}, Auth0Options)
+
+
+# -- end to end ---------------------------------------------------------------------------
+
+
+class Bridge:
+    def __init__(self, url: str, sink: RunningSink, database: Path) -> None:
+        self.url = url
+        self.sink = sink
+        self.database = database
+
+    def post(self, body: bytes, authorization: str | None = TOKEN) -> httpx.Response:
+        headers = {"content-type": "application/json"}
+        if authorization is not None:
+            headers["authorization"] = authorization
+        return httpx.post(f"{self.url}/webhooks/auth0", content=body, headers=headers)
+
+    def arrived(self, count: int, within: float = 10) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + within
+        while True:
+            events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
+            if len(events) >= count:
+                time.sleep(0.3)  # anything more would show now
+                events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
+                return [{"route": e["route"], **e["body"]} for e in events]
+            assert time.monotonic() < deadline, f"{len(events)} of {count} calls arrived"
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
+    (tmp_path / "bridge.toml").write_text("[sources.auth0]\nforget_on_user_deleted = true\n")
+    env = {
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": sink.url,
+        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
+        "BRIDGE_CONFIG": str(tmp_path / "bridge.toml"),
+        "AUTH0_WEBHOOK_TOKEN": f"{OLD_TOKEN}, {TOKEN}",
+    }
+    sources = load_sources(env, {"auth0": auth0.handler})
+    with ServerThread(create_app(load_settings(env), sources=sources)) as server:
+        yield Bridge(server.url, sink, tmp_path / "bridge.db")
+
+
+def test_a_log_stream_end_to_end(bridge: Bridge) -> None:
+    lines = (FIXTURES / "log_stream_batch.jsonl").read_bytes()
+    assert bridge.post(lines).json() == {"ok": True, "result": "accepted"}
+    calls = sorted(bridge.arrived(3), key=lambda c: (c["route"], c.get("event", "")))
+    assert calls == [
+        {
+            "route": "identify",
+            "user_id": USER,
+            "traits": {"connection": "Username-Password-Authentication", "strategy": "auth0"},
+        },
+        {
+            "route": "track",
+            "event": "login",
+            "event_id": f"login:auth0:{LOGIN_ID}",
+            "timestamp": "2026-11-20T10:16:45.002000Z",
+            "user_id": USER,
+            "properties": {
+                "connection": "Username-Password-Authentication",
+                "strategy": "auth0",
+                "client_id": "aZ7kQ2nV9xL0pT4rB8wY1cE6",
+                "client_name": "Acme Web",
+            },
+        },
+        {
+            "route": "track",
+            "event": "signup",
+            "event_id": f"signup:auth0:{SIGNUP_ID}",
+            "timestamp": "2026-11-20T10:16:30.480000Z",
+            "user_id": USER,
+            "properties": {
+                "connection": "Username-Password-Authentication",
+                "strategy": "auth0",
+                "client_id": "aZ7kQ2nV9xL0pT4rB8wY1cE6",
+                "client_name": "Acme Web",
+            },
+        },
+    ]
+    # The same batch again is a redelivery; the same records as an array are a new
+    # delivery whose events Millimetric already has (same event ids), so none counts twice.
+    assert bridge.post(lines).json()["result"] == "duplicate"
+    array = (FIXTURES / "log_stream_batch.json").read_bytes()
+    assert bridge.post(array, authorization=OLD_TOKEN).json()["result"] == "accepted"
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{bridge.sink.url}/_sink/stats").json()["duplicates"] < 2:
+        assert time.monotonic() < deadline, "the array's tracks did not reach the sink"
+        time.sleep(0.05)
+    tracks = [c for c in bridge.arrived(3) if c["route"] == "track"]
+    assert len(tracks) == 2
+    # The token is checked and never stored beside the raw body.
+    with sqlite3.connect(bridge.database) as db:
+        stored = [row[0] for row in db.execute("SELECT headers FROM inbox")]
+    assert stored
+    assert all(TOKEN.encode() not in (h or b"") for h in stored)
+
+
+def test_refusals_and_a_bad_record_end_to_end(bridge: Bridge) -> None:
+    body = (FIXTURES / "log_stream_batch.json").read_bytes()
+    assert bridge.post(body, authorization="Bearer wrong").status_code == 401
+    missing = bridge.post(body, authorization=None)
+    assert missing.status_code == 401
+    assert missing.json()["reason"] == "missing Authorization header"
+    assert bridge.post(TOKEN.encode() + b" not json").status_code == 400
+    s = records()[2]
+    mixed = msgspec.json.encode([{"log_id": "broken", "data": []}, s, sdu()])
+    assert bridge.post(mixed).json()["result"] == "accepted"
+    calls = sorted(bridge.arrived(2), key=lambda c: c["route"])
+    assert [c.get("event", c["route"]) for c in calls] == ["forget", "login"]
+    assert calls[0] == {"route": "forget", "user_id": "auth0|6182002f34f4dd006b05b5c7"}
+
+
+def test_an_unset_token_leaves_the_source_unmounted(sink: RunningSink, tmp_path: Path) -> None:
+    (tmp_path / "none.toml").write_text("")
+    env = {
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": sink.url,
+        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
+        "BRIDGE_CONFIG": str(tmp_path / "none.toml"),
+    }
+    sources = load_sources(env, {"auth0": auth0.handler})
+    with ServerThread(create_app(load_settings(env), sources=sources)) as server:
+        answer = httpx.post(
+            f"{server.url}/webhooks/auth0", content=b"[]", headers={"authorization": TEST_SECRET}
+        )
+        assert answer.status_code == 404
+
+
+def test_every_sample_sent_as_send_test_does_is_taken(bridge: Bridge) -> None:
+    for event, sample in sorted(handler.samples().items()):
+        fresh = handler.freshen(sample)
+        headers = {**fresh.headers, **handler.scheme.sign(fresh.body, TOKEN, int(time.time()))}
+        answer = httpx.post(f"{bridge.url}/webhooks/auth0", content=fresh.body, headers=headers)
+        assert answer.json() == {"ok": True, "result": "accepted"}, event

@@ -1,0 +1,398 @@
+"""GitHub: signatures made by @octokit/webhooks-methods verify, Sponsors and Marketplace
+purchases become `purchase` with their list price in US cents, ping and everything else is
+acknowledged, and the end-to-end path through the real app and the real sink."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import msgspec
+import pytest
+
+from bridge.app import create_app
+from bridge.config import load_settings
+from bridge.errors import PayloadInvalid, SignatureInvalid
+from bridge.events import Track
+from bridge.plugin import WebhookRequest
+from bridge.registry import load_sources
+from bridge.testing import run_handler, signed_request
+from handlers import github
+from handlers.github import handler
+from tests.conftest import RunningSink, ServerThread
+
+FIXTURES = Path(__file__).parent / "fixtures" / "github"
+SECRET = "gh-webhook-secret-current"
+OLD_SECRET = "gh-webhook-secret-previous"
+DELIVERY = "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+
+
+def fixture(name: str) -> dict[str, Any]:
+    decoded: dict[str, Any] = msgspec.json.decode((FIXTURES / name).read_bytes())
+    return decoded
+
+
+def sponsorship(action: str = "created", **tier: Any) -> bytes:
+    event = fixture("sponsorship_created.SYNTHETIC.json")
+    event["action"] = action
+    event["sponsorship"]["tier"].update(tier)
+    return msgspec.json.encode(event)
+
+
+def marketplace(action: str = "purchased", **changes: Any) -> bytes:
+    event = fixture("marketplace_purchase_purchased.SYNTHETIC.json")
+    event["action"] = action
+    purchase = event["marketplace_purchase"]
+    for key, value in changes.items():
+        if key in purchase["plan"]:
+            purchase["plan"][key] = value
+        else:
+            purchase[key] = value
+    return msgspec.json.encode(event)
+
+
+def run(event: str, body: bytes, delivery: str = DELIVERY) -> list[Any]:
+    headers = {"x-github-event": event, "x-github-delivery": delivery}
+    return run_handler(handler, body, headers=headers).calls
+
+
+# -- signatures ---------------------------------------------------------------------------
+
+
+def test_octokit_signed_fixtures_verify_and_tampered_ones_do_not() -> None:
+    signatures = json.loads((FIXTURES / "signatures.example.json").read_text())
+    for name, headers in signatures["files"].items():
+        body = (FIXTURES / name).read_bytes()
+        signed = {"x-hub-signature-256": headers["X-Hub-Signature-256"]}
+        good = WebhookRequest(source="github", headers=signed, body=body, received_at=0)
+        handler.scheme.verify(good, [signatures["secret"]], 300)
+        handler.scheme.verify(good, ["another secret", signatures["secret"]], 300)  # rotation
+        with pytest.raises(SignatureInvalid):
+            handler.scheme.verify(good, ["It's a Secret to Everybody!"], 300)
+        tampered = WebhookRequest(
+            source="github", headers=signed, body=body.replace(b"}", b" }", 1), received_at=0
+        )
+        with pytest.raises(SignatureInvalid):
+            handler.scheme.verify(tampered, [signatures["secret"]], 300)
+        # The legacy SHA-1 header alone is not enough.
+        legacy = WebhookRequest(
+            source="github",
+            headers={"x-hub-signature": headers["X-Hub-Signature"]},
+            body=body,
+            received_at=0,
+        )
+        with pytest.raises(SignatureInvalid, match="missing x-hub-signature-256"):
+            handler.scheme.verify(legacy, [signatures["secret"]], 300)
+
+
+def test_our_signatures_are_githubs() -> None:
+    body = (FIXTURES / "ping.json").read_bytes()
+    expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert handler.scheme.sign(body, SECRET, 0)["x-hub-signature-256"] == expected
+
+
+# -- translation ----------------------------------------------------------------------------
+
+
+def test_ping_and_other_events_are_acknowledged_and_ignored() -> None:
+    for event, name in (
+        ("ping", "ping.json"),
+        ("push", "push_with-new-branch.json"),
+        ("star", "star_created.json"),
+    ):
+        translated = run_handler(
+            handler,
+            (FIXTURES / name).read_bytes(),
+            headers={"x-github-event": event, "x-github-delivery": DELIVERY},
+        )
+        assert translated.calls == []
+        assert translated.delivery_id == DELIVERY
+
+
+def test_a_new_sponsorship_is_a_purchase_at_its_tier_price() -> None:
+    (purchase,) = run("sponsorship", sponsorship())
+    assert isinstance(purchase, Track)
+    assert purchase.event == "purchase"
+    assert purchase.event_id == f"purchase:github:{DELIVERY}"
+    assert purchase.timestamp is not None
+    assert purchase.timestamp.isoformat() == "2026-11-02T14:05:31+00:00"
+    assert purchase.anonymous_id == "github:48211093"
+    assert purchase.user_id is None
+    assert purchase.properties == {
+        "amount_cents": 1500,
+        "currency": "USD",
+        "product": "github_sponsors",
+        "sponsorship": "S_kwHOAVNkMs4AAqFz",
+        "tier": "$15 a month",
+        "tier_id": "ST_kwDOAVNkMs4AAfxq",
+        "one_time": False,
+        "interval": "month",
+    }
+    assert isinstance(purchase.properties["amount_cents"], int)
+
+
+def test_a_one_time_sponsorship_has_no_interval() -> None:
+    (purchase,) = run("sponsorship", sponsorship(is_one_time=True, monthly_price_in_cents=2500))
+    assert purchase.properties["amount_cents"] == 2500
+    assert purchase.properties["one_time"] is True
+    assert "interval" not in purchase.properties
+
+
+def test_sponsorship_changes_and_free_tiers_are_not_purchases() -> None:
+    for action in (
+        "cancelled",
+        "edited",
+        "tier_changed",
+        "pending_tier_change",
+        "pending_cancellation",
+    ):
+        assert run("sponsorship", sponsorship(action)) == []
+    assert run("sponsorship", sponsorship(monthly_price_in_cents=0)) == []
+    no_tier = fixture("sponsorship_created.SYNTHETIC.json")
+    del no_tier["sponsorship"]["tier"]
+    assert run("sponsorship", msgspec.json.encode(no_tier)) == []
+
+
+def test_a_private_sponsor_is_sent_by_numeric_id_only() -> None:
+    event = fixture("sponsorship_created.SYNTHETIC.json")
+    event["sponsorship"]["privacy_level"] = "private"
+    (purchase,) = run("sponsorship", msgspec.json.encode(event))
+    assert b"sam-patel" not in msgspec.json.encode(purchase)
+
+
+def test_a_marketplace_purchase_is_its_plan_price_per_cycle_and_unit() -> None:
+    (purchase,) = run("marketplace_purchase", marketplace())
+    assert purchase.event_id == f"purchase:github:{DELIVERY}"
+    assert purchase.anonymous_id == "github:90311524"
+    assert purchase.timestamp.isoformat() == "2026-11-03T00:00:00+00:00"
+    assert purchase.properties == {
+        "amount_cents": 4800,  # 12 seats at 400 cents
+        "currency": "USD",
+        "product": "github_marketplace",
+        "plan": "Team",
+        "plan_id": 7310,
+        "billing_cycle": "monthly",
+        "unit_count": 12,
+        "account_type": "Organization",
+    }
+    wire = msgspec.json.encode(purchase)
+    assert b"example.org" not in wire  # billing and sender e-mails stay out
+    (yearly,) = run("marketplace_purchase", marketplace(billing_cycle="yearly"))
+    assert yearly.properties["amount_cents"] == 48000
+    (flat,) = run("marketplace_purchase", marketplace(price_model="flat-rate"))
+    assert flat.properties["amount_cents"] == 400
+    assert "unit_count" not in flat.properties
+    (octokit_style,) = run("marketplace_purchase", marketplace(price_model="per-unit"))
+    assert octokit_style.properties["amount_cents"] == 4800
+
+
+def test_trials_free_plans_and_other_marketplace_actions_are_not_purchases() -> None:
+    assert run("marketplace_purchase", marketplace(on_free_trial=True)) == []
+    assert run("marketplace_purchase", marketplace(price_model="FREE")) == []
+    assert run("marketplace_purchase", marketplace(monthly_price_in_cents=0)) == []
+    assert run("marketplace_purchase", marketplace(billing_cycle="weekly")) == []
+    for action in ("changed", "cancelled", "pending_change", "pending_change_cancelled"):
+        assert run("marketplace_purchase", marketplace(action)) == []
+
+
+def test_the_delivery_guid_is_the_dedupe_key_and_required() -> None:
+    body = sponsorship()
+    one = run_handler(
+        handler, body, headers={"x-github-event": "sponsorship", "x-github-delivery": DELIVERY}
+    )
+    again = run_handler(
+        handler, body, headers={"x-github-event": "sponsorship", "x-github-delivery": DELIVERY}
+    )
+    assert (
+        (one.delivery_id, one.calls)
+        == (again.delivery_id, again.calls)
+        == (
+            DELIVERY,
+            one.calls,
+        )
+    )
+    for headers, reason in (
+        ({"x-github-event": "sponsorship"}, "X-GitHub-Delivery"),
+        ({"x-github-event": "sponsorship", "x-github-delivery": "x" * 101}, "X-GitHub-Delivery"),
+        ({"x-github-delivery": DELIVERY}, "X-GitHub-Event"),
+    ):
+        with pytest.raises(PayloadInvalid, match=reason):
+            handler.parse(signed_request(handler, body, headers=headers))
+
+
+def test_malformed_payloads_are_refused() -> None:
+    headers = {"x-github-event": "sponsorship", "x-github-delivery": DELIVERY}
+    for body in (b"not json", b"[1, 2]", b'{"action": 5}'):
+        with pytest.raises(PayloadInvalid):
+            handler.parse(signed_request(handler, body, headers=headers))
+    wrong = msgspec.json.encode({"action": "created", "sponsorship": {"tier": "gold"}})
+    request = signed_request(handler, wrong, headers=headers)
+    with pytest.raises(PayloadInvalid, match="unexpected sponsorship payload"):
+        handler.translate(request, handler.parse(request), handler.options_type())
+
+
+def test_form_encoded_deliveries_are_read() -> None:
+    body = urlencode({"payload": sponsorship().decode()}).encode()
+    headers = {
+        "x-github-event": "sponsorship",
+        "x-github-delivery": DELIVERY,
+        "content-type": "application/x-www-form-urlencoded",
+    }
+    (purchase,) = run_handler(handler, body, headers=headers).calls
+    assert purchase.properties["amount_cents"] == 1500
+    for bad in (b"other=1", b"payload=1&payload=2", b"\xff"):
+        with pytest.raises(PayloadInvalid):
+            handler.parse(signed_request(handler, bad, headers=headers))
+
+
+def test_samples_translate_the_same_every_time_and_freshen_into_new_deliveries() -> None:
+    samples = handler.samples()
+    assert set(samples) == {"ping", "sponsorship", "marketplace_purchase"}
+    for event, sample in samples.items():
+        assert sample.headers["x-github-event"] == event
+        one = run_handler(handler, sample.body, headers=sample.headers)
+        two = run_handler(handler, sample.body, headers=sample.headers)
+        assert (one.delivery_id, one.calls) == (two.delivery_id, two.calls)
+        fresh = handler.freshen(sample)
+        assert fresh.headers["x-github-delivery"] != sample.headers["x-github-delivery"]
+        assert run_handler(handler, fresh.body, headers=fresh.headers).delivery_id != (
+            one.delivery_id
+        )
+    assert run_handler(handler, samples["ping"].body, headers=samples["ping"].headers).calls == []
+
+
+# -- end to end ---------------------------------------------------------------------------
+
+
+class Bridge:
+    def __init__(self, url: str, sink: RunningSink) -> None:
+        self.url = url
+        self.sink = sink
+
+    def post(
+        self, event: str, body: bytes, delivery: str | None = None, secret: str = SECRET
+    ) -> httpx.Response:
+        headers = {
+            "x-github-event": event,
+            "x-github-delivery": delivery or str(uuid.uuid4()),
+            **handler.scheme.sign(body, secret, 0),
+        }
+        return httpx.post(f"{self.url}/webhooks/github", content=body, headers=headers)
+
+    def arrived(self, count: int, within: float = 10) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + within
+        while True:
+            events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
+            if len(events) >= count:
+                time.sleep(0.3)  # anything more would show now
+                events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
+                return [{"route": e["route"], **e["body"]} for e in events]
+            assert time.monotonic() < deadline, f"{len(events)} of {count} calls arrived"
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
+    (tmp_path / "bridge.toml").write_text("")
+    env = {
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": sink.url,
+        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
+        "BRIDGE_CONFIG": str(tmp_path / "bridge.toml"),
+        "GITHUB_WEBHOOK_SECRET": f"{OLD_SECRET},{SECRET}",
+    }
+    sources = load_sources(env, {"github": github.handler})
+    with ServerThread(create_app(load_settings(env), sources=sources)) as server:
+        yield Bridge(server.url, sink)
+
+
+def test_sponsors_and_marketplace_end_to_end(bridge: Bridge) -> None:
+    ping = (FIXTURES / "ping.json").read_bytes()
+    assert bridge.post("ping", ping).json() == {"ok": True, "result": "ignored"}
+    assert bridge.post("sponsorship", sponsorship(), delivery=DELIVERY).json() == {
+        "ok": True,
+        "result": "accepted",
+    }
+    assert bridge.post("sponsorship", sponsorship(), delivery=DELIVERY).json() == {
+        "ok": True,
+        "result": "duplicate",
+    }
+    other = "0b0e4d3c-cc78-11e3-81ab-4c9367dc0958"
+    answer = bridge.post("marketplace_purchase", marketplace(), delivery=other, secret=OLD_SECRET)
+    assert answer.json()["result"] == "accepted"
+    calls = sorted(bridge.arrived(2), key=lambda c: c["event_id"])
+    assert calls == [
+        {
+            "route": "track",
+            "event": "purchase",
+            "event_id": f"purchase:github:{other}",
+            "timestamp": "2026-11-03T00:00:00Z",
+            "anonymous_id": "github:90311524",
+            "properties": {
+                "amount_cents": 4800,
+                "currency": "USD",
+                "product": "github_marketplace",
+                "plan": "Team",
+                "plan_id": 7310,
+                "billing_cycle": "monthly",
+                "unit_count": 12,
+                "account_type": "Organization",
+            },
+        },
+        {
+            "route": "track",
+            "event": "purchase",
+            "event_id": f"purchase:github:{DELIVERY}",
+            "timestamp": "2026-11-02T14:05:31Z",
+            "anonymous_id": "github:48211093",
+            "properties": {
+                "amount_cents": 1500,
+                "currency": "USD",
+                "product": "github_sponsors",
+                "sponsorship": "S_kwHOAVNkMs4AAqFz",
+                "tier": "$15 a month",
+                "tier_id": "ST_kwDOAVNkMs4AAfxq",
+                "one_time": False,
+                "interval": "month",
+            },
+        },
+    ]
+    assert httpx.get(f"{bridge.sink.url}/_sink/stats").json()["received"] == 2
+
+
+def test_refusals_end_to_end(bridge: Bridge) -> None:
+    body = sponsorship()
+    assert bridge.post("sponsorship", body, secret="wrong").status_code == 401
+    unsigned = httpx.post(
+        f"{bridge.url}/webhooks/github",
+        content=body,
+        headers={"x-github-event": "sponsorship", "x-github-delivery": DELIVERY},
+    )
+    assert unsigned.status_code == 401
+    assert unsigned.json()["reason"] == "missing x-hub-signature-256 header"
+    no_guid = httpx.post(
+        f"{bridge.url}/webhooks/github",
+        content=body,
+        headers={"x-github-event": "sponsorship", **handler.scheme.sign(body, SECRET, 0)},
+    )
+    assert no_guid.status_code == 400
+    assert bridge.post("sponsorship", b"{not json").status_code == 400
+    time.sleep(0.3)
+    assert httpx.get(f"{bridge.sink.url}/_sink/stats").json()["received"] == 0
+
+
+def test_every_sample_sent_as_send_test_does_is_taken(bridge: Bridge) -> None:
+    for event, sample in sorted(handler.samples().items()):
+        fresh = handler.freshen(sample)
+        headers = {**fresh.headers, **handler.scheme.sign(fresh.body, SECRET, int(time.time()))}
+        answer = httpx.post(f"{bridge.url}/webhooks/github", content=fresh.body, headers=headers)
+        expected = "ignored" if event == "ping" else "accepted"
+        assert answer.json() == {"ok": True, "result": expected}, event

@@ -1,0 +1,615 @@
+"""Shopify: signatures made by Shopify's own test helper verify, every topic translates as
+documented, ids above 2**53 survive exactly, and end to end through the real app and the
+real sink an order counts its revenue once and a redact forgets the customer."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from bridge.app import create_app
+from bridge.config import load_settings
+from bridge.errors import PayloadInvalid, SignatureInvalid
+from bridge.events import Forget, Identify, Track
+from bridge.plugin import Sample, WebhookRequest
+from bridge.registry import check_handler, load_sources
+from bridge.testing import TEST_SECRET, run_handler, signed_request
+from handlers.shopify import handler
+from tests.conftest import RunningSink, ServerThread
+
+FIXTURES = Path(__file__).parent / "fixtures" / "shopify"
+SIGNATURES = json.loads((FIXTURES / "signatures.example.json").read_text())
+SHOP = "example.myshopify.com"
+SECRET = "shopify_client_secret_current"
+OLD_SECRET = "shopify_client_secret_previous"
+# The exact ids behind the fixtures' rounded ones (from their admin_graphql_api_id).
+ORDER_ID = 820982911946154508
+CUSTOMER_ID = 115310627314723954
+REFUND_ID = 890088186047892319
+USER = f"shopify:{SHOP}:{CUSTOMER_ID}"
+
+
+def fixture(name: str, **changes: Any) -> dict[str, Any]:
+    """A recorded payload with `changes` applied at the top level."""
+    body: dict[str, Any] = msgspec.json.decode((FIXTURES / f"{name}.json").read_bytes())
+    return {**body, **changes}
+
+
+def order(**changes: Any) -> dict[str, Any]:
+    """A live order with exact ids, a campaign landing page and the browser's id."""
+    body = fixture(
+        "orders_paid",
+        id=ORDER_ID,
+        test=False,
+        landing_site="/products/lounger?utm_source=newsletter&utm_campaign=spring",
+        referring_site="https://www.google.com/",
+        note_attributes=[
+            {"name": "gift_note", "value": "happy birthday"},
+            {"name": "millimetric_anonymous_id", "value": "browser-123"},
+        ],
+    )
+    body["customer"] = {**body["customer"], "id": CUSTOMER_ID}
+    return {**body, **changes}
+
+
+def headers(topic: str, delivery: str = "d1", event: str | None = None) -> dict[str, str]:
+    found = {
+        "x-shopify-topic": topic,
+        "x-shopify-shop-domain": SHOP,
+        "x-shopify-webhook-id": f"webhook-{delivery}",
+    }
+    if event is not None:
+        found["x-shopify-event-id"] = event
+    return found
+
+
+def run(topic: str, body: dict[str, Any] | bytes, **options: Any) -> list[Any]:
+    raw = body if isinstance(body, bytes) else msgspec.json.encode(body)
+    return run_handler(handler, raw, headers=headers(topic), **options).calls
+
+
+def request(body: bytes, found: dict[str, str]) -> WebhookRequest:
+    return WebhookRequest(
+        source="shopify",
+        headers={k.lower(): v for k, v in found.items()},
+        body=body,
+        received_at=time.time(),
+    )
+
+
+# -- signatures --------------------------------------------------------------------------
+
+
+def test_signatures_made_by_shopifys_helper_verify_and_tampered_ones_do_not() -> None:
+    secret = SIGNATURES["secret"]
+    assert len(SIGNATURES["files"]) == 7
+    for name, recorded in SIGNATURES["files"].items():
+        body = (FIXTURES / name).read_bytes()
+        delivery = request(body, recorded)
+        handler.scheme.verify(delivery, [secret], 300)
+        handler.scheme.verify(delivery, ["another secret", secret], 300)  # rotation
+        # Our own signing agrees with Shopify's helper byte for byte.
+        signature = handler.scheme.sign(body, secret, 0)["x-shopify-hmac-sha256"]
+        assert signature == recorded["X-Shopify-Hmac-Sha256"]
+        with pytest.raises(SignatureInvalid):
+            handler.scheme.verify(delivery, ["another secret"], 300)
+        tampered = request(body.replace(b"}", b" }", 1), recorded)
+        with pytest.raises(SignatureInvalid):
+            handler.scheme.verify(tampered, [secret], 300)
+        flipped = request(body, {**recorded, "X-Shopify-Hmac-Sha256": signature[::-1]})
+        with pytest.raises(SignatureInvalid):
+            handler.scheme.verify(flipped, [secret], 300)
+        unsigned = request(body, {k: v for k, v in recorded.items() if "Hmac" not in k})
+        with pytest.raises(SignatureInvalid, match="missing"):
+            handler.scheme.verify(unsigned, [secret], 300)
+        # And the verified body, with its recorded headers, is read.
+        parsed = handler.parse(delivery)
+        assert parsed.topic == recorded["X-Shopify-Topic"]
+        assert parsed.shop == SHOP
+
+
+# -- ids above 2**53 -----------------------------------------------------------------------
+
+
+def test_ids_above_2_53_survive_exactly() -> None:
+    assert float(ORDER_ID) != ORDER_ID  # a double could not hold these ids
+    raw = (FIXTURES / "orders_paid.json").read_bytes()
+    raw = raw.replace(b"820982911946154500", str(ORDER_ID).encode())
+    raw = raw.replace(b"115310627314723950", str(CUSTOMER_ID).encode())
+    raw = raw.replace(b'"test": true', b'"test": false')
+    (purchase,) = run("orders/paid", raw, include_test_events=False)
+    assert purchase.event_id == f"purchase:shopify:{ORDER_ID}"
+    assert purchase.properties["order_id"] == str(ORDER_ID)
+    assert purchase.user_id == USER
+    refund = (FIXTURES / "refunds_create.json").read_bytes()
+    refund = refund.replace(b"890088186047892400", str(REFUND_ID).encode())
+    refund = refund.replace(b"820982911946154500", str(ORDER_ID).encode())
+    (call,) = run("refunds/create", refund)
+    assert call.event_id == f"refund:shopify:{REFUND_ID}"
+    assert (call.properties["refund_id"], call.properties["order_id"]) == (
+        str(REFUND_ID),
+        str(ORDER_ID),
+    )
+    # And exactly as it goes on the wire: JSON text, not a rounded number.
+    assert f'"order_id":"{ORDER_ID}"'.encode() in msgspec.json.encode(purchase)
+
+
+def test_an_id_sent_as_a_float_is_refused_not_rounded() -> None:
+    with pytest.raises(PayloadInvalid):
+        run("orders/paid", msgspec.json.encode(order()).replace(str(ORDER_ID).encode(), b"8.2e17"))
+
+
+# -- orders --------------------------------------------------------------------------------
+
+
+def test_orders_paid_is_a_purchase_with_attribution() -> None:
+    (purchase,) = run("orders/paid", order())
+    assert purchase == Track(
+        event="purchase",
+        event_id=f"purchase:shopify:{ORDER_ID}",
+        timestamp=datetime(2022, 1, 1, 0, 0, tzinfo=UTC),  # processed_at, -05:00
+        anonymous_id="browser-123",
+        user_id=USER,
+        url=f"https://{SHOP}/products/lounger?utm_source=newsletter&utm_campaign=spring",
+        referrer="https://www.google.com/",
+        properties={
+            "amount_cents": 40495,  # total_price_set.shop_money "404.95"
+            "currency": "USD",
+            "order_id": str(ORDER_ID),
+            "order_name": "#9999",
+            "shop": SHOP,
+        },
+    )
+
+
+def test_orders_create_is_an_order_placed_that_never_collapses_into_the_purchase() -> None:
+    (placed,) = run("orders/create", order(created_at="2021-12-30T10:00:00+01:00"))
+    (purchase,) = run("orders/paid", order())
+    assert placed.event == "order_placed"
+    assert placed.event_id == f"order_placed:shopify:{ORDER_ID}"
+    assert placed.event_id != purchase.event_id
+    assert placed.timestamp == datetime(2021, 12, 30, 9, 0, tzinfo=UTC)
+    assert (placed.anonymous_id, placed.user_id, placed.url) == (
+        purchase.anonymous_id,
+        purchase.user_id,
+        purchase.url,
+    )
+    assert placed.properties == purchase.properties
+
+
+def test_the_shop_money_is_counted_in_its_currencys_minor_unit() -> None:
+    def total(shop: tuple[str, str], presentment: tuple[str, str]) -> dict[str, Any]:
+        return {
+            "shop_money": {"amount": shop[0], "currency_code": shop[1]},
+            "presentment_money": {"amount": presentment[0], "currency_code": presentment[1]},
+        }
+
+    cases = [
+        (total(("1500", "JPY"), ("9.15", "EUR")), (1500, "JPY")),
+        (total(("1500.00", "JPY"), ("9.15", "EUR")), (1500, "JPY")),
+        (total(("12.345", "KWD"), ("40.10", "USD")), (12345, "KWD")),
+        (total(("0.29", "USD"), ("0.27", "EUR")), (29, "USD")),
+    ]
+    for money, expected in cases:
+        (purchase,) = run("orders/paid", order(total_price_set=money))
+        assert (purchase.properties["amount_cents"], purchase.properties["currency"]) == expected
+    # API versions without the _set fields: total_price is in the shop's currency.
+    (old,) = run("orders/paid", order(total_price_set=None, total_price="19.99", currency="EUR"))
+    assert (old.properties["amount_cents"], old.properties["currency"]) == (1999, "EUR")
+
+
+@pytest.mark.parametrize(
+    "money",
+    [
+        {"amount": "404.955", "currency_code": "USD"},  # more decimals than USD has
+        {"amount": "1500.5", "currency_code": "JPY"},
+        {"amount": 404.95, "currency_code": "USD"},  # a float, never accepted as money
+        {"amount": "lots", "currency_code": "USD"},
+        {"amount": "404.95", "currency_code": "dollars"},
+    ],
+)
+def test_amounts_that_are_not_exact_money_are_refused(money: dict[str, Any]) -> None:
+    with pytest.raises(PayloadInvalid):
+        run("orders/paid", order(total_price_set={"shop_money": money}))
+
+
+def test_test_orders_stay_out_unless_the_source_includes_them() -> None:
+    assert run("orders/paid", order(test=True), include_test_events=False) == []
+    assert run("orders/create", order(test=True), include_test_events=False) == []
+    assert len(run("orders/paid", order(test=True), include_test_events=True)) == 1
+    assert len(run("orders/paid", order(test=False), include_test_events=False)) == 1
+
+
+def test_a_free_order_is_placed_but_is_no_purchase() -> None:
+    free = order(total_price_set={"shop_money": {"amount": "0.00", "currency_code": "USD"}})
+    assert run("orders/paid", free) == []
+    (placed,) = run("orders/create", free)
+    assert placed.properties["amount_cents"] == 0
+
+
+def test_identity_and_attribution_variants() -> None:
+    hidden = [{"name": "_millimetric_anonymous_id", "value": " browser-9 "}]
+    (call,) = run("orders/paid", order(note_attributes=hidden, customer=None))
+    assert (call.anonymous_id, call.user_id) == ("browser-9", None)  # a guest without record
+    bare = order(note_attributes=None, landing_site=None, referring_site="")
+    (call,) = run("orders/paid", bare)
+    assert (call.anonymous_id, call.user_id, call.url, call.referrer) == (None, USER, None, None)
+    for landing, url in [
+        ("products/a?gclid=1", f"https://{SHOP}/products/a?gclid=1"),
+        ("https://shop.example/?fbclid=2", "https://shop.example/?fbclid=2"),
+    ]:
+        (call,) = run("orders/paid", order(landing_site=landing))
+        assert call.url == url
+
+
+# -- refunds, customers, privacy -----------------------------------------------------------
+
+
+def refund(**changes: Any) -> dict[str, Any]:
+    return fixture("refunds_create", id=REFUND_ID, order_id=ORDER_ID, **changes)
+
+
+def transaction(amount: str, **changes: Any) -> dict[str, Any]:
+    return {"kind": "refund", "status": "success", "amount": amount, "currency": "EUR", **changes}
+
+
+def test_refunds_create_is_a_refund_of_what_its_transactions_gave_back() -> None:
+    (call,) = run("refunds/create", refund())
+    assert call == Track(
+        event="refund",
+        event_id=f"refund:shopify:{REFUND_ID}",
+        timestamp=datetime(2022, 1, 1, 0, 0, tzinfo=UTC),
+        properties={
+            # 75.00 + 10.00; the transactions omit their currency: the refund's presentment one
+            "amount_cents": 8500,
+            "currency": "USD",
+            "refund_id": str(REFUND_ID),
+            "order_id": str(ORDER_ID),
+            "shop": SHOP,
+        },
+    )
+    mixed = [
+        transaction("12.50"),
+        transaction("1.00", status="failure"),
+        transaction("2.00", kind="capture"),
+        transaction("3.00", test=True),
+    ]
+    (call,) = run("refunds/create", refund(transactions=mixed), include_test_events=False)
+    assert (call.properties["amount_cents"], call.properties["currency"]) == (1250, "EUR")
+    (call,) = run("refunds/create", refund(transactions=mixed), include_test_events=True)
+    assert call.properties["amount_cents"] == 1550
+
+
+def test_refunds_that_move_no_money_or_do_not_say_the_currency_are_skipped() -> None:
+    assert run("refunds/create", refund(transactions=[])) == []  # a restock only
+    assert run("refunds/create", refund(transactions=[transaction("0.00")])) == []
+    two = [transaction("1.00"), transaction("1.00", currency="USD")]
+    assert run("refunds/create", refund(transactions=two)) == []
+    unknown = [transaction("1.00", currency=None)]
+    bare = refund(transactions=unknown, refund_line_items=[], total_duties_set=None)
+    assert run("refunds/create", bare) == []
+
+
+@pytest.mark.parametrize("topic", ["customers/create", "customers/update"])
+def test_customers_become_identify_without_contact_details(topic: str) -> None:
+    body = fixture("customers_create", id=706405506930370084)
+    assert run(topic, body) == [
+        Identify(
+            user_id=f"shopify:{SHOP}:706405506930370084",
+            traits={
+                "shop": SHOP,
+                "shopify_customer_id": "706405506930370084",
+                "customer_since": "2022-01-01T00:00:00+00:00",
+            },
+        )
+    ]
+
+
+def test_privacy_topics() -> None:
+    assert run("customers/redact", fixture("customers_redact")) == [
+        Forget(user_id=f"shopify:{SHOP}:191167")  # the same user id as the orders carry
+    ]
+    redact = fixture("customers_redact", customer={"id": CUSTOMER_ID})
+    assert run("customers/redact", redact) == [Forget(user_id=USER)]
+    assert run("customers/redact", fixture("customers_redact", customer=None)) == []
+    # Acknowledged: recorded in the inbox and the log for the operator.
+    assert run("customers/data_request", fixture("customers_data_request")) == []
+    assert run("shop/redact", fixture("shop_redact")) == []  # the operator purges a shop
+
+
+def test_other_topics_are_acknowledged_unread_but_must_be_json_objects() -> None:
+    assert run("products/update", {"id": 1, "title": "x"}) == []
+    with pytest.raises(PayloadInvalid):
+        run("products/update", b"[1, 2]")
+    with pytest.raises(PayloadInvalid):
+        run("orders/paid", b"{not json")
+    with pytest.raises(PayloadInvalid):
+        run("orders/paid", {"no": "id"})
+
+
+# -- delivery ids and headers --------------------------------------------------------------
+
+
+def test_the_delivery_id_is_the_event_id_else_the_webhook_id_within_the_topic() -> None:
+    body = msgspec.json.encode(order())
+    both = {**headers("orders/paid"), "x-shopify-event-id": "evt-1"}
+    assert run_handler(handler, body, headers=both).delivery_id == "orders/paid:evt-1"
+    assert run_handler(handler, body, headers=headers("orders/paid")).delivery_id == (
+        "orders/paid:webhook-d1"
+    )
+    # One merchant action can fire several topics under one event id: kept apart.
+    other = {**both, "x-shopify-topic": "orders/create"}
+    assert run_handler(handler, body, headers=other).delivery_id == "orders/create:evt-1"
+
+
+@pytest.mark.parametrize(
+    ("drop", "change", "message"),
+    [
+        ("x-shopify-webhook-id", {}, "X-Shopify-Event-Id and X-Shopify-Webhook-Id"),
+        ("x-shopify-topic", {}, "X-Shopify-Topic"),
+        ("x-shopify-shop-domain", {}, "X-Shopify-Shop-Domain"),
+        ("", {"x-shopify-shop-domain": "evil.example/path"}, "X-Shopify-Shop-Domain"),
+        ("", {"x-shopify-webhook-id": "x" * 300}, "longer than"),
+    ],
+)
+def test_missing_or_malformed_headers_are_invalid(
+    drop: str, change: dict[str, str], message: str
+) -> None:
+    body = msgspec.json.encode(order())
+    signed = signed_request(handler, body, headers={**headers("orders/paid"), **change})
+    delivery = request(body, {k: v for k, v in signed.headers.items() if k != drop})
+    with pytest.raises(PayloadInvalid, match=message):
+        handler.parse(delivery)
+
+
+def test_the_shop_domain_is_read_in_lower_case() -> None:
+    body = msgspec.json.encode(order())
+    loud = {**headers("orders/paid"), "x-shopify-shop-domain": "Example.MyShopify.com"}
+    (call,) = run_handler(handler, body, headers=loud).calls
+    assert call.user_id == USER
+
+
+# -- the handler as a plugin ---------------------------------------------------------------
+
+
+def test_it_keeps_the_handler_protocol_and_its_samples_translate() -> None:
+    check_handler("shopify", handler)
+    samples = handler.samples()
+    assert sorted(samples) == sorted(
+        [
+            "orders/create",
+            "orders/paid",
+            "refunds/create",
+            "customers/create",
+            "customers/redact",
+            "customers/data_request",
+            "shop/redact",
+        ]
+    )
+    events = {}
+    for topic, sample in samples.items():
+        assert sample.headers["x-shopify-topic"] == topic
+        assert sample.headers["x-shopify-shop-domain"] == SHOP
+        first = run_handler(handler, sample.body, headers=sample.headers)
+        again = run_handler(handler, sample.body, headers=sample.headers)
+        assert first.delivery_id == again.delivery_id  # a redelivery is recognisable
+        assert first.calls == again.calls  # and becomes the same calls
+        events[topic] = [getattr(c, "event", type(c).__name__) for c in first.calls]
+    assert events == {
+        "orders/create": ["order_placed"],
+        "orders/paid": ["purchase"],
+        "refunds/create": ["refund"],
+        "customers/create": ["Identify"],
+        "customers/redact": ["Forget"],
+        "customers/data_request": [],
+        "shop/redact": [],
+    }
+    # The shipped samples are Shopify's published examples, byte for byte.
+    for topic, sample in samples.items():
+        assert sample.body == (FIXTURES / f"{topic.replace('/', '_')}.json").read_bytes()
+
+
+def test_freshen_makes_a_new_delivery_of_a_new_order() -> None:
+    sample = handler.samples()["orders/paid"]
+    fresh = handler.freshen(sample)
+    again = handler.freshen(sample)
+    assert fresh.headers["x-shopify-webhook-id"] != again.headers["x-shopify-webhook-id"]
+    (purchase,) = run_handler(handler, fresh.body, headers=fresh.headers).calls
+    order_id = int(purchase.properties["order_id"])
+    assert order_id > 2**53
+    assert purchase.event_id == f"purchase:shopify:{order_id}"
+    redact = handler.freshen(handler.samples()["customers/redact"])
+    assert isinstance(redact, Sample)
+    assert redact.body == handler.samples()["customers/redact"].body
+
+
+# -- end to end: the real app, the real sink ----------------------------------------------
+
+
+class Bridge:
+    def __init__(self, url: str, sink: RunningSink) -> None:
+        self.url = url
+        self.sink = sink
+
+    def post(
+        self,
+        topic: str,
+        body: dict[str, Any] | bytes,
+        delivery: str,
+        *,
+        event: str | None = None,
+        secret: str = SECRET,
+    ) -> httpx.Response:
+        raw = body if isinstance(body, bytes) else msgspec.json.encode(body)
+        # Signed here as Shopify does it, not with the handler's own scheme.
+        mac = hmac.new(secret.encode(), raw, hashlib.sha256).digest()
+        sent = {
+            **headers(topic, delivery, event),
+            "x-shopify-hmac-sha256": base64.b64encode(mac).decode(),
+            "x-shopify-api-version": "2026-04",
+            "content-type": "application/json",
+        }
+        return httpx.post(f"{self.url}/webhooks/shopify", content=raw, headers=sent)
+
+    def events(self) -> list[dict[str, Any]]:
+        events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
+        return [{"route": e["route"], **e["body"]} for e in events]
+
+    def arrived(self, count: int, within: float = 10) -> list[dict[str, Any]]:
+        """Wait until the sink holds `count` calls, then return them in order."""
+        deadline = time.monotonic() + within
+        while len(self.events()) < count:
+            assert time.monotonic() < deadline, f"{len(self.events())} of {count} calls arrived"
+            time.sleep(0.05)
+        time.sleep(0.3)  # anything more would show now
+        return self.events()
+
+    def stats(self) -> dict[str, Any]:
+        found: dict[str, Any] = httpx.get(f"{self.sink.url}/_sink/stats").json()
+        return found
+
+
+@pytest.fixture
+def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
+    (tmp_path / "bridge.toml").write_text("")  # defaults: test orders stay out
+    env = {
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": sink.url,
+        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
+        "BRIDGE_CONFIG": str(tmp_path / "bridge.toml"),
+        "SHOPIFY_WEBHOOK_SECRET": f"{OLD_SECRET}, {SECRET}",
+    }
+    # Not registered as an entry point yet: the source is given to the app explicitly.
+    sources = load_sources(env, {"shopify": handler})
+    with ServerThread(create_app(load_settings(env), sources=sources)) as server:
+        yield Bridge(server.url, sink)
+
+
+def test_one_order_is_one_purchase_and_one_order_placed_then_redact_forgets(
+    bridge: Bridge,
+) -> None:
+    assert bridge.post("orders/create", order(), "c1").json() == {
+        "ok": True,
+        "result": "accepted",
+    }
+    assert bridge.post("orders/paid", order(), "p1", event="e-paid").json()["result"] == (
+        "accepted"
+    )
+    # Shopify retries the same delivery: recognised, not stored twice.
+    assert bridge.post("orders/paid", order(), "p1", event="e-paid").json()["result"] == (
+        "duplicate"
+    )
+    calls = bridge.arrived(3)
+    tracks = sorted((c for c in calls if c["route"] == "track"), key=lambda c: c["event"])
+    assert [(t["event"], t["event_id"]) for t in tracks] == [
+        ("order_placed", f"order_placed:shopify:{ORDER_ID}"),
+        ("purchase", f"purchase:shopify:{ORDER_ID}"),
+    ]
+    purchase = tracks[1]
+    assert purchase == {
+        "route": "track",
+        "event": "purchase",
+        "event_id": f"purchase:shopify:{ORDER_ID}",
+        "timestamp": "2022-01-01T00:00:00Z",
+        "anonymous_id": "browser-123",
+        "user_id": USER,
+        "url": f"https://{SHOP}/products/lounger?utm_source=newsletter&utm_campaign=spring",
+        "referrer": "https://www.google.com/",
+        "properties": {
+            "amount_cents": 40495,
+            "currency": "USD",
+            "order_id": str(ORDER_ID),
+            "order_name": "#9999",
+            "shop": SHOP,
+        },
+    }
+    # The browser and the customer are linked once.
+    assert [c for c in calls if c["route"] == "identify"] == [
+        {"route": "identify", "user_id": USER, "anonymous_id": "browser-123"}
+    ]
+    assert len(calls) == 3
+
+    # The same order under a new delivery (say a second subscription) still counts once.
+    assert bridge.post("orders/paid", order(), "p2", event="e-other").json()["result"] == (
+        "accepted"
+    )
+    deadline = time.monotonic() + 10
+    while bridge.stats()["duplicates"] < 1:
+        assert time.monotonic() < deadline, "the second purchase never reached the sink"
+        time.sleep(0.05)
+    assert [c["event"] for c in bridge.events() if c["route"] == "track"].count("purchase") == 1
+
+    redact = fixture("customers_redact", customer={"id": CUSTOMER_ID, "email": "j@example.com"})
+    assert bridge.post("customers/redact", redact, "r1").json()["result"] == "accepted"
+    assert bridge.arrived(4)[-1] == {"route": "forget", "user_id": USER}
+    # Nothing about the forgotten customer is forwarded afterwards.
+    later = order(id=ORDER_ID + 1)
+    assert bridge.post("orders/paid", later, "p3").json()["result"] == "accepted"
+    time.sleep(0.5)
+    assert len(bridge.events()) == 4
+
+
+def test_shopifys_own_signed_examples_through_the_app(bridge: Bridge) -> None:
+    """The recorded bytes and headers, with their client secret: the test orders are
+    knowingly ignored, the privacy topics acknowledged, a tampered body refused."""
+    answers = {}
+    for name, recorded in SIGNATURES["files"].items():
+        body = (FIXTURES / name).read_bytes()
+        sent = {**recorded, "X-Shopify-Webhook-Id": f"recorded-{name}"}
+        answer = httpx.post(f"{bridge.url}/webhooks/shopify", content=body, headers=sent)
+        assert answer.status_code == 401  # the bridge has another secret
+        # The same bytes signed with the bridge's (old, still accepted) secret.
+        mac = hmac.new(OLD_SECRET.encode(), body, hashlib.sha256).digest()
+        sent["X-Shopify-Hmac-Sha256"] = base64.b64encode(mac).decode()
+        answer = httpx.post(f"{bridge.url}/webhooks/shopify", content=body, headers=sent)
+        answers[recorded["X-Shopify-Topic"]] = answer.json()["result"]
+        tampered = body.replace(b"john@example.com", b"jane@example.com")
+        if tampered != body:
+            refused = httpx.post(f"{bridge.url}/webhooks/shopify", content=tampered, headers=sent)
+            assert refused.status_code == 401
+    assert answers == {
+        "orders/create": "ignored",  # test orders, and the source does not include them
+        "orders/paid": "ignored",
+        "refunds/create": "accepted",
+        "customers/create": "accepted",
+        "customers/redact": "accepted",
+        "customers/data_request": "ignored",
+        "shop/redact": "ignored",
+    }
+    routes = sorted(c["route"] for c in bridge.arrived(3))
+    assert routes == ["forget", "identify", "track"]
+
+
+def test_malformed_and_unsigned_deliveries_are_refused(bridge: Bridge) -> None:
+    assert bridge.post("orders/paid", b"{not json", "m1").status_code == 400
+    no_money = order(total_price_set={"shop_money": {"amount": "1.005", "currency_code": "USD"}})
+    answer = bridge.post("orders/paid", no_money, "m2")
+    assert answer.status_code == 400
+    assert answer.json()["error"] == "invalid_payload"
+    unsigned = httpx.post(
+        f"{bridge.url}/webhooks/shopify",
+        content=msgspec.json.encode(order()),
+        headers=headers("orders/paid"),
+    )
+    assert unsigned.status_code == 401
+    assert bridge.post("orders/paid", order(), "m3", secret="not the secret").status_code == 401
+    assert httpx.get(f"{bridge.url}/readyz").json()["pending"] == 0
+    assert bridge.stats()["received"] == 0
+
+
+def test_the_test_secret_signs_samples_for_run_handler() -> None:
+    """bridge.testing's secret works with this scheme too (what the contract test uses)."""
+    sample = handler.samples()["orders/paid"]
+    signed = signed_request(handler, sample.body, headers=sample.headers)
+    handler.scheme.verify(signed, [TEST_SECRET], 300)
