@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 
 import httpx
+from click.testing import CliRunner
 
+from bridge.cli import main as cli_main
+from bridge.registry import load_handlers
 from tests.conftest import free_port
 
 SCRIPT = Path(sys.executable).parent / "millimetric-bridge"
@@ -74,6 +77,16 @@ def test_dev_runs_bridge_and_sink_without_keys(tmp_path: Path) -> None:
             time.sleep(0.02)
         assert events[0]["body"]["event"] == "purchase"
         assert events[0]["body"]["properties"]["amount_cents"] == 1900
+        # Every built-in source is mounted in dev mode, and send-test's every sample is taken.
+        (tmp_path / "empty.toml").write_text("")
+        runner = CliRunner(env={"BRIDGE_CONFIG": str(tmp_path / "empty.toml")})
+        for name, handler in load_handlers().items():
+            for event in sorted(handler.samples()):
+                result = runner.invoke(
+                    cli_main, ["send-test", name, event, "--url", f"http://127.0.0.1:{port}"]
+                )
+                assert result.exit_code == 0, f"{name} {event}: {result.output}"
+                assert result.output.startswith("200 "), f"{name} {event}: {result.output}"
     finally:
         code, out = stop(proc)
     assert code == 0
