@@ -20,7 +20,7 @@ from bridge.errors import (
     SignatureInvalid,
     StoreUnavailable,
 )
-from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Track
+from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
 
 __all__ = [
     "Accepted",
@@ -38,6 +38,7 @@ __all__ = [
     "Outcome",
     "Output",
     "PayloadInvalid",
+    "Purge",
     "RateLimited",
     "Retryable",
     "SignatureInvalid",

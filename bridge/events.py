@@ -164,8 +164,24 @@ class ForgetVisitor(msgspec.Struct, frozen=True, kw_only=True):
     anonymous_id: str
 
 
+class Purge(msgspec.Struct, frozen=True, kw_only=True):
+    """Not sent to Millimetric: erases what the bridge holds from this source's earlier
+    deliveries whose id starts with `deliveries` (raw payloads, and calls waiting or
+    delivered; a send in flight finishes), and what it learned about users whose id starts
+    with `users` (Shopify's shop/redact, for every customer of one shop). Nothing is
+    tombstoned: the same prefix may come back (the shop reinstalls the app)."""
+
+    deliveries: str
+    users: str
+
+    def __post_init__(self) -> None:
+        for field in ("deliveries", "users"):
+            if not getattr(self, field):
+                raise EventInvalid(field, "a prefix must not be empty (it would purge all)")
+
+
 #: What a handler's translate returns: calls, and instructions to the bridge.
-Output = Call | Alias | ForgetVisitor
+Output = Call | Alias | ForgetVisitor | Purge
 
 
 def encode(call: Call | msgspec.Struct | dict[str, Any]) -> bytes:

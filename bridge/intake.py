@@ -111,8 +111,12 @@ async def _receive(
     except BridgeError as error:
         done("rejected", _REASONS.get(type(error), type(error).__name__))
         raise
+    except RecursionError:  # msgspec's answer to JSON nested past its depth limit
+        done("rejected", "payload")
+        raise PayloadInvalid("the JSON body nests too deeply") from None
     sent = [c for c in calls if isinstance(c, Track | Identify | Forget)]
-    outcome = "ignored" if result == "accepted" and not sent else result
+    # Ignored: nothing to send and nothing for the store to do (a Purge is not ignored).
+    outcome = "ignored" if result == "accepted" and not calls else result
     if outcome == "accepted":
         forwarder: Forwarder = request.app.state.forwarder
         for route in {route_of(c) for c in sent}:

@@ -87,7 +87,7 @@ class Handler(Protocol):
         ...
 
     def translate(self, request: WebhookRequest, payload: Any, options: Any) -> list[Output]:
-        """The Millimetric calls this delivery becomes (and `Alias` / `ForgetVisitor`
+        """The Millimetric calls this delivery becomes (and `Alias`, `ForgetVisitor`, `Purge`
         instructions); `[]` acknowledges and ignores it."""
         ...
 

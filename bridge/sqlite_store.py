@@ -27,7 +27,7 @@ from typing import IO, Any, Final, TypeVar
 import msgspec
 
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Track
+from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
 from bridge.store import (
     AcceptResult,
     DeadLetter,
@@ -364,7 +364,7 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
         return "duplicate"
     inbox_id = cursor.lastrowid
     now = delivery.received_at
-    resolved = [_resolve(conn, item) for item in delivery.calls]
+    resolved = [_resolve(conn, delivery.source, item, now) for item in delivery.calls]
     identified = {(c.anonymous_id, c.user_id) for c in resolved if isinstance(c, Identify)}
     for index, given in enumerate(resolved):
         call: Call | None = given
@@ -396,9 +396,12 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
     return "accepted"
 
 
-def _resolve(conn: sqlite3.Connection, item: Output) -> Call | None:
-    """Carry out an instruction (`Alias`, `ForgetVisitor`) or put a call's anonymous id
-    through the aliases learned so far."""
+def _resolve(conn: sqlite3.Connection, source: str, item: Output, now: float) -> Call | None:
+    """Carry out an instruction (`Alias`, `ForgetVisitor`, `Purge`) or put a call's
+    anonymous id through the aliases learned so far."""
+    if isinstance(item, Purge):
+        _purge_prefixes(conn, source, item, now)
+        return None
     if isinstance(item, Alias):
         target = _target(conn, item.anonymous_id)
         if target != item.alias:
@@ -499,6 +502,36 @@ def _forget(conn: sqlite3.Connection, user_id: str, inbox_id: int | None, now: f
         (subject, now),
     )
     conn.execute("UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ?", (inbox_id,))
+
+
+# Everything from `prefix` up to (not including) `_upto(prefix)` starts with it: a range
+# the (source, provider_event_id) index serves, where LIKE would need escaping and a scan.
+def _upto(prefix: str) -> str:
+    return prefix + "\U0010ffff"
+
+
+def _purge_prefixes(conn: sqlite3.Connection, source: str, purge: Purge, now: float) -> None:
+    """Carry out a `Purge`: the source's matching deliveries lose their raw payloads and
+    calls (forgets and sends in flight excepted); learned identities of matching users go."""
+    deliveries = (source, purge.deliveries, _upto(purge.deliveries))
+    conn.execute(
+        "DELETE FROM outbox WHERE inbox_id IN (SELECT id FROM inbox WHERE source = ?"
+        " AND provider_event_id >= ? AND provider_event_id < ?) AND route != 'forget'"
+        " AND NOT (state = 'pending' AND claimed = 1 AND next_at > ?)",
+        (*deliveries, now),
+    )
+    conn.execute(
+        "UPDATE inbox SET raw_body = NULL, headers = NULL"
+        " WHERE source = ? AND provider_event_id >= ? AND provider_event_id < ?",
+        deliveries,
+    )
+    users = (purge.users, _upto(purge.users))
+    conn.execute(
+        "DELETE FROM aliases WHERE anonymous_id IN"
+        " (SELECT anonymous_id FROM identities WHERE user_id >= ? AND user_id < ?)",
+        users,
+    )
+    conn.execute("DELETE FROM identities WHERE user_id >= ? AND user_id < ?", users)
 
 
 def _claim(

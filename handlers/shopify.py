@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import msgspec
 
-from bridge import Forget, Identify, Output, PayloadInvalid, Track
+from bridge import Forget, Identify, Output, PayloadInvalid, Purge, Track
 from bridge.money import to_minor_units
 from bridge.plugin import Sample, SourceOptions, WebhookRequest
 from bridge.signatures import HmacScheme
@@ -158,7 +158,12 @@ _HEADER_MAX: Final = 255
 def user_id_for(shop: str, customer_id: int) -> str:
     """The Millimetric `user_id` of a Shopify customer (storefronts identify with the same
     string to join their visitors to the customer)."""
-    return f"shopify:{shop}:{customer_id}"
+    return f"{_users_of(shop)}{customer_id}"
+
+
+def _users_of(shop: str) -> str:
+    """What the user id of every customer of `shop` starts with."""
+    return f"shopify:{shop}:"
 
 
 def _header(request: WebhookRequest, name: str) -> str | None:
@@ -205,7 +210,9 @@ class ShopifyHandler:
                 _unread.decode(request.body)
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
             raise PayloadInvalid(f"not a Shopify {topic} body: {error}") from None
-        return ShopifyDelivery(topic=topic, shop=shop, delivery_id=f"{topic}:{event}", body=body)
+        # The shop leads the id, so that shop/redact can find every delivery of its shop.
+        delivery_id = f"{shop}:{topic}:{event}"
+        return ShopifyDelivery(topic=topic, shop=shop, delivery_id=delivery_id, body=body)
 
     def delivery_id(self, request: WebhookRequest, payload: ShopifyDelivery) -> str:
         return payload.delivery_id
@@ -227,9 +234,10 @@ class ShopifyHandler:
         if isinstance(body, PrivacyRequest) and topic == "customers/redact":
             customer = body.customer.id if body.customer else None
             return [] if customer is None else [Forget(user_id=user_id_for(shop, customer))]
+        if topic == "shop/redact":  # the app was uninstalled 48 hours ago: drop the shop's data
+            return [Purge(deliveries=f"{shop}:", users=_users_of(shop))]
         # customers/data_request: acknowledged; the inbox keeps it and the intake logs it
-        # as an ignored delivery, for the operator to answer. shop/redact: purging a whole
-        # shop is an operator's task for now. Every other topic: not translated.
+        # as an ignored delivery, for the operator to answer. Every other topic: ignored.
         return []
 
     def samples(self) -> Mapping[str, Sample]:

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -21,9 +22,10 @@ import pytest
 from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.errors import PayloadInvalid, SignatureInvalid
-from bridge.events import Forget, Identify, Track
+from bridge.events import Forget, Identify, Purge, Track
 from bridge.plugin import Sample, WebhookRequest
 from bridge.registry import check_handler, load_sources
+from bridge.store import Delivery, open_store
 from bridge.testing import TEST_SECRET, run_handler, signed_request
 from handlers.shopify import handler
 from tests.conftest import RunningSink, ServerThread
@@ -63,10 +65,12 @@ def order(**changes: Any) -> dict[str, Any]:
     return {**body, **changes}
 
 
-def headers(topic: str, delivery: str = "d1", event: str | None = None) -> dict[str, str]:
+def headers(
+    topic: str, delivery: str = "d1", event: str | None = None, shop: str = SHOP
+) -> dict[str, str]:
     found = {
         "x-shopify-topic": topic,
-        "x-shopify-shop-domain": SHOP,
+        "x-shopify-shop-domain": shop,
         "x-shopify-webhook-id": f"webhook-{delivery}",
     }
     if event is not None:
@@ -325,7 +329,10 @@ def test_privacy_topics() -> None:
     assert run("customers/redact", fixture("customers_redact", customer=None)) == []
     # Acknowledged: recorded in the inbox and the log for the operator.
     assert run("customers/data_request", fixture("customers_data_request")) == []
-    assert run("shop/redact", fixture("shop_redact")) == []  # the operator purges a shop
+    # The shop's deliveries and customers, by the prefixes their ids start with.
+    assert run("shop/redact", fixture("shop_redact")) == [
+        Purge(deliveries=f"{SHOP}:", users=f"shopify:{SHOP}:")
+    ]
 
 
 def test_other_topics_are_acknowledged_unread_but_must_be_json_objects() -> None:
@@ -344,13 +351,13 @@ def test_other_topics_are_acknowledged_unread_but_must_be_json_objects() -> None
 def test_the_delivery_id_is_the_event_id_else_the_webhook_id_within_the_topic() -> None:
     body = msgspec.json.encode(order())
     both = {**headers("orders/paid"), "x-shopify-event-id": "evt-1"}
-    assert run_handler(handler, body, headers=both).delivery_id == "orders/paid:evt-1"
+    assert run_handler(handler, body, headers=both).delivery_id == f"{SHOP}:orders/paid:evt-1"
     assert run_handler(handler, body, headers=headers("orders/paid")).delivery_id == (
-        "orders/paid:webhook-d1"
+        f"{SHOP}:orders/paid:webhook-d1"
     )
     # One merchant action can fire several topics under one event id: kept apart.
     other = {**both, "x-shopify-topic": "orders/create"}
-    assert run_handler(handler, body, headers=other).delivery_id == "orders/create:evt-1"
+    assert run_handler(handler, body, headers=other).delivery_id == f"{SHOP}:orders/create:evt-1"
 
 
 @pytest.mark.parametrize(
@@ -413,7 +420,7 @@ def test_it_keeps_the_handler_protocol_and_its_samples_translate() -> None:
         "customers/create": ["Identify"],
         "customers/redact": ["Forget"],
         "customers/data_request": [],
-        "shop/redact": [],
+        "shop/redact": ["Purge"],
     }
     # The shipped samples are Shopify's published examples, byte for byte.
     for topic, sample in samples.items():
@@ -585,7 +592,7 @@ def test_shopifys_own_signed_examples_through_the_app(bridge: Bridge) -> None:
         "customers/create": "accepted",
         "customers/redact": "accepted",
         "customers/data_request": "ignored",
-        "shop/redact": "ignored",
+        "shop/redact": "accepted",
     }
     routes = sorted(c["route"] for c in bridge.arrived(3))
     assert routes == ["forget", "identify", "track"]
@@ -613,3 +620,51 @@ def test_the_test_secret_signs_samples_for_run_handler() -> None:
     sample = handler.samples()["orders/paid"]
     signed = signed_request(handler, sample.body, headers=sample.headers)
     handler.scheme.verify(signed, [TEST_SECRET], 300)
+
+
+# -- shop/redact ----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_shop_redact_purges_that_shop_and_nothing_else(tmp_path: Path) -> None:
+    """Orders of two shops, one delivered and one waiting each; the first shop's redact
+    leaves no raw payload, call or learned identity of it in the SQLite file."""
+    other = "other-shop.myshopify.com"
+    store = open_store(f"sqlite:///{tmp_path}/bridge.db")
+    await store.open()
+
+    async def deliver(topic: str, body: dict[str, Any], delivery: str, shop: str) -> None:
+        raw = msgspec.json.encode(body)
+        found = run_handler(handler, raw, headers=headers(topic, delivery, shop=shop))
+        delivered = Delivery(
+            source="shopify",
+            provider_event_id=found.delivery_id,
+            received_at=time.time(),
+            raw_body=raw,
+            calls=found.calls,
+        )
+        assert await store.accept(delivered) == "accepted"
+
+    try:
+        for shop in (SHOP, other):
+            await deliver("orders/paid", order(), "sent", shop)
+        sent = await store.claim("track", 100, 1 << 20, time.time())
+        await store.delivered([row.id for row in sent], time.time())
+        for shop in (SHOP, other):
+            await deliver("orders/paid", order(id=ORDER_ID + 1), "waiting", shop)
+        await deliver("shop/redact", fixture("shop_redact", shop_domain=SHOP), "redact", SHOP)
+    finally:
+        await store.close()
+
+    with sqlite3.connect(tmp_path / "bridge.db") as db:
+        dump = "\n".join(db.iterdump())
+        raw = [row for (row,) in db.execute("SELECT raw_body FROM inbox") if row is not None]
+        calls = [msgspec.json.decode(b) for (b,) in db.execute("SELECT body FROM outbox")]
+    assert SHOP not in dump.replace(f"'shopify','{SHOP}:", "")  # only the inbox's own ids
+    assert str(CUSTOMER_ID) in dump  # the other shop's customer is still there
+    assert raw
+    assert all(other.encode() in body or b"browser-123" in body for body in raw)
+    # The other shop keeps both its orders, the delivered one and the waiting one.
+    orders = [c["properties"]["order_id"] for c in calls if c.get("event") == "purchase"]
+    assert sorted(orders) == [str(ORDER_ID), str(ORDER_ID + 1)]
+    assert all(c["user_id"] == f"shopify:{other}:{CUSTOMER_ID}" for c in calls)
