@@ -111,7 +111,7 @@ def _split(body: bytes) -> list[bytes]:
     only a body in which nothing is JSON is refused."""
     try:
         whole = bytes(_raw_decoder.decode(body))
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # nested past msgspec's depth limit
         whole = None
     if whole is not None:
         start = whole.lstrip()[:1]
@@ -126,7 +126,7 @@ def _split(body: bytes) -> list[bytes]:
         try:
             _raw_decoder.decode(line)
             readable += 1
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             continue
     if not readable:
         raise PayloadInvalid("not an Auth0 log stream body: no JSON in it")
@@ -136,7 +136,7 @@ def _split(body: bytes) -> list[bytes]:
 def _read(text: bytes) -> LogRecord | None:
     try:
         record = _record_decoder.decode(text)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     return record if (record.log_id or record.data.log_id) else None  # no id: no dedupe
 

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Final
 import msgspec
 
 from bridge import Alias, Output, PayloadInvalid, Track
+from bridge.money import exponent
 from bridge.plugin import Sample, SourceOptions, WebhookRequest
 from bridge.signatures import HmacScheme
 
@@ -96,6 +97,8 @@ _versioned_decoder: Final = msgspec.json.Decoder(Versioned)
 #: Invoice billing reasons that are payments no order_created counts: renewals and the
 #: prorated charge of a plan change. The first payment ("initial") is its order's.
 _INVOICE_REVENUE: Final = frozenset({"renewal", "updated"})
+#: The events that carry money, and so need its currency.
+_MONEY: Final = frozenset({"order_created", "order_refunded", "subscription_payment_success"})
 #: The events translated; every other event is acknowledged and ignored unread.
 TRANSLATED: Final = frozenset(
     {
@@ -174,7 +177,8 @@ class LemonSqueezyHandler:
         prefix: list[Output] = (
             [Alias(alias=customer, anonymous_id=browser)] if browser and customer else []
         )
-        currency = attrs.currency.upper() if attrs.currency else None
+        # An amount without its currency cannot be added up: skipped, never guessed.
+        currency = _currency(attrs.currency) if name in _MONEY else None
 
         def track(event: str, event_id: str, when: datetime | None, **props: Any) -> Track:
             return Track(
@@ -197,6 +201,8 @@ class LemonSqueezyHandler:
                 case "order_created":
                     if attrs.status != "paid" or not attrs.total or attrs.total <= 0:
                         return []  # pending, failed, or free: no money moved
+                    if currency is None:
+                        return []
                     return [
                         track(
                             "purchase",
@@ -211,7 +217,7 @@ class LemonSqueezyHandler:
                     ]
                 case "order_refunded":
                     amount = _refunded(attrs)
-                    if amount <= 0:
+                    if amount <= 0 or currency is None:
                         return []
                     return [
                         track(
@@ -230,7 +236,7 @@ class LemonSqueezyHandler:
                 case "subscription_payment_success":
                     if attrs.status != "paid" or attrs.billing_reason not in _INVOICE_REVENUE:
                         return []
-                    if not attrs.total or attrs.total <= 0:
+                    if not attrs.total or attrs.total <= 0 or currency is None:
                         return []
                     return [
                         track(
@@ -283,6 +289,15 @@ class LemonSqueezyHandler:
         if "webhook_id" in event.get("meta", {}):
             event["meta"]["webhook_id"] = str(uuid.uuid4())
         return Sample(body=msgspec.json.encode(event), headers=sample.headers)
+
+
+def _currency(code: str | None) -> str | None:
+    """The ISO 4217 code, upper-case; None when there is none, PayloadInvalid when it is
+    not three letters."""
+    if not code:
+        return None
+    exponent(code)  # refuses anything that is not a currency code
+    return code.upper()
 
 
 def _refunded(attrs: Attributes) -> int:

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Final
 import msgspec
 
 from bridge import Alias, Identify, Output, PayloadInvalid, SignatureInvalid, Track
+from bridge.money import exponent
 from bridge.plugin import Sample, SignatureScheme, SourceOptions, WebhookRequest
 
 __all__ = ["PaddleHandler", "PaddleScheme", "handler"]
@@ -260,6 +261,7 @@ class PaddleHandler:
                     currency = totals.currency_code or entity.currency_code
                     if not amount or not currency:
                         return identify()  # nothing says what was paid: skip, never guess
+                    exponent(currency)  # PayloadInvalid unless an ISO 4217 code
                     currency = currency.upper()  # ISO 4217 as Paddle sends it; made sure
                     cents = _minor(amount, "data.details.totals.grand_total")
                     if cents <= 0:
@@ -287,6 +289,7 @@ class PaddleHandler:
                     currency = totals.currency_code or entity.currency_code
                     if not totals.total or not currency:
                         return []  # nothing says what was refunded: skip, never guess
+                    exponent(currency)  # PayloadInvalid unless an ISO 4217 code
                     currency = currency.upper()
                     cents = _minor(totals.total, "data.totals.total")
                     if cents <= 0:

@@ -177,7 +177,10 @@ def _utc(moment: datetime | None) -> datetime | None:
     # A time without a zone is no instant: leave it to the server's clock rather than guess.
     if moment is None or moment.utcoffset() is None:
         return None
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # "0001-01-01T00:00:00+01:00" has no UTC instant in a datetime
+        raise PayloadInvalid("a time in the body is out of range in UTC") from None
 
 
 def _text(value: Any) -> str | None:

@@ -160,6 +160,19 @@ def test_a_bad_record_does_not_sink_its_batch() -> None:
     assert (len(batch.records), batch.skipped) == (2, len(wrong))
 
 
+def test_a_record_nested_past_the_decoders_depth_does_not_sink_its_batch() -> None:
+    _, ss, s = records()
+    expected = run_handler(handler, msgspec.json.encode([ss, s])).calls
+    deep = b"[" * 5000 + b"]" * 5000  # msgspec raises RecursionError on it
+    nested = b'{"log_id": "x", "data": {"type": "s", "details": ' + deep + b"}}"
+    for bad in (deep, nested):
+        # First, in the middle and last: each line is its own record.
+        for lines in (bad + b"\n" + jsonl([ss, s]), jsonl([ss]) + bad + b"\n" + jsonl([s])):
+            assert run_handler(handler, lines).calls == expected
+    with pytest.raises(PayloadInvalid):  # nothing else in the body: refused, not a 500
+        handler.parse(request(deep, TOKEN))
+
+
 def test_the_log_id_may_be_only_inside_data() -> None:
     s = records()[2]
     del s["log_id"]

@@ -137,6 +137,10 @@ def test_a_new_sponsorship_is_a_purchase_at_its_tier_price() -> None:
         "interval": "month",
     }
     assert isinstance(purchase.properties["amount_cents"], int)
+    # The user documentation names the currency as it is sent.
+    docs = (Path(__file__).parent.parent / "docs" / "handlers.md").read_text()
+    section = docs.split("\n## GitHub\n")[1].split("\n## ")[0]
+    assert f"`currency` `{purchase.properties['currency']}`" in section
 
 
 def test_a_one_time_sponsorship_has_no_interval() -> None:

@@ -115,6 +115,19 @@ def test_orders_that_moved_no_money_are_not_purchases() -> None:
     assert run(fixture("order_created", total=0)) == []
 
 
+def test_money_always_carries_an_iso_currency_code() -> None:
+    # An amount without its currency cannot be added up: skipped rather than sent bare.
+    for name in ("order_created", "order_refunded", "subscription_payment_success"):
+        assert len(run(fixture(name))) == 1
+        for currency in (None, ""):
+            assert run(fixture(name, currency=currency)) == []
+    (purchase,) = run(fixture("order_created", currency="eur"))
+    assert purchase.properties["currency"] == "EUR"
+    for wrong in ("US Dollars", "€", 840):
+        with pytest.raises(PayloadInvalid):
+            run(fixture("order_created", currency=wrong))
+
+
 def test_test_mode_stays_out_unless_the_source_includes_it() -> None:
     live_options = handler.options_type(include_test_events=False)
     for event in (

@@ -229,6 +229,15 @@ def test_amounts_that_are_not_integer_strings_are_payload_invalid(amount: str) -
         translate(with_totals(grand_total=amount, currency_code="USD"))
 
 
+@pytest.mark.parametrize("currency", ["US Dollars", "usdx", "€€€", "U$D"])
+def test_a_currency_that_is_not_an_iso_code_is_payload_invalid(currency: str) -> None:
+    with pytest.raises(PayloadInvalid, match="ISO 4217"):
+        translate(with_totals(grand_total="100", currency_code=currency))
+    refund = fixture("adjustment.updated", totals={"total": "100", "currency_code": currency})
+    with pytest.raises(PayloadInvalid, match="ISO 4217"):
+        translate(refund)
+
+
 def test_a_transaction_without_an_amount_or_a_free_one_is_not_a_purchase() -> None:
     assert translate(with_totals(grand_total="0", currency_code="USD")) == []
     assert translate(with_totals(currency_code="USD")) == []

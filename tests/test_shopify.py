@@ -154,6 +154,17 @@ def test_an_id_sent_as_a_float_is_refused_not_rounded() -> None:
         run("orders/paid", msgspec.json.encode(order()).replace(str(ORDER_ID).encode(), b"8.2e17"))
 
 
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_a_time_with_no_utc_instant_is_payload_invalid_not_an_overflow(moment: str) -> None:
+    # Read as a zoned time, but outside what a datetime holds once moved to UTC.
+    with pytest.raises(PayloadInvalid):
+        run("orders/paid", order(processed_at=moment))
+    with pytest.raises(PayloadInvalid):
+        run("refunds/create", fixture("refunds_create", processed_at=moment))
+    with pytest.raises(PayloadInvalid):
+        run("customers/create", fixture("customers_create", created_at=moment))
+
+
 # -- orders --------------------------------------------------------------------------------
 
 
