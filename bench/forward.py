@@ -4,6 +4,9 @@ rate limits, and print the drain rate and the bridge's peak memory.
 
     .venv/bin/python bench/forward.py                      # 1,000 then 100,000 events
     .venv/bin/python bench/forward.py --events 1000000     # a million-event backlog
+    .venv/bin/python bench/forward.py --database-url postgresql://postgres@127.0.0.1/test
+
+With a PostgreSQL URL each run gets a fresh schema in that database, dropped afterwards.
 
 Millimetric's ceiling is 2,500 events/s (5 batches/s of 500). The warm rate is measured
 between 20% and 95% delivered, so neither start-up nor the sink's initial burst counts.
@@ -21,9 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,8 +48,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def fill(db: Path, n: int) -> None:
-    store = open_store(f"sqlite:///{db}")
+@contextmanager
+def database(base_url: str | None, workdir: Path, n: int) -> Iterator[str]:
+    """A URL for an empty store: a SQLite file in `workdir`, or a fresh PostgreSQL schema."""
+    if base_url is None:
+        yield f"sqlite:///{workdir}/bench-{n}.db"
+        return
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base_url, autocommit=True) as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{base_url}{'&' if '?' in base_url else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(base_url, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+async def fill(url: str, n: int) -> None:
+    store = open_store(url)
     await store.open()
     now = time.time()
     chunk = 2000
@@ -77,10 +100,9 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run(n: int, workdir: Path) -> dict[str, float]:
-    db = workdir / f"bench-{n}.db"
+def run(n: int, url: str) -> dict[str, float]:
     started = time.monotonic()
-    asyncio.run(fill(db, n))
+    asyncio.run(fill(url, n))
     fill_s = time.monotonic() - started
 
     sink_port, port = free_port(), free_port()
@@ -93,7 +115,7 @@ def run(n: int, workdir: Path) -> dict[str, float]:
         **os.environ,
         "MILLIMETRIC_KEY": "sk_dev_local_bridge",
         "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
-        "BRIDGE_DATABASE_URL": f"sqlite:///{db}",
+        "BRIDGE_DATABASE_URL": url,
         "PORT": str(port),
         "BRIDGE_HOST": "127.0.0.1",
         "BRIDGE_LOG_LEVEL": "warning",
@@ -147,6 +169,10 @@ def main() -> None:
     parser.add_argument(
         "--events", type=int, action="append", help="backlog size (repeatable) [1000 and 100000]"
     )
+    parser.add_argument(
+        "--database-url",
+        help="a postgresql:// database to run on (a fresh schema in it) [a SQLite file]",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bridge-bench-"))
     try:
@@ -155,7 +181,8 @@ def main() -> None:
             f" {'peak RSS':>9} {'429s':>5} {'dups':>5}"
         )
         for n in args.events or [1000, 100_000]:
-            r = run(n, workdir)
+            with database(args.database_url, workdir, n) as url:
+                r = run(n, url)
             print(
                 f"{r['events']:>9,.0f} {r['fill_s']:>7.1f} {r['drain_s']:>8.1f}"
                 f" {r['warm_rate']:>10,.0f} {r['fraction']:>8.3f}"

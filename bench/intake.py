@@ -1,28 +1,36 @@
 #!/usr/bin/env python3
 """Intake throughput: the bridge against a bare Litestar POST on the same server, in one run.
 
-    .venv/bin/python bench/intake.py [--seconds 10] [--connections 64]
+    .venv/bin/python bench/intake.py [--seconds 10] [--connections 64] [--runs 1]
+        [--database-url postgresql://postgres@127.0.0.1:5432/test]
 
 Both run under uvicorn (one worker, uvloop, httptools) and are driven by wrk with the same
 distinct, freshly signed ~1 KB Stripe-style bodies (each thread replays its own slice, so
-no delivery repeats). The bridge verifies, translates and commits each delivery to SQLite
-(synchronous=FULL, group commit) before answering, with its forwarder draining into a
-local sink at the published limits. Prints req/s, p50 and p99 for both, and the ratio.
-Needs wrk (`apt-get install wrk`).
+no delivery repeats). The bridge (`millimetric-bridge serve`) verifies, translates and
+commits each delivery before answering, with its forwarder draining into a local sink at
+the published limits. The store is SQLite in a temporary directory (synchronous=FULL,
+group commit), or with `--database-url postgresql://...` a fresh database created on that
+server for the run and dropped after it. Prints req/s, p50 and p99 for both, the ratio,
+and the load average beside them (the machine may be shared: compare ratios, repeat with
+`--runs`, which alternates the two servers). Needs wrk (`apt-get install wrk`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import msgspec
@@ -46,9 +54,10 @@ end
 function init(args)
   thread_id = tonumber(wrk.thread:get("id")) or 0
   threads = tonumber(args[2])
+  local first = tonumber(args[3]) or 0
   local n = 0
   for line in io.lines(args[1]) do
-    if n % threads == thread_id then
+    if n >= first and (n - first) % threads == thread_id then
       local sig, body = line:match("^([^\t]*)\t(.*)$")
       lines[#lines + 1] = wrk.format("POST", nil,
         {["Stripe-Signature"] = sig, ["Content-Type"] = "application/json"}, body)
@@ -115,8 +124,9 @@ def wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_wrk(
-    url: str, script: Path, requests: Path, seconds: int, connections: int
+    url: str, script: Path, requests: Path, seconds: int, connections: int, first: int = 0
 ) -> dict[str, float]:
+    """wrk replaying the requests from line `first` on."""
     done = subprocess.run(
         [
             "wrk",
@@ -130,6 +140,7 @@ def run_wrk(
             "--",
             str(requests),
             "2",
+            str(first),
         ],
         capture_output=True,
         text=True,
@@ -151,10 +162,40 @@ def run_wrk(
     }
 
 
+@contextlib.contextmanager
+def fresh_database(url: str | None, work: Path) -> Iterator[tuple[str, str]]:
+    """The bridge's BRIDGE_DATABASE_URL for this run, and the backend's name."""
+    if url is None or url.startswith("sqlite:///"):
+        yield (url or f"sqlite:///{work}/bridge.db"), "SQLite"
+        return
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise SystemExit("--database-url: sqlite:///PATH or postgresql://...")
+    import psycopg
+
+    name = f"bridge_bench_{os.getpid()}_{int(time.time())}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(urlsplit(url)._replace(path=f"/{name}")), "PostgreSQL"
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def per_run(args: argparse.Namespace) -> int:
+    return 20_000 * args.seconds + 20_000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=1, help="alternate bare and bridge N times")
+    parser.add_argument(
+        "--database-url",
+        help="the bridge's store: sqlite:///PATH, or postgresql://... (a fresh database is "
+        "created on that server and dropped after) [default: SQLite in a temporary directory]",
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: apt-get install wrk")
@@ -163,79 +204,98 @@ def main() -> None:
         requests = work / "requests.tsv"
         script = work / "replay.lua"
         script.write_text(LUA)
-        # Enough distinct deliveries that none repeats at 20k req/s.
-        make_requests(requests, 20_000 * args.seconds + 20_000)
-        results = {}
-        bare_port, sink_port, bridge_port = free_port(), free_port(), free_port()
-        bare = subprocess.Popen(
-            [
-                BIN / "uvicorn",
-                "bare_app:app",
-                "--port",
-                str(bare_port),
-                "--no-access-log",
-                "--log-level",
-                "warning",
-                "--app-dir",
-                str(ROOT / "bench"),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        sink = subprocess.Popen(
-            [BIN / "millimetric-bridge", "sink", "--port", str(sink_port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        env = {
-            **os.environ,
-            "MILLIMETRIC_KEY": "sk_dev_local_bridge",
-            "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
-            "BRIDGE_DATABASE_URL": f"sqlite:///{work}/bridge.db",
-            "PORT": str(bridge_port),
-            "BRIDGE_HOST": "127.0.0.1",
-            "STRIPE_WEBHOOK_SECRET": SECRET,
-            "BRIDGE_CONFIG": str(work / "bridge.toml"),
-        }
-        (work / "bridge.toml").write_text("")
-        bridge = subprocess.Popen(
-            [BIN / "millimetric-bridge", "serve"], env=env, stdout=subprocess.DEVNULL
-        )
-        try:
-            wait_up(f"http://127.0.0.1:{bare_port}/webhooks/x", bare)
-            wait_up(f"http://127.0.0.1:{bridge_port}/healthz", bridge)
-            wait_up(f"http://127.0.0.1:{sink_port}/healthz", sink)
-            results["bare Litestar POST"] = run_wrk(
-                f"http://127.0.0.1:{bare_port}/webhooks/stripe",
-                script,
-                requests,
-                args.seconds,
-                args.connections,
-            )
-            results["bridge (SQLite)"] = run_wrk(
-                f"http://127.0.0.1:{bridge_port}/webhooks/stripe",
-                script,
-                requests,
-                args.seconds,
-                args.connections,
-            )
-            stats = httpx.get(f"http://127.0.0.1:{bridge_port}/readyz").json()
-        finally:
-            for proc in (bare, bridge, sink):
-                proc.terminate()
-                proc.wait(30)
-        base = results["bare Litestar POST"]["rate"]
-        print(f"{'':20} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'ratio':>6}")
-        for name, r in results.items():
-            print(
-                f"{name:20} {r['rate']:>9,.0f} {r['p50']:>8.2f} {r['p99']:>8.2f}"
-                f" {r['errors']:>8.0f} {r['rate'] / base:>6.2f}"
-            )
-        print(
-            f"bridge outbox after the run: {stats.get('pending')} pending "
-            f"({args.connections} connections, {args.seconds}s each, wrk -t2)"
-        )
+        if args.runs * 2 * (args.seconds + 3) > 240:
+            raise SystemExit("the signatures would go stale (300 s): fewer --runs or --seconds")
+        # Enough distinct deliveries that none repeats at 20k req/s: each run its own slice.
+        make_requests(requests, per_run(args) * args.runs)
+        with fresh_database(args.database_url, work) as (database_url, backend):
+            run(args, work, requests, script, database_url, backend)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run(
+    args: argparse.Namespace,
+    work: Path,
+    requests: Path,
+    script: Path,
+    database_url: str,
+    backend: str,
+) -> None:
+    bare_port, sink_port, bridge_port = free_port(), free_port(), free_port()
+    bare = subprocess.Popen(
+        [
+            BIN / "uvicorn",
+            "bare_app:app",
+            "--port",
+            str(bare_port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--app-dir",
+            str(ROOT / "bench"),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    sink = subprocess.Popen(
+        [BIN / "millimetric-bridge", "sink", "--port", str(sink_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        **os.environ,
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
+        "BRIDGE_DATABASE_URL": database_url,
+        "PORT": str(bridge_port),
+        "BRIDGE_HOST": "127.0.0.1",
+        "STRIPE_WEBHOOK_SECRET": SECRET,
+        "BRIDGE_CONFIG": str(work / "bridge.toml"),
+    }
+    (work / "bridge.toml").write_text("")
+    bridge = subprocess.Popen(
+        [BIN / "millimetric-bridge", "serve"], env=env, stdout=subprocess.DEVNULL
+    )
+    bridge_name = f"bridge ({backend})"
+    rows: list[tuple[str, dict[str, float], float]] = []
+    try:
+        wait_up(f"http://127.0.0.1:{bare_port}/webhooks/x", bare)
+        wait_up(f"http://127.0.0.1:{bridge_port}/healthz", bridge)
+        wait_up(f"http://127.0.0.1:{sink_port}/healthz", sink)
+        for number in range(args.runs):
+            for name, port in (("bare Litestar POST", bare_port), (bridge_name, bridge_port)):
+                result = run_wrk(
+                    f"http://127.0.0.1:{port}/webhooks/stripe",
+                    script,
+                    requests,
+                    args.seconds,
+                    args.connections,
+                    first=number * per_run(args),
+                )
+                rows.append((name, result, os.getloadavg()[0]))
+        stats = httpx.get(f"http://127.0.0.1:{bridge_port}/readyz").json()
+    finally:
+        for proc in (bare, bridge, sink):
+            proc.terminate()
+            proc.wait(30)
+    print(
+        f"{'':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'ratio':>6} {'load':>5}"
+    )
+    ratios = []
+    for index, (name, r, load) in enumerate(rows):
+        base = rows[index - index % 2][1]["rate"]
+        if index % 2:
+            ratios.append(r["rate"] / base)
+        print(
+            f"{name:22} {r['rate']:>9,.0f} {r['p50']:>8.2f} {r['p99']:>8.2f}"
+            f" {r['errors']:>8.0f} {r['rate'] / base:>6.2f} {load:>5.2f}"
+        )
+    if len(ratios) > 1:
+        print(f"ratio over {len(ratios)} runs: median {statistics.median(ratios):.2f}")
+    print(
+        f"bridge outbox after the run: {stats.get('pending')} pending "
+        f"({args.connections} connections, {args.seconds}s each, wrk -t2, {os.cpu_count()} CPUs)"
+    )
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ class DeadLetterView(msgspec.Struct, frozen=True, kw_only=True):
 class ReplayRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Which rows to send again; with nothing named, `all` must be true."""
 
-    ids: list[int] = []
+    ids: list[Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]] = []  # SQLite's range
     source: str | None = None
     since: float | None = None  # unix seconds
     all: bool = False

@@ -13,7 +13,7 @@ import httpx
 from litestar import Litestar, Request, get
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.prometheus import PrometheusController
 from litestar.response import Response
 
 from bridge.admin import admin_router
@@ -27,6 +27,7 @@ from bridge.errors import (
     StoreUnavailable,
 )
 from bridge.forwarder import Forwarder
+from bridge.http_metrics import HttpMetrics
 from bridge.intake import intake_route
 from bridge.registry import Source, load_handlers, load_sources
 from bridge.store import Store, open_store
@@ -115,7 +116,9 @@ def create_app(
     @get("/readyz")
     async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         """Readiness: the store answers and the forwarder runs. `degraded` (still 200) when
-        forwarding is paused on a refused key or the oldest pending call is too old."""
+        forwarding is paused on a refused key or the oldest pending call is too old.
+        `forwarding` says whether this instance is the store's one forwarder (`leader`) or
+        stands by (`standby`: it takes webhooks all the same)."""
         forwarder: Forwarder = request.app.state.forwarder
         now = time.time()
         try:
@@ -140,21 +143,16 @@ def create_app(
             "pending": stats.pending,
             "dead": stats.dead,
             "oldest_pending_age": lag,
+            "forwarding": "leader" if forwarder.leading else "standby",
         }
         return Response(body)
 
     handlers: list[Any] = [healthz, readyz, intake_route(sources), PrometheusController]
     if settings.admin_token:
         handlers.append(admin_router(settings.admin_token))
-    prometheus = PrometheusConfig(
-        app_name="millimetric_bridge",
-        prefix="bridge_http",
-        group_path=True,
-        exclude=["/metrics", "/healthz"],
-    )
     app = Litestar(
         route_handlers=handlers,
-        middleware=[prometheus.middleware],
+        middleware=[HttpMetrics],
         openapi_config=OpenAPIConfig(
             title="millimetric-bridge",
             version=_version(),

@@ -15,6 +15,10 @@ What each answer means for the rows:
 
 Every track row carries an `event_id`, so a crash between a send and its bookkeeping can
 only resend what Millimetric deduplicates.
+
+Only the store's one forwarder sends (`Store.lead`), so the rate limits hold for a
+cluster of instances on one database: the others stand by and keep the gauges current,
+and take over when the leader is lost.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final
+from typing import Final, TypeVar
 
 import msgspec
 import structlog
@@ -54,6 +58,7 @@ log = structlog.get_logger("bridge.forwarder")
 _WRAPPER: Final = len(batch_body([]))
 _SINGLE_ROUTE_CLAIM: Final = 50
 _forget_decoder: Final = msgspec.json.Decoder(Forget)
+T = TypeVar("T")
 
 
 def _failure(outcome: Outcome) -> str:
@@ -99,18 +104,15 @@ class Forwarder:
         self._probe_after = self.config.probe_min
         self._probe_at = 0.0
         self._not_before: dict[Route, float] = dict.fromkeys(ROUTES, 0.0)
-        self._buckets = {
-            route: TokenBucket(
-                self.config.batch_limit if route == "track" else self.config.single_limit,
-                start_full=False,
-            )
-            for route in ROUTES
-        }
+        self._buckets = self._new_buckets()
         self._wake = {route: asyncio.Event() for route in ROUTES}
         self._in_flight = asyncio.Semaphore(self.config.max_in_flight)
         self._sends: set[asyncio.Task[None]] = set()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []  # leadership and gauges: while started
+        self._lanes: list[asyncio.Task[None]] = []  # sending and cleanup: while leading
+        self._stopping = asyncio.Event()  # the lanes stop (stop() or leadership lost)
+        self._closing = asyncio.Event()  # stop() was called
+        self.leading = False
         self.counts: dict[str, int] = {
             "requests": 0,
             "delivered": 0,
@@ -123,14 +125,15 @@ class Forwarder:
 
     @property
     def running(self) -> bool:
-        return bool(self._tasks) and not any(task.done() for task in self._tasks)
+        """Started and no task has died: leading with every lane up, or standing by."""
+        tasks = [*self._tasks, *self._lanes]
+        return bool(self._tasks) and not any(task.done() for task in tasks)
 
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._lane(route), name=f"forward-{route}") for route in ROUTES
+            asyncio.create_task(self._leadership(), name="forward-leadership"),
+            asyncio.create_task(self._gauges(), name="outbox-gauges"),
         ]
-        self._tasks.append(asyncio.create_task(self._janitor(), name="outbox-cleanup"))
-        self._tasks.append(asyncio.create_task(self._gauges(), name="outbox-gauges"))
 
     def wake(self, route: Route = "track") -> None:
         self._wake[route].set()
@@ -138,19 +141,87 @@ class Forwarder:
     async def stop(self, grace: float = 10.0) -> None:
         """Stop claiming; give sends in flight `grace` seconds to finish, then cancel them.
         Rows of a cancelled send stay claimed and are due again at the next start."""
+        self._closing.set()
+        await self._halt(grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        self._set_leading(False)
+
+    async def _halt(self, grace: float) -> None:
+        """Stop the lanes: they finish the send they are in, then stop claiming."""
         self._stopping.set()
         for event in self._wake.values():
             event.set()
         deadline = asyncio.get_running_loop().time() + grace
-        if self._tasks:  # lanes finish the send they are in, then stop claiming
-            await asyncio.wait(self._tasks, timeout=grace)
+        if self._lanes:
+            await asyncio.wait(self._lanes, timeout=grace)
         if self._sends:
             remaining = max(0.0, deadline - asyncio.get_running_loop().time())
             await asyncio.wait(set(self._sends), timeout=remaining)
-        for task in [*self._tasks, *self._sends]:
+        for task in [*self._lanes, *self._sends]:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._sends, return_exceptions=True)
-        self._tasks = []
+        await asyncio.gather(*self._lanes, *self._sends, return_exceptions=True)
+        self._lanes = []
+
+    async def _leadership(self) -> None:
+        """Forward while this instance is the store's one forwarder; otherwise stand by."""
+        while not self._closing.is_set():
+            try:
+                released = await self._unless_closing(self.store.lead())
+            except StoreUnavailable as error:
+                log.error("cannot take the lead; trying again", error=str(error))
+                await self._wait_closing(self.config.error_pause)
+                continue
+            if self._closing.is_set():
+                return
+            self._stopping.clear()
+            self._buckets = self._new_buckets()  # standing by, they would have filled up
+            self._lanes = [
+                asyncio.create_task(self._lane(route), name=f"forward-{route}") for route in ROUTES
+            ]
+            self._lanes.append(asyncio.create_task(self._janitor(), name="outbox-cleanup"))
+            self._set_leading(True)
+            log.info("this instance forwards", released_claims=released)
+            await self._unless_closing(self.store.lost())
+            if self._closing.is_set():
+                return  # stop() lets the sends in flight finish
+            log.error("leadership lost; forwarding stops until this instance leads again")
+            self._set_leading(False)
+            await self._halt(self.config.error_pause)
+
+    def _new_buckets(self) -> dict[Route, TokenBucket]:
+        # Empty, not full: a forwarder that (re)starts or takes over from another does not
+        # know how much of Millimetric's burst was just spent.
+        return {
+            route: TokenBucket(
+                self.config.batch_limit if route == "track" else self.config.single_limit,
+                start_full=False,
+            )
+            for route in ROUTES
+        }
+
+    def _set_leading(self, leading: bool) -> None:
+        self.leading = leading
+        metrics.LEADER.set(int(leading))
+
+    async def _unless_closing(self, work: Awaitable[T]) -> T | None:
+        """What `work` returns, or None (and `work` cancelled) once stop() is called."""
+        task = asyncio.ensure_future(work)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({task, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        return None if task.cancelled() else task.result()
+
+    async def _wait_closing(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
 
     # -- the lanes ---------------------------------------------------------------------------
 
@@ -369,8 +440,8 @@ class Forwarder:
     # -- retention -----------------------------------------------------------------------------
 
     async def _gauges(self) -> None:
-        """Keep the outbox gauges current for /metrics."""
-        while not self._stopping.is_set():
+        """Keep the outbox gauges current for /metrics (on every instance)."""
+        while not self._closing.is_set():
             try:
                 now = self.clock()
                 stats = await self.store.stats(now)
@@ -380,7 +451,7 @@ class Forwarder:
                 metrics.OUTBOX_OLDEST_AGE.set(now - oldest if oldest else 0)
             except Exception:
                 log.exception("outbox gauges failed; trying again later")
-            await self._sleep(self.config.gauges_every)
+            await self._wait_closing(self.config.gauges_every)
 
     async def _janitor(self) -> None:
         while not self._stopping.is_set():

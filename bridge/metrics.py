@@ -5,7 +5,7 @@ are from small fixed sets."""
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import Counter, Gauge
 
@@ -13,12 +13,14 @@ __all__ = [
     "ANSWERS",
     "DEAD_LETTERS",
     "FORWARDED",
+    "LEADER",
     "OUTBOX_DEAD",
     "OUTBOX_OLDEST_AGE",
     "OUTBOX_PENDING",
     "PAUSED",
     "RETRY_WAIT",
     "WEBHOOKS",
+    "webhook",
 ]
 
 WEBHOOKS: Final = Counter(
@@ -40,9 +42,26 @@ RETRY_WAIT: Final = Counter(
     ["cause"],
 )
 DEAD_LETTERS: Final = Counter("bridge_dead_letters", "Calls moved to dead letters.", ["route"])
+LEADER: Final = Gauge(
+    "bridge_forwarder_leader",
+    "1 while this instance is the one forwarding from the store; 0 while it stands by.",
+)
 PAUSED: Final = Gauge("bridge_forwarder_paused", "1 while forwarding is paused on a refused key.")
 OUTBOX_PENDING: Final = Gauge("bridge_outbox_pending", "Calls waiting to be sent.")
 OUTBOX_DEAD: Final = Gauge("bridge_outbox_dead", "Calls in dead letters.")
 OUTBOX_OLDEST_AGE: Final = Gauge(
     "bridge_outbox_oldest_pending_seconds", "Age of the oldest pending call (0 when none)."
 )
+
+
+_webhooks: Final[dict[tuple[str, str, str], Any]] = {}
+
+
+def webhook(source: str, result: str, reason: str) -> None:
+    """Count one delivery in `WEBHOOKS`. The labelled child is looked up once per
+    combination (a few dozen): `labels()` on every request costs more than the count."""
+    key = (source, result, reason)
+    child = _webhooks.get(key)
+    if child is None:
+        child = _webhooks[key] = WEBHOOKS.labels(source, result, reason)
+    child.inc()

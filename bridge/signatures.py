@@ -1,4 +1,4 @@
-"""Signature schemes handlers can use: Stripe's (through the `stripe` package) and a plain
+"""Signature schemes handlers can use: Stripe's (as the `stripe` package checks it) and a plain
 HMAC of the raw body (Shopify, GitHub, Lemon Squeezy and many more).
 
 Every scheme accepts a list of secrets, so a secret can be rotated without downtime, and
@@ -22,7 +22,7 @@ __all__ = ["HmacScheme", "StripeScheme"]
 
 
 class StripeScheme:
-    """`Stripe-Signature: t=...,v1=...`, verified by the `stripe` package."""
+    """`Stripe-Signature: t=...,v1=...`, verified as the `stripe` package verifies it."""
 
     headers = ("stripe-signature",)
     signs_timestamp = True
@@ -32,7 +32,7 @@ class StripeScheme:
         if not header:
             raise SignatureInvalid("missing Stripe-Signature header")
         try:
-            payload = request.body.decode("utf-8")
+            request.body.decode("utf-8")  # stripe signs (and reads) the body as text
         except UnicodeDecodeError:
             raise SignatureInvalid(
                 "body is not UTF-8, so it cannot carry a valid signature"
@@ -42,15 +42,22 @@ class StripeScheme:
         signed_at = _stripe_timestamp(header)
         if signed_at is not None and signed_at > time.time() + tolerance:
             raise SignatureInvalid(f"timestamp ahead of the {tolerance}s tolerance")
-        stale = False
-        if not header.isascii():  # a forged header; stripe's comparison would raise on it
+        if not header.isascii():  # a forged header; a comparison of text would raise on it
             raise SignatureInvalid("malformed Stripe-Signature header")
-        for secret in secrets:
-            try:
-                stripe.WebhookSignature.verify_header(payload, header, secret, tolerance)
-                return
-            except stripe.SignatureVerificationError as error:
-                stale = stale or "outside the tolerance zone" in str(error)
+        parsed = _stripe_header(header)
+        stale = False
+        if parsed is not None:
+            timestamp, signatures = parsed
+            signed = b"%d.%s" % (timestamp, request.body)
+            for secret in secrets:
+                if not secret.strip(" \t\r\n\f\v"):
+                    continue
+                expected = hmac.digest(secret.encode("utf-8"), signed, "sha256").hex().encode()
+                if any(hmac.compare_digest(expected, given) for given in signatures):
+                    if tolerance and timestamp < time.time() - tolerance:
+                        stale = True
+                        continue
+                    return
         if stale:
             raise SignatureInvalid(f"timestamp outside the {tolerance}s tolerance")
         raise SignatureInvalid("no valid Stripe signature for any configured secret")
@@ -60,6 +67,20 @@ class StripeScheme:
             body.decode("utf-8"), secret, timestamp
         )
         return {"stripe-signature": header, "content-type": "application/json"}
+
+
+def _stripe_header(header: str) -> tuple[int, list[bytes]] | None:
+    """The signed time and the `v1` signatures, read as the `stripe` package reads them
+    (`stripe.WebhookSignature.verify_header`, whose checks `verify` repeats at a fraction
+    of the cost: one HMAC over the raw bytes, no decoded copy of the body); None where it
+    would refuse the header."""
+    items = [item.split("=", 2) for item in header.split(",")]
+    try:
+        timestamp = int(next(item[1] for item in items if item[0] == "t"))
+        signatures = [item[1].encode() for item in items if item[0] == "v1"]
+    except (StopIteration, IndexError, ValueError):
+        return None
+    return (timestamp, signatures) if signatures else None
 
 
 def _stripe_timestamp(header: str) -> int | None:

@@ -8,9 +8,10 @@ batch, the published per-key rate limits (429 with `Retry-After`) and idempotenc
 `event_id`.
 
 Beyond the contract, under `/_sink/`: what it received (`events`), counters (`stats`),
-fault knobs (`knobs`: fail for the first N seconds, error rate, added latency, limits off,
-the accepted keys) and `reset`. A `rk_` key, read-only at Millimetric, gets 403
-`read_only_key` on ingest routes: the contract names no code for that case.
+fault knobs (`knobs`: fail for the first N seconds, error rate, added latency, dropped
+connections, limits off, the accepted keys) and `reset`. A `rk_` key, read-only at
+Millimetric, gets 403 `read_only_key` on ingest routes: the contract names no code for that
+case.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import re
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.params import FromPath, FromQuery
+from litestar.response import Stream
 
 from bridge.events import (
     BATCH_MAX_BYTES,
@@ -69,6 +72,7 @@ class SinkKnobs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     fail_status: int = 503
     error_rate: float = 0.0  # share of requests answered 500, at random
     latency_ms: float = 0.0  # added to every ingest answer
+    drop_rate: float = 0.0  # share of ingest requests handled, then cut off with no answer
     limits: bool = True  # enforce the published rate limits
     keys: list[str] = msgspec.field(default_factory=lambda: list(DEV_KEYS))
 
@@ -225,15 +229,28 @@ async def _ingest(state: SinkState, route: str, request: Request[Any, Any, Any])
     return _ok()
 
 
+async def _cut_off() -> AsyncIterator[bytes]:
+    """A body that fails before its first byte: uvicorn closes the connection, so the
+    client sees it dropped, as when a proxy in between gives up."""
+    raise ConnectionAbortedError("sink fault: connection dropped on purpose")
+    yield b""  # pragma: no cover (makes this an async generator)
+
+
 def create_sink_app(state: SinkState | None = None) -> Litestar:
     """The sink as an ASGI app; pass `state` to look at it from a test in the same process."""
     sink = state or SinkState()
 
     @post("/v1/{route:str}")
-    async def ingest(route: FromPath[str], request: Request[Any, Any, Any]) -> Response[bytes]:
+    async def ingest(
+        route: FromPath[str], request: Request[Any, Any, Any]
+    ) -> Response[bytes] | Stream:
         if route not in _DECODERS:
             return _error(404, "not_found")
         response = await _ingest(sink, route, request)
+        if sink.knobs.drop_rate and random.random() < sink.knobs.drop_rate:  # noqa: S311
+            # Handled (events may be stored), but the answer is lost on the way back.
+            sink.answers[f"{route} dropped"] += 1
+            return Stream(_cut_off())
         sink.answers[f"{route} {response.status_code}"] += 1
         return response
 

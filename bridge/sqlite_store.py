@@ -1,11 +1,15 @@
 """The SQLite outbox store: one writer thread, group commit, WAL, `synchronous=FULL`.
 
-Every operation runs on one dedicated thread that owns the connection (SQLite has one
+One dedicated thread owns the connection and serialises every operation (SQLite has one
 writer anyway, and committing off the event loop keeps intake responsive). Deliveries
 accepted concurrently are committed together: the thread takes every `accept` waiting in
-its queue, runs each inside its own savepoint and commits them in one transaction, one
-fsync. Each caller is answered only after that commit, so durability per delivery is the
-same as a commit each, at a fraction of the cost.
+its queue, runs them in one transaction (a failing one alone rolled back, in its own
+savepoint) and commits them with one fsync. Each caller is answered only after that
+commit, so durability per delivery is the same as a commit each, at a fraction of the
+cost.
+
+The statements of a group run on the event loop of its callers while the thread waits,
+and the thread commits (`_on_their_loops` says why); everything else runs on the thread.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ __all__ = ["SQLiteStore"]
 T = TypeVar("T")
 SYNCHRONOUS: Final = ("FULL", "NORMAL", "EXTRA")
 
+#: How long the writer thread waits for another process's write lock.
+BUSY_TIMEOUT_MS: Final = 5000
 #: How long a claim lasts before the row is due again (a crashed send is retried).
 LEASE_SECONDS: Final = 900.0
 #: Most deliveries one group commit takes; bounds how long one transaction holds the lock.
@@ -99,6 +105,42 @@ class _Op:
         self.future = future
 
 
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    """Move the WAL into the database file and truncate it: after an erasure its old
+    frames would still hold the erased rows."""
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _apply(conn: sqlite3.Connection, ops: Sequence[_Op]) -> list[tuple[Any, BaseException | None]]:
+    """Run `ops` inside the open transaction so that a failing one fails alone.
+
+    Optimistically all in one savepoint; only when one of them raises are they run again,
+    each in its own savepoint (two statements more per op, on every op, otherwise)."""
+    if len(ops) > 1:
+        conn.execute("SAVEPOINT ops")
+        try:
+            outcomes: list[tuple[Any, BaseException | None]] = [
+                (op.fn(conn, *op.args), None) for op in ops
+            ]
+        except Exception:  # each op runs again below, and a failing one fails alone
+            conn.execute("ROLLBACK TO ops")
+        else:
+            conn.execute("RELEASE ops")
+            return outcomes
+        conn.execute("RELEASE ops")
+    outcomes = []
+    for op in ops:
+        conn.execute("SAVEPOINT op")
+        try:
+            outcomes.append((op.fn(conn, *op.args), None))
+            conn.execute("RELEASE op")
+        except Exception as failure:  # handed to its caller alone
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            outcomes.append((None, _as_unavailable(failure)))
+    return outcomes
+
+
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.done():  # the caller went away (client disconnected); the work still happened
         return
@@ -106,6 +148,102 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _begin_at_once(conn: sqlite3.Connection) -> bool:
+    """BEGIN IMMEDIATE unless another process holds the write lock (an `outbox` command):
+    the event loop must not sit in SQLite's busy wait. False: the writer thread waits."""
+    if conn.in_transaction:
+        return True
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    return True
+
+
+class _Handoff:
+    """Grouped ops run on their caller's event loop while the writer thread waits, so
+    exactly one of the two runs them: whichever claims them first."""
+
+    __slots__ = ("claimed", "done", "error", "lock", "outcomes")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.claimed = False
+        self.done = threading.Event()
+        self.outcomes: list[tuple[Any, BaseException | None]] | None = None
+        self.error: BaseException | None = None
+
+    def claim(self) -> bool:
+        with self.lock:
+            taken, self.claimed = self.claimed, True
+            return not taken
+
+
+def _on_their_loops(
+    conn: sqlite3.Connection, ops: Sequence[_Op]
+) -> list[tuple[Any, BaseException | None]]:
+    """Begin a group's transaction and run its statements on the event loop of its
+    callers; the writer thread then commits.
+
+    Python's sqlite3 releases the GIL around every statement. Run from the writer thread
+    while the event loop is busy, each release is a GIL handoff between the two threads,
+    and the handoffs (a few per delivery) cost the loop more than the statements. On the
+    loop the statements contend with nobody; the writer thread keeps what blocks (waiting
+    for another process's write lock, the fsync of COMMIT) off the loop. Measured with
+    bench/intake.py against the same group run on the writer thread: 0.37-0.41 of bare
+    Litestar against 0.34-0.35, p99 76-87 ms against 97-104."""
+    outcomes: list[tuple[Any, BaseException | None]] = []
+    start = 0
+    while start < len(ops):  # usually one loop; in order, one run of same-loop ops at a time
+        end = start + 1
+        while end < len(ops) and ops[end].loop is ops[start].loop:
+            end += 1
+        outcomes.extend(_on_loop(conn, ops[start:end]))
+        start = end
+    return outcomes
+
+
+def _on_loop(
+    conn: sqlite3.Connection, ops: Sequence[_Op]
+) -> list[tuple[Any, BaseException | None]]:
+    loop = ops[0].loop
+    handoff = _Handoff()
+
+    def run() -> None:
+        if handoff.claim():
+            try:
+                if _begin_at_once(conn):
+                    handoff.outcomes = _apply(conn, ops)
+            except BaseException as error:  # the transaction's failure: the writer's to tell
+                handoff.error = error
+            finally:
+                handoff.done.set()
+
+    def here() -> list[tuple[Any, BaseException | None]]:
+        if not conn.in_transaction:
+            conn.execute("BEGIN IMMEDIATE")
+        return _apply(conn, ops)
+
+    try:
+        loop.call_soon_threadsafe(run)
+    except RuntimeError:  # the loop is closed: nobody awaits these, but the work is due
+        return here()
+    while not handoff.done.wait(0.05):
+        if not loop.is_running() and handoff.claim():  # stopped: it may never run `run`
+            return here()
+    if handoff.error is not None:
+        raise handoff.error
+    return here() if handoff.outcomes is None else handoff.outcomes
+
+
+def _settle_all(settled: list[tuple[asyncio.Future[Any], Any, Any]]) -> None:
+    for future, result, error in settled:
+        _settle(future, result, error)
 
 
 def _as_unavailable(error: BaseException) -> BaseException:
@@ -133,7 +271,9 @@ class SQLiteStore:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        # Deleted rows are zeroed, not left in free pages: erasure must reach the disk.
+        conn.execute("PRAGMA secure_delete=ON")
         conn.create_function("mentions", 2, _mentions, deterministic=True)
         return conn
 
@@ -166,26 +306,28 @@ class SQLiteStore:
         """Run `ops` in one transaction, each in a savepoint so one failure is its own."""
         outcomes: list[tuple[Any, BaseException | None]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op in ops:
-                conn.execute("SAVEPOINT op")
-                try:
-                    outcomes.append((op.fn(conn, *op.args), None))
-                    conn.execute("RELEASE op")
-                except Exception as failure:  # handed to its caller alone
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    outcomes.append((None, _as_unavailable(failure)))
-            conn.execute("COMMIT")
+            if ops[0].fn is _checkpoint:  # cannot run inside a transaction; never grouped
+                _checkpoint(conn)
+                outcomes.append((None, None))
+            else:
+                if ops[0].grouped:
+                    outcomes = _on_their_loops(conn, ops)
+                else:
+                    conn.execute("BEGIN IMMEDIATE")
+                    outcomes = _apply(conn, ops)
+                conn.execute("COMMIT")
         except Exception as failure:  # the transaction failed: every caller in it is told
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             outcomes = [(None, _as_unavailable(failure))] * len(ops)
+        answers: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, Any]]] = {}
         for op, (result, error) in zip(ops, outcomes, strict=True):
+            answers.setdefault(op.loop, []).append((op.future, result, error))
+        for loop, settled in answers.items():  # one wake-up a loop, not one an op
             # RuntimeError: the loop is closed, nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
-                op.loop.call_soon_threadsafe(_settle, op.future, result, error)
+                loop.call_soon_threadsafe(_settle_all, settled)
 
     async def _call(self, fn: Callable[..., T], *args: Any, grouped: bool = False) -> T:
         if self._thread is None:
@@ -202,7 +344,7 @@ class SQLiteStore:
             return
         try:
             conn = await asyncio.to_thread(self._connect)
-        except sqlite3.Error as error:
+        except (sqlite3.Error, OSError) as error:  # OSError: its directory cannot be made
             raise StoreUnavailable(f"sqlite: cannot open {self.path}: {error}") from error
         self._thread = threading.Thread(
             target=self._serve, args=(conn,), name="sqlite-store", daemon=True
@@ -240,6 +382,13 @@ class SQLiteStore:
         self._lock = lock
         return await self._call(_release_all_claims, now)
 
+    async def lead(self) -> int:
+        # `recover` took the file lock: this process is the one forwarder already.
+        return 0
+
+    async def lost(self) -> None:
+        await asyncio.Event().wait()  # the file lock lasts as long as the process
+
     async def erase(self, user_id: str) -> int:
         now = time.time()
         erased = 0
@@ -252,6 +401,7 @@ class SQLiteStore:
                 erased += await self._call(
                     _execute, statement, (start, start + ERASE_CHUNK, *params)
                 )
+        await self._call(_checkpoint)
         return erased
 
     async def accept(self, delivery: Delivery) -> AcceptResult:

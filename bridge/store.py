@@ -2,8 +2,13 @@
 
 A delivery (one provider webhook) is accepted in one transaction: its inbox record and
 the outbox rows of its calls. The forwarder then claims rows, sends them and reports back
-(delivered, retry, dead letter). Backends (`sqlite:///`, later `postgresql://`) keep every
-SQL detail to themselves; the contract tests run against each.
+(delivered, retry, dead letter). Backends (`sqlite:///`, `postgresql://`) keep every SQL
+detail to themselves; the contract tests run against each.
+
+One forwarder at a time per store, however many processes share it: a forwarder first
+`lead`s (SQLite: the process that opened the file for forwarding; PostgreSQL: the instance
+holding the leader lock, the others stand by and take webhooks) and stops forwarding when
+`lost` returns.
 
 Erasure lives here too, because only the store knows what it holds: accepting a `Forget`
 purges the user's pending rows and the raw payloads that mention them, records a
@@ -13,7 +18,9 @@ forget row is claimable only once no earlier call for that user is still on its 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 from collections.abc import Sequence
 from typing import Final, Literal, Protocol
 
@@ -34,6 +41,7 @@ __all__ = [
     "Selection",
     "Store",
     "derived_event_id",
+    "mentions",
     "open_store",
     "route_of",
     "subject_of",
@@ -110,8 +118,19 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def recover(self, now: float) -> int:
-        """Before a forwarder starts: make rows claimed by a forwarder that is gone due
-        again; return how many."""
+        """At start-up, before the forwarder: make rows claimed by a forwarder that is gone
+        due again; return how many. SQLite takes its one-forwarder lock here (a second
+        process on the file fails); PostgreSQL tries the leader lock once and releases
+        claims only if it got it (another instance may be forwarding)."""
+
+    async def lead(self) -> int:
+        """Wait until this instance is the store's one forwarder; then make rows claimed by
+        a forwarder that is gone due again, and return how many. SQLite leads at once
+        (`recover` took the lock)."""
+
+    async def lost(self) -> None:
+        """Return once this instance is no longer the one forwarder (the connection holding
+        its leader lock failed); never, for SQLite."""
 
     async def erase(self, user_id: str) -> int:
         """Delete every row and raw payload that mentions a forgotten user, except sends in
@@ -168,6 +187,17 @@ def hash_subject(user_id: str) -> str:
     return hashlib.sha256(b"millimetric-bridge subject\x00" + user_id.encode()).hexdigest()[:40]
 
 
+@functools.lru_cache(maxsize=64)
+def _token(user_id: str) -> re.Pattern[bytes]:
+    return re.compile(rb"(?<![\w@.+-])" + re.escape(user_id.encode()) + rb"(?![\w@+-])")
+
+
+def mentions(haystack: bytes | None, user_id: str) -> bool:
+    """Whether a stored body names this user id as a whole token (not inside a longer id):
+    what erasure removes besides the rows indexed by the user's subject."""
+    return haystack is not None and _token(user_id).search(haystack) is not None
+
+
 def derived_event_id(source: str, provider_event_id: str, index: int) -> str:
     """A stable event_id for a call its handler did not name: the same delivery always
     yields the same ids, so a redelivery or replay cannot count twice."""
@@ -181,4 +211,8 @@ def open_store(database_url: str, *, sqlite_synchronous: str = "FULL") -> Store:
         from bridge.sqlite_store import SQLiteStore
 
         return SQLiteStore(database_url.removeprefix("sqlite:///"), synchronous=sqlite_synchronous)
-    raise ConfigError("BRIDGE_DATABASE_URL", "this build supports sqlite:///PATH only")
+    if database_url.startswith(("postgresql://", "postgres://")):
+        from bridge.postgres_store import PostgresStore
+
+        return PostgresStore(database_url)
+    raise ConfigError("BRIDGE_DATABASE_URL", "must be sqlite:///PATH or postgresql://...")

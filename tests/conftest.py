@@ -3,18 +3,48 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import os
 import socket
+import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import uvicorn
 
+from bridge.postgres_store import PostgresStore, redacted
 from bridge.sink import SinkState, create_sink_app
+from bridge.sqlite_store import SQLiteStore
 from bridge.store import Store, open_store
+
+#: The server PostgreSQL tests run on; each test gets a schema of its own in it.
+POSTGRES_URL = os.environ.get(
+    "BRIDGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Under BRIDGE_REQUIRE_POSTGRES=1 (CI) a PostgreSQL test that skips, for any reason,
+    fails: CI must have run it for real."""
+    report = yield
+    if (
+        report.skipped
+        and item.get_closest_marker("postgres") is not None
+        and os.environ.get("BRIDGE_REQUIRE_POSTGRES") == "1"
+    ):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"a PostgreSQL test skipped under BRIDGE_REQUIRE_POSTGRES=1: {report.longrepr}"
+        )
+    return report
 
 
 @pytest.fixture
@@ -79,12 +109,76 @@ def sink() -> Iterator[RunningSink]:
         yield RunningSink(server.url, state)
 
 
+@functools.cache
+def _postgres_problem() -> str | None:
+    try:
+        with psycopg.connect(POSTGRES_URL, connect_timeout=3):
+            return None
+    except psycopg.Error as error:
+        return f"PostgreSQL is not reachable at {redacted(POSTGRES_URL)}: {error}".strip()
+
+
+def postgres_url() -> str:
+    """The test server's URL. With none reachable, the test skips, saying why; under
+    BRIDGE_REQUIRE_POSTGRES=1 (CI) it fails instead."""
+    problem = _postgres_problem()
+    if problem is None:
+        return POSTGRES_URL
+    hint = " (start one, or point BRIDGE_TEST_POSTGRES_URL at one)"
+    if os.environ.get("BRIDGE_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"{problem}{hint}; BRIDGE_REQUIRE_POSTGRES=1 needs it", pytrace=False)
+    pytest.skip(f"{problem}{hint}")
+
+
+def with_search_path(url: str, schema: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A database URL whose tables go to a fresh schema, dropped afterwards."""
+    base = postgres_url()
+    schema = f"bridge_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base, autocommit=True) as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield with_search_path(base, schema)
+    finally:
+        with psycopg.connect(base, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A `BRIDGE_DATABASE_URL` for an empty store: a temporary SQLite file, or a fresh
+    schema on the test PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/bridge.db"
+    else:
+        with postgres_schema() as url:
+            yield url
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    """A real store on a temporary file (PostgreSQL joins here when its backend lands)."""
-    opened = open_store(f"sqlite:///{tmp_path}/bridge.db")
+async def store(database_url: str) -> AsyncIterator[Store]:
+    """A real, opened store of each backend."""
+    opened = open_store(database_url)
     await opened.open()
     try:
         yield opened
     finally:
         await opened.close()
+
+
+async def table_rows(store: Store, query: str) -> list[tuple[Any, ...]]:
+    """Rows straight from the store's database, past the Store API (to check erasure)."""
+    if isinstance(store, SQLiteStore):
+        with contextlib.closing(sqlite3.connect(store.path)) as db:
+            return db.execute(query).fetchall()
+    assert isinstance(store, PostgresStore)
+    async with await psycopg.AsyncConnection.connect(store.url) as conn:
+        cursor = await conn.execute(query.encode())
+        return await cursor.fetchall()

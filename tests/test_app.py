@@ -25,6 +25,7 @@ def test_healthz_and_readyz(sink: RunningSink, tmp_path: Path) -> None:
         ready = httpx.get(f"{server.url}/readyz")
         assert ready.status_code == 200
         assert ready.json()["status"] == "ready"
+        assert ready.json()["forwarding"] == "leader"  # SQLite: the one process forwards
 
 
 def test_readyz_is_degraded_while_the_key_is_refused(sink: RunningSink, tmp_path: Path) -> None:

@@ -22,7 +22,11 @@ from bridge.sink import DEV_KEY
 from bridge.store import Delivery, Store
 from tests.conftest import RunningSink
 
-pytestmark = pytest.mark.anyio
+pytestmark = [
+    pytest.mark.anyio,
+    # The forwarder is the same over every store; these tests read the SQLite file itself.
+    pytest.mark.parametrize("database_url", ["sqlite"], indirect=True),
+]
 
 FAST = ForwarderConfig(
     linger=0.02, idle_poll=0.05, backoff_base=0.05, backoff_cap=0.3, probe_min=0.1, probe_max=0.3

@@ -1,4 +1,6 @@
-"""The store contract, on a real database file."""
+"""The store contract, run on every backend: a real SQLite file and a real PostgreSQL
+schema (the `store` fixture). PostgreSQL's own tests (leadership,
+migrations under concurrency) are in test_postgres_store.py."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.events import Forget, Identify, Track
 from bridge.store import Delivery, Retention, Selection, Store, derived_event_id, open_store
+from tests.conftest import table_rows
 
 pytestmark = pytest.mark.anyio
 
@@ -154,9 +157,7 @@ async def test_forget_purges_pending_rows_and_raw_payloads(store: Store) -> None
     assert [msgspec.json.decode(r.body) for r in forget] == [{"user_id": "u1"}]
 
 
-async def test_forget_waits_for_calls_in_flight_then_erases_them(
-    store: Store, tmp_path: Path
-) -> None:
+async def test_forget_waits_for_calls_in_flight_then_erases_them(store: Store) -> None:
     await store.accept(
         delivery("e1", Track(event="purchase", user_id="u1"), raw=b'{"customer":"u1"}')
     )
@@ -168,12 +169,8 @@ async def test_forget_waits_for_calls_in_flight_then_erases_them(
     (forget,) = await store.claim("forget", 10, 1 << 20, NOW)
     await store.delivered([forget.id], NOW)
     await store.erase("u1")
-    db = sqlite3.connect(tmp_path / "bridge.db")
-    rows = db.execute("SELECT body FROM outbox").fetchall()
-    raws = db.execute("SELECT raw_body FROM inbox WHERE raw_body IS NOT NULL").fetchall()
-    db.close()
-    assert rows == []
-    assert raws == []
+    assert await table_rows(store, "SELECT body FROM outbox") == []
+    assert await table_rows(store, "SELECT raw_body FROM inbox WHERE raw_body IS NOT NULL") == []
 
 
 async def test_a_failed_send_for_a_forgotten_user_is_not_retried(store: Store) -> None:
@@ -205,8 +202,8 @@ async def test_paused_reason_is_shared_through_the_store(store: Store) -> None:
     assert (await store.stats(NOW)).paused is None
 
 
-async def test_group_commit_keeps_every_accepted_delivery(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/bridge.db"
+async def test_concurrent_accepts_all_survive_a_reopen(database_url: str) -> None:
+    url = database_url
     first = open_store(url)
     await first.open()
     await asyncio.gather(*(first.accept(delivery(f"e{i}")) for i in range(1000)))
@@ -235,8 +232,8 @@ async def test_an_unusable_database_is_store_unavailable(tmp_path: Path) -> None
         await open_store(f"sqlite:///{tmp_path}/bridge.db").open()
 
 
-async def test_operations_on_a_closed_store_fail_clearly(tmp_path: Path) -> None:
-    store = open_store(f"sqlite:///{tmp_path}/bridge.db")
+async def test_operations_on_a_closed_store_fail_clearly(database_url: str) -> None:
+    store = open_store(database_url)
     with pytest.raises(StoreUnavailable, match="not open"):
         await store.stats(time.time())
 
@@ -259,7 +256,8 @@ async def test_recover_drops_released_rows_of_a_forgotten_user(store: Store) -> 
     assert await store.claim("track", 10, 1 << 20, NOW) == []
 
 
-async def test_one_forwarder_per_database(store: Store, tmp_path: Path) -> None:
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_one_forwarder_per_database_file(store: Store, tmp_path: Path) -> None:
     await store.recover(NOW)
     other = open_store(f"sqlite:///{tmp_path}/bridge.db")
     await other.open()
@@ -270,7 +268,7 @@ async def test_one_forwarder_per_database(store: Store, tmp_path: Path) -> None:
         await other.close()
 
 
-async def test_aliases_and_forgetting_a_visitor(store: Store, tmp_path: Path) -> None:
+async def test_aliases_and_forgetting_a_visitor(store: Store) -> None:
     from bridge.events import Alias, ForgetVisitor
 
     await store.accept(
@@ -288,12 +286,10 @@ async def test_aliases_and_forgetting_a_visitor(store: Store, tmp_path: Path) ->
     await store.accept(delivery("e3", ForgetVisitor(anonymous_id="stripe:cus_1")))
     (forget,) = await store.claim("forget", 10, 1 << 20, NOW)
     assert msgspec.json.decode(forget.body) == {"user_id": "u1"}
-    db = sqlite3.connect(tmp_path / "bridge.db")
-    left = db.execute(
-        "SELECT (SELECT COUNT(*) FROM identities), (SELECT COUNT(*) FROM aliases)"
-    ).fetchone()
-    db.close()
-    assert left == (0, 0)
+    left = await table_rows(
+        store, "SELECT (SELECT COUNT(*) FROM identities), (SELECT COUNT(*) FROM aliases)"
+    )
+    assert left == [(0, 0)]
     # An unknown visitor has no user to forget: nothing is queued.
     await store.accept(delivery("e4", ForgetVisitor(anonymous_id="stripe:cus_unknown")))
     assert await store.claim("forget", 10, 1 << 20, NOW) == []

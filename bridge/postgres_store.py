@@ -1,0 +1,812 @@
+"""The PostgreSQL outbox store: several bridge instances on one database, one forwarding.
+
+Driver: psycopg 3 with psycopg_pool. It is the maintained successor of psycopg2, async
+native, and fully typed, so mypy strict checks every call here without stubs (asyncpg is
+faster per round trip but untyped; per webhook the bridge's cost is Python CPU in the
+framework, not the driver: see PERF-NOTES).
+
+- Every operation is one transaction on a pooled connection. `accept` of a redelivery
+  racing its twin waits on the inbox's unique key and then says `duplicate`; a
+  transaction the server rolled back (a deadlock between two accepts that learn the same
+  identities) runs again.
+- Migrations are numbered SQL files, applied in one transaction under an advisory lock,
+  so instances starting together apply each once; a database newer than the code is
+  refused.
+- Leadership: the forwarder holds a session advisory lock on a dedicated connection (not
+  from the pool), with TCP keepalives on both ends. The other instances take webhooks
+  and try the lock every second. A leader that dies closes its connection, the server
+  drops the lock, and another instance leads within a second or two (about 15 s when the
+  leader's machine vanishes without closing its socket). The new leader makes the rows
+  its predecessor had claimed due again. The leader checks its lock connection every
+  second and stops forwarding when it fails (`lost`).
+- Claims take rows `FOR UPDATE SKIP LOCKED` and hold them for a lease: a claimed row is
+  due again when its lease runs out, whoever claimed it.
+
+Lock keys are derived from the schema the tables live in, so two bridges in two schemas
+of one database neither share a leader nor wait for each other's migrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+import psycopg
+import structlog
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from bridge.errors import ConfigError, StoreUnavailable
+from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
+from bridge.store import (
+    AcceptResult,
+    DeadLetter,
+    Delivery,
+    OutboxRow,
+    OutboxStats,
+    Retention,
+    Route,
+    Selection,
+    derived_event_id,
+    hash_subject,
+    mentions,
+    route_of,
+    subject_of,
+)
+
+__all__ = ["PostgresStore", "redacted"]
+
+T = TypeVar("T")
+Cursor = psycopg.AsyncCursor[TupleRow]
+Connection = psycopg.AsyncConnection[TupleRow]
+
+log = structlog.get_logger("bridge.store")
+
+#: How long a claim lasts before the row is due again (a crashed send is retried).
+LEASE_SECONDS: Final = 900.0
+#: Rows a retention pass deletes per transaction, so intake is never stalled for long.
+CLEANUP_CHUNK: Final = 5000
+#: Rows an erasure scans per transaction.
+ERASE_CHUNK: Final = 5000
+#: How often a standby instance tries the leader lock, and the leader checks it still has it.
+LEADER_POLL: Final = 1.0
+#: A lock check that takes longer than this means the lock connection is gone.
+LOCK_CHECK_TIMEOUT: Final = 3.0
+#: How long a request waits for a pooled connection before the store counts as unavailable.
+POOL_TIMEOUT: Final = 5.0
+POOL_MIN: Final = 2
+POOL_MAX: Final = 10
+#: A transaction the server rolled back (deadlock, serialization) is run again this often.
+TRIES: Final = 3
+#: libpq options for every connection: fail fast, and notice a dead peer.
+CONNECT: Final[dict[str, Any]] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "application_name": "millimetric-bridge",
+}
+#: The server side of the lock connection's keepalives: it drops a vanished leader's lock.
+_SERVER_KEEPALIVES: Final = (
+    "SELECT set_config('tcp_keepalives_idle', '5', false),"
+    " set_config('tcp_keepalives_interval', '2', false),"
+    " set_config('tcp_keepalives_count', '3', false)"
+)
+
+_encoder: Final = msgspec.json.Encoder()
+_forget_decoder: Final = msgspec.json.Decoder(Forget)
+
+
+def redacted(url: str) -> str:
+    """The URL as it may appear in a message: scheme, user, host, port and database only
+    (never the password, nor query options that could carry one)."""
+    parts = urlsplit(url)
+    user = f"{parts.username}@" if parts.username else ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{user}{parts.hostname or ''}{port}{parts.path}"
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = resources.files("bridge.migrations").joinpath("postgres")
+    found = []
+    for entry in folder.iterdir():
+        number, _, _ = entry.name.partition("_")
+        if entry.name.endswith(".sql") and number.isdigit():
+            found.append((int(number), entry.read_text()))
+    return sorted(found)
+
+
+def _lock_key(purpose: str, schema: str) -> int:
+    digest = hashlib.sha256(f"millimetric-bridge {purpose}\x00{schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class PostgresStore:
+    """`Store` on a PostgreSQL database (the schema its URL's search_path selects)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pool: AsyncConnectionPool[Connection] | None = None
+        #: The advisory lock the forwarding instance holds (pg_locks shows who leads).
+        self.leader_key = 0
+        self._leader: Connection | None = None  # holds the leader lock while we lead
+        self._candidate: Connection | None = None  # tries the lock while we stand by
+        self._watch: asyncio.Task[None] | None = None
+        self._lost = asyncio.Event()
+        self._lost.set()  # not leading yet
+        self._released = False  # claims of the previous leader released in this term
+        self._lost_at = -LEADER_POLL * 2  # monotonic time the lock connection last failed
+
+    # -- connections -------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`fn(cursor, *args)` in one transaction on a pooled connection."""
+        if self._pool is None:
+            raise StoreUnavailable("the store is not open")
+        for attempt in itertools.count(1):
+            try:
+                async with self._pool.connection() as conn, conn.cursor() as cursor:
+                    return await fn(cursor, *args)
+            except psycopg.errors.TransactionRollback as error:
+                if attempt >= TRIES:
+                    raise StoreUnavailable(f"postgresql: {error}") from error
+            except PoolTimeout as error:
+                raise StoreUnavailable(
+                    f"postgresql: no connection to {redacted(self.url)} within {POOL_TIMEOUT:g}s"
+                ) from error
+            except psycopg.Error as error:
+                raise StoreUnavailable(f"postgresql: {error}") from error
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        # One direct connection first: an unreachable server fails start-up at once, with
+        # libpq's reason, instead of after the pool's retries.
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.url, **CONNECT)
+            async with conn, conn.cursor() as cursor:
+                schema = await _schema(cursor)
+                await _migrate(cursor, _lock_key("migrations", schema))
+        except psycopg.Error as error:
+            raise StoreUnavailable(
+                f"postgresql: cannot use {redacted(self.url)}: {error}".strip()
+            ) from error
+        self.leader_key = _lock_key("forwarder", schema)
+        pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
+            self.url,
+            min_size=POOL_MIN,
+            max_size=POOL_MAX,
+            timeout=POOL_TIMEOUT,
+            kwargs=CONNECT,
+            open=False,
+            name="millimetric-bridge",
+        )
+        try:
+            await pool.open(wait=True, timeout=POOL_TIMEOUT)
+        except PoolTimeout as error:
+            await pool.close()
+            raise StoreUnavailable(
+                f"postgresql: cannot connect to {redacted(self.url)}: {error}"
+            ) from error
+        self._pool = pool
+
+    async def close(self) -> None:
+        held = (self._leader, self._candidate)
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        for conn in held:
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.close()  # a closed session holds no lock
+        self._leader = self._candidate = None
+        self._lost.set()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    # -- leadership ----------------------------------------------------------------------------
+
+    async def recover(self, now: float) -> int:
+        if not await self._try_lead():
+            return 0  # another instance forwards: its claims are its own
+        return await self._release(now)
+
+    async def lead(self) -> int:
+        # An instance whose lock connection just failed is the least likely to be healthy:
+        # the standbys, polling all along, get the first chance to take over.
+        await asyncio.sleep(max(0.0, self._lost_at + 2 * LEADER_POLL - time.monotonic()))
+        while not await self._try_lead():  # noqa: ASYNC110 (polling the server's lock)
+            await asyncio.sleep(LEADER_POLL)
+        return 0 if self._released else await self._release(time.time())
+
+    async def lost(self) -> None:
+        await self._lost.wait()
+
+    async def _release(self, now: float) -> int:
+        released = await self._run(_release_all_claims, now)
+        self._released = True
+        return released
+
+    async def _try_lead(self) -> bool:
+        if self._leader is not None:
+            return True
+        if self._pool is None:
+            raise StoreUnavailable("the store is not open")
+        try:
+            if self._candidate is None or self._candidate.closed:
+                self._candidate = await psycopg.AsyncConnection.connect(
+                    self.url, autocommit=True, **CONNECT
+                )
+                await self._candidate.execute(_SERVER_KEEPALIVES)
+            cursor = await self._candidate.execute(
+                "SELECT pg_try_advisory_lock(%s)", (self.leader_key,)
+            )
+            row = await cursor.fetchone()
+        except psycopg.Error as error:
+            log.warning("leader lock: the database is unreachable; trying again", error=str(error))
+            if self._candidate is not None:
+                with contextlib.suppress(psycopg.Error):
+                    await self._candidate.close()
+            self._candidate = None
+            return False
+        if not row or not row[0]:
+            return False
+        self._leader, self._candidate = self._candidate, None
+        self._released = False
+        self._lost = asyncio.Event()
+        self._watch = asyncio.create_task(self._keep(self._leader, self._lost), name="leader-lock")
+        return True
+
+    async def _keep(self, conn: Connection, lost: asyncio.Event) -> None:
+        """Check the lock connection every second; when it fails, leadership is lost."""
+        try:
+            while True:
+                await asyncio.sleep(LEADER_POLL)
+                await asyncio.wait_for(conn.execute("SELECT 1"), LOCK_CHECK_TIMEOUT)
+        except (psycopg.Error, TimeoutError) as error:
+            log.error("leader lock lost with its connection; forwarding stops", error=str(error))
+            self._lost_at = time.monotonic()
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
+        finally:
+            if self._leader is conn:
+                self._leader = None
+            lost.set()
+
+    # -- the Store protocol ----------------------------------------------------------------
+
+    async def erase(self, user_id: str) -> int:
+        now = time.time()
+        erased = 0
+        for table, step in (("outbox", _erase_rows), ("inbox", _erase_raw)):
+            top = await self._run(_top_id, table)
+            for start in range(0, top + 1, ERASE_CHUNK):  # small steps: intake interleaves
+                erased += await self._run(step, start, start + ERASE_CHUNK, user_id, now)
+        return erased
+
+    async def accept(self, delivery: Delivery) -> AcceptResult:
+        return await self._run(_accept, delivery)
+
+    async def claim(self, route: Route, limit: int, max_bytes: int, now: float) -> list[OutboxRow]:
+        return await self._run(_claim, route, limit, max_bytes, now)
+
+    async def delivered(self, ids: Sequence[int], now: float) -> None:
+        if ids:
+            await self._run(_delivered, list(ids), now)
+
+    async def retry(self, ids: Sequence[int], next_at: float, *, count_attempt: bool) -> None:
+        if ids:
+            await self._run(_retry, list(ids), next_at, count_attempt)
+
+    async def dead_letter(self, ids: Sequence[int], reason: str, now: float) -> None:
+        if ids:
+            await self._run(_dead_letter, list(ids), reason, now)
+
+    async def stats(self, now: float) -> OutboxStats:
+        return await self._run(_stats)
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        return await self._run(_dead_letters, limit)
+
+    async def replay(self, selection: Selection, now: float) -> int:
+        return await self._run(_replay, selection, now)
+
+    async def purge(self, selection: Selection) -> int:
+        return await self._run(_purge, selection)
+
+    async def cleanup(self, retention: Retention, now: float) -> dict[str, int]:
+        counts = {"delivered": 0, "raw_payloads": 0, "inbox": 0}
+        for kind, statement, age in (
+            ("delivered", _CLEAN_DELIVERED, retention.delivered),
+            ("raw_payloads", _CLEAN_RAW, retention.raw_payloads),
+            ("inbox", _CLEAN_INBOX, retention.inbox),
+        ):
+            while True:  # in chunks, each its own transaction, so intake interleaves
+                done = await self._run(_execute, statement, (now - age, CLEANUP_CHUNK))
+                counts[kind] += done
+                if done < CLEANUP_CHUNK:
+                    break
+        return counts
+
+    async def set_paused(self, reason: str | None) -> None:
+        await self._run(_set_meta, "paused", reason)
+
+
+# -- the SQL, each function one transaction --------------------------------------------------
+
+
+async def _one(cur: Cursor, query: str, params: Sequence[Any] = ()) -> Any:
+    """The first column of the first row, or None."""
+    await cur.execute(query, params)
+    row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def _schema(cur: Cursor) -> str:
+    schema = await _one(cur, "SELECT current_schema()")
+    if schema is None:
+        raise ConfigError(
+            "BRIDGE_DATABASE_URL", "its search_path names no existing schema to create tables in"
+        )
+    return str(schema)
+
+
+async def _migrate(cur: Cursor, lock_key: int) -> None:
+    await cur.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
+    await cur.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations"
+        " (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+    )
+    current = await _one(cur, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+    migrations = _migrations()
+    latest = migrations[-1][0]
+    if current > latest:
+        raise ConfigError(
+            "BRIDGE_DATABASE_URL",
+            f"the database is at schema version {current}, newer than this millimetric-bridge "
+            f"knows ({latest}); upgrade the bridge, do not run an older one against it",
+        )
+    for number, sql in migrations:
+        if number > current:
+            await cur.execute(sql.encode())  # no parameters: several statements may run
+            await cur.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (%s, %s)",
+                (number, time.time()),
+            )
+
+
+async def _release_all_claims(cur: Cursor, now: float) -> int:
+    """The previous leader is gone: what it had in flight is due again now (Millimetric
+    deduplicates those sends by event_id)."""
+    await cur.execute(
+        "DELETE FROM outbox WHERE state = 'pending' AND claimed AND route != 'forget'"
+        " AND subject IN (SELECT subject FROM forgotten)"
+    )
+    await cur.execute(
+        "UPDATE outbox SET claimed = FALSE, next_at = %s WHERE state = 'pending' AND claimed",
+        (now,),
+    )
+    return cur.rowcount
+
+
+async def _accept(cur: Cursor, delivery: Delivery) -> AcceptResult:
+    inbox_id = await _one(
+        cur,
+        "INSERT INTO inbox (source, provider_event_id, received_at, raw_body, headers, calls)"
+        " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (source, provider_event_id) DO NOTHING"
+        " RETURNING id",
+        (
+            delivery.source,
+            delivery.provider_event_id,
+            delivery.received_at,
+            delivery.raw_body,
+            _encoder.encode(delivery.headers),
+            len(delivery.calls),
+        ),
+    )
+    if inbox_id is None:
+        return "duplicate"
+    now = delivery.received_at
+    resolved = [await _resolve(cur, delivery.source, item, now) for item in delivery.calls]
+    identified = {(c.anonymous_id, c.user_id) for c in resolved if isinstance(c, Identify)}
+    for index, given in enumerate(resolved):
+        call: Call | None = given
+        if given is None:  # an instruction, carried out
+            continue
+        if isinstance(given, Forget):
+            await _forget(cur, given.user_id, inbox_id, now)
+        else:
+            # One round trip for both questions: per-statement cost is most of an accept.
+            await cur.execute(
+                "SELECT EXISTS (SELECT 1 FROM forgotten WHERE subject = %s),"
+                " (SELECT user_id FROM identities WHERE anonymous_id = %s)",
+                (subject_of(given), given.anonymous_id),
+            )
+            forgotten, known = await cur.fetchone() or (False, None)
+            if forgotten:
+                # About a forgotten user: never stored, never sent, its raw body not kept.
+                await cur.execute(
+                    "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = %s", (inbox_id,)
+                )
+                continue
+            call, learned = await _identity(cur, given, known, identified)
+            if learned is not None:
+                await _insert(cur, inbox_id, learned, None, now)
+        if call is None:  # an identify of a link already sent
+            continue
+        event_id = None
+        if isinstance(call, Track):
+            if call.event_id is None:
+                call = msgspec.structs.replace(
+                    call,
+                    event_id=derived_event_id(delivery.source, delivery.provider_event_id, index),
+                )
+            event_id = call.event_id
+        await _insert(cur, inbox_id, call, event_id, now)
+    return "accepted"
+
+
+async def _resolve(cur: Cursor, source: str, item: Output, now: float) -> Call | None:
+    """Carry out an instruction (`Alias`, `ForgetVisitor`, `Purge`) or put a call's
+    anonymous id through the aliases learned so far."""
+    if isinstance(item, Purge):
+        await _purge_prefixes(cur, source, item, now)
+        return None
+    if isinstance(item, Alias):
+        target = await _target(cur, item.anonymous_id)
+        if target != item.alias:
+            await cur.execute(
+                "INSERT INTO aliases (alias, anonymous_id) VALUES (%s, %s) ON CONFLICT (alias)"
+                " DO UPDATE SET anonymous_id = excluded.anonymous_id",
+                (item.alias, target),
+            )
+        return None
+    if isinstance(item, ForgetVisitor):
+        known = await _one(
+            cur,
+            "SELECT user_id FROM identities WHERE anonymous_id = %s",
+            (await _target(cur, item.anonymous_id),),
+        )
+        return Forget(user_id=known) if known is not None else None
+    if isinstance(item, Forget) or not item.anonymous_id:
+        return item
+    target = await _target(cur, item.anonymous_id)
+    return (
+        item if target == item.anonymous_id else msgspec.structs.replace(item, anonymous_id=target)
+    )
+
+
+async def _target(cur: Cursor, anonymous_id: str) -> str:
+    found = await _one(cur, "SELECT anonymous_id FROM aliases WHERE alias = %s", (anonymous_id,))
+    return str(found) if found is not None else anonymous_id
+
+
+async def _insert(
+    cur: Cursor, inbox_id: int | None, call: Call, event_id: str | None, now: float
+) -> None:
+    await cur.execute(
+        "INSERT INTO outbox (inbox_id, route, subject, event_id, body, created_at, next_at)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (inbox_id, route_of(call), subject_of(call), event_id, _encoder.encode(call), now, now),
+    )
+
+
+async def _identity(
+    cur: Cursor, call: Track | Identify, known: str | None, identified: set[tuple[str | None, str]]
+) -> tuple[Call | None, Identify | None]:
+    """The call with what is known about its visitor (`known`: the user id learned for its
+    anonymous id), and an identify to send first when this call teaches a new link (as in
+    the SQLite backend)."""
+    if not call.anonymous_id:
+        return call, None
+    if isinstance(call, Identify) and not call.traits and known == call.user_id:
+        return None, None  # the link is known and was sent: identify once
+    if call.user_id is None:
+        if known is not None and isinstance(call, Track):
+            return msgspec.structs.replace(call, user_id=known), None
+        return call, None
+    if known == call.user_id:
+        return call, None
+    await cur.execute(
+        "INSERT INTO identities (anonymous_id, user_id, subject) VALUES (%s, %s, %s)"
+        " ON CONFLICT (anonymous_id) DO UPDATE SET user_id = excluded.user_id,"
+        " subject = excluded.subject",
+        (call.anonymous_id, call.user_id, hash_subject(call.user_id)),
+    )
+    pair = (call.anonymous_id, call.user_id)
+    if pair in identified:
+        return call, None
+    identified.add(pair)
+    return call, Identify(user_id=call.user_id, anonymous_id=call.anonymous_id)
+
+
+async def _forget(cur: Cursor, user_id: str, inbox_id: int | None, now: float) -> None:
+    """Erase at once what an index finds about a user, and remember them as forgotten;
+    sends in flight stay (the forget row waits for them)."""
+    subject = hash_subject(user_id)
+    await cur.execute(
+        "INSERT INTO forgotten (subject, at) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+        (subject, now),
+    )
+    await cur.execute(
+        "DELETE FROM aliases WHERE anonymous_id IN"
+        " (SELECT anonymous_id FROM identities WHERE subject = %s)",
+        (subject,),
+    )
+    await cur.execute("DELETE FROM identities WHERE subject = %s", (subject,))
+    await cur.execute(
+        "DELETE FROM outbox WHERE subject = %s AND route != 'forget'"
+        " AND NOT (state = 'pending' AND claimed AND next_at > %s)",
+        (subject, now),
+    )
+    await cur.execute("UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = %s", (inbox_id,))
+
+
+def _upto(prefix: str) -> str:
+    """Everything from `prefix` up to (not including) this starts with it, compared
+    byte-wise (the columns are COLLATE "C"): a range the indexes serve."""
+    return prefix + "\U0010ffff"
+
+
+async def _purge_prefixes(cur: Cursor, source: str, purge: Purge, now: float) -> None:
+    """Carry out a `Purge` (as in the SQLite backend)."""
+    deliveries = (source, purge.deliveries, _upto(purge.deliveries))
+    await cur.execute(
+        "DELETE FROM outbox WHERE inbox_id IN (SELECT id FROM inbox WHERE source = %s"
+        " AND provider_event_id >= %s AND provider_event_id < %s) AND route != 'forget'"
+        " AND NOT (state = 'pending' AND claimed AND next_at > %s)",
+        (*deliveries, now),
+    )
+    await cur.execute(
+        "UPDATE inbox SET raw_body = NULL, headers = NULL"
+        " WHERE source = %s AND provider_event_id >= %s AND provider_event_id < %s",
+        deliveries,
+    )
+    users = (purge.users, _upto(purge.users))
+    await cur.execute(
+        "DELETE FROM aliases WHERE anonymous_id IN"
+        " (SELECT anonymous_id FROM identities WHERE user_id >= %s AND user_id < %s)",
+        users,
+    )
+    await cur.execute("DELETE FROM identities WHERE user_id >= %s AND user_id < %s", users)
+
+
+async def _claim(
+    cur: Cursor, route: Route, limit: int, max_bytes: int, now: float
+) -> list[OutboxRow]:
+    if route == "forget":
+        # A forget waits until no earlier call about the same user is still pending; rows
+        # about a forgotten user that are not in flight are never sent (see SQLite).
+        await cur.execute(
+            "DELETE FROM outbox WHERE state = 'pending' AND route != 'forget'"
+            " AND subject IN (SELECT subject FROM outbox WHERE state = 'pending'"
+            "   AND route = 'forget') AND NOT (claimed AND next_at > %s)",
+            (now,),
+        )
+        await cur.execute(
+            "SELECT id, body, created_at, attempts FROM outbox AS f"
+            " WHERE state = 'pending' AND route = 'forget' AND next_at <= %s"
+            " AND NOT EXISTS (SELECT 1 FROM outbox AS o WHERE o.subject = f.subject"
+            "   AND o.state = 'pending' AND o.route != 'forget')"
+            " ORDER BY next_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
+            (now, limit),
+        )
+    else:
+        await cur.execute(
+            "SELECT id, body, created_at, attempts FROM outbox"
+            " WHERE state = 'pending' AND route = %s AND next_at <= %s"
+            " ORDER BY next_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
+            (route, now, limit),
+        )
+    rows: list[OutboxRow] = []
+    size = 0
+    for row_id, body, created_at, attempts in await cur.fetchall():
+        size += len(body) + 1
+        if rows and size > max_bytes:
+            break
+        rows.append(
+            OutboxRow(
+                id=row_id, route=route, body=bytes(body), created_at=created_at, attempts=attempts
+            )
+        )
+    if rows:
+        await cur.execute(
+            "UPDATE outbox SET claimed = TRUE, next_at = %s WHERE id = ANY(%s)",
+            (now + LEASE_SECONDS, [row.id for row in rows]),
+        )
+    return rows
+
+
+async def _delivered(cur: Cursor, ids: list[int], now: float) -> None:
+    await cur.execute("SELECT body FROM outbox WHERE route = 'forget' AND id = ANY(%s)", (ids,))
+    forgets = [bytes(body) for (body,) in await cur.fetchall()]
+    await cur.execute(
+        "UPDATE outbox SET state = 'delivered', claimed = FALSE, done_at = %s, reason = NULL"
+        " WHERE state = 'pending' AND id = ANY(%s)",
+        (now, ids),
+    )
+    for body in forgets:
+        # Millimetric has erased the user: the forget row and the sends that were in flight
+        # at forget time go too.
+        user_id = _forget_decoder.decode(body).user_id
+        await cur.execute(
+            "DELETE FROM outbox WHERE state != 'pending' AND subject = %s",
+            (hash_subject(user_id),),
+        )
+
+
+async def _retry(cur: Cursor, ids: list[int], next_at: float, count_attempt: bool) -> None:
+    await cur.execute(
+        "UPDATE outbox SET claimed = FALSE, next_at = %s, attempts = attempts + %s"
+        " WHERE state = 'pending' AND id = ANY(%s)",
+        (next_at, int(count_attempt), ids),
+    )
+    # A send that failed after its user was forgotten is not tried again.
+    await cur.execute(
+        "DELETE FROM outbox WHERE route != 'forget' AND id = ANY(%s)"
+        " AND subject IN (SELECT subject FROM forgotten)",
+        (ids,),
+    )
+
+
+async def _dead_letter(cur: Cursor, ids: list[int], reason: str, now: float) -> None:
+    await cur.execute(
+        "UPDATE outbox SET state = 'dead', claimed = FALSE, done_at = %s, reason = %s,"
+        " attempts = attempts + 1 WHERE state = 'pending' AND id = ANY(%s)",
+        (now, reason, ids),
+    )
+
+
+async def _stats(cur: Cursor) -> OutboxStats:
+    await cur.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state")
+    counts = {state: count for state, count in await cur.fetchall()}
+    oldest = await _one(
+        cur, "SELECT created_at FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1"
+    )
+    await cur.execute(
+        "SELECT COUNT(*), COUNT(raw_body), (SELECT value FROM meta WHERE key = 'paused') FROM inbox"
+    )
+    inbox, raw, paused = await cur.fetchone() or (0, 0, None)
+    return OutboxStats(
+        pending=counts.get("pending", 0),
+        delivered=counts.get("delivered", 0),
+        dead=counts.get("dead", 0),
+        oldest_pending_at=oldest,
+        inbox=inbox,
+        raw_payloads=raw,
+        paused=paused,
+    )
+
+
+async def _dead_letters(cur: Cursor, limit: int) -> list[DeadLetter]:
+    await cur.execute(
+        "SELECT o.id, o.route, i.source, o.event_id, o.reason, o.created_at, o.attempts, o.body"
+        " FROM outbox AS o LEFT JOIN inbox AS i ON i.id = o.inbox_id"
+        " WHERE o.state = 'dead' ORDER BY o.id LIMIT %s",
+        (limit,),
+    )
+    return [
+        DeadLetter(
+            id=r[0],
+            route=r[1],
+            source=r[2],
+            event_id=r[3],
+            reason=r[4] or "",
+            created_at=r[5],
+            attempts=r[6],
+            body=bytes(r[7]),
+        )
+        for r in await cur.fetchall()
+    ]
+
+
+def _where(selection: Selection) -> tuple[str, list[Any]]:
+    states = "('dead', 'delivered')" if selection.include_delivered else "('dead')"
+    clauses: list[str] = [f"state IN {states}"]
+    params: list[Any] = []
+    if selection.ids:
+        clauses.append("id = ANY(%s)")
+        params.append(list(selection.ids))
+    if selection.source is not None:
+        clauses.append("inbox_id IN (SELECT id FROM inbox WHERE source = %s)")
+        params.append(selection.source)
+    if selection.since is not None:
+        clauses.append("created_at >= %s")
+        params.append(selection.since)
+    return " AND ".join(clauses), params
+
+
+async def _replay(cur: Cursor, selection: Selection, now: float) -> int:
+    where, params = _where(selection)
+    await cur.execute(
+        # A replay starts the row's life again: its max age counts from now.
+        "UPDATE outbox SET state = 'pending', claimed = FALSE, next_at = %s, attempts = 0,"
+        f" created_at = %s, done_at = NULL, reason = NULL WHERE {where}",
+        (now, now, *params),
+    )
+    return cur.rowcount
+
+
+async def _purge(cur: Cursor, selection: Selection) -> int:
+    where, params = _where(msgspec.structs.replace(selection, include_delivered=False))
+    await cur.execute(f"DELETE FROM outbox WHERE {where}", params)
+    return cur.rowcount
+
+
+_CLEAN_DELIVERED: Final = (
+    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
+    " WHERE state = 'delivered' AND done_at < %s LIMIT %s)"
+)
+_CLEAN_RAW: Final = (
+    "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id IN (SELECT id FROM inbox"
+    " WHERE raw_body IS NOT NULL AND received_at < %s LIMIT %s)"
+)
+_CLEAN_INBOX: Final = (
+    "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE received_at < %s"
+    " AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.inbox_id = inbox.id) LIMIT %s)"
+)
+
+
+async def _execute(cur: Cursor, statement: str, params: tuple[Any, ...]) -> int:
+    await cur.execute(statement, params)
+    return cur.rowcount
+
+
+async def _top_id(cur: Cursor, table: str) -> int:
+    return int(await _one(cur, f"SELECT COALESCE(MAX(id), 0) FROM {table}"))
+
+
+async def _erase_rows(cur: Cursor, start: int, end: int, user_id: str, now: float) -> int:
+    """Rows (not forgets, not sends in flight) about the user or whose body names them:
+    the server finds candidates by substring, the same token rule as SQLite decides."""
+    subject = hash_subject(user_id)
+    await cur.execute(
+        "SELECT id, subject, body FROM outbox WHERE id >= %s AND id < %s AND route != 'forget'"
+        " AND (subject = %s OR position(%s::bytea IN body) > 0)"
+        " AND NOT (state = 'pending' AND claimed AND next_at > %s) FOR UPDATE",
+        (start, end, subject, user_id.encode(), now),
+    )
+    ids = [i for i, s, body in await cur.fetchall() if s == subject or mentions(body, user_id)]
+    if ids:
+        await cur.execute("DELETE FROM outbox WHERE id = ANY(%s)", (ids,))
+    return len(ids)
+
+
+async def _erase_raw(cur: Cursor, start: int, end: int, user_id: str, _now: float) -> int:
+    await cur.execute(
+        "SELECT id, raw_body FROM inbox WHERE id >= %s AND id < %s AND raw_body IS NOT NULL"
+        " AND position(%s::bytea IN raw_body) > 0 FOR UPDATE",
+        (start, end, user_id.encode()),
+    )
+    ids = [i for i, raw in await cur.fetchall() if mentions(bytes(raw), user_id)]
+    if ids:
+        await cur.execute(
+            "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ANY(%s)", (ids,)
+        )
+    return len(ids)
+
+
+async def _set_meta(cur: Cursor, key: str, value: str | None) -> None:
+    if value is None:
+        await cur.execute("DELETE FROM meta WHERE key = %s", (key,))
+    else:
+        await cur.execute(
+            "INSERT INTO meta (key, value) VALUES (%s, %s)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )

@@ -1,0 +1,175 @@
+"""Erasure, checked on disk: after a forget, no table, no column and no byte of the SQLite
+file or its WAL names the user, and nothing about them is forwarded again, even when a
+later webhook mentions them."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+from click.testing import CliRunner
+
+from bridge.app import create_app
+from bridge.cli import main as cli_main
+from bridge.config import load_settings
+from bridge.testing import sign
+from handlers.stripe import handler as stripe
+from tests.conftest import RunningSink, ServerThread
+
+SECRET = "whsec_erasure_secret"
+TOKEN = "erasure-admin-token-0123456789"
+CHECKOUT = Path(__file__).parent / "fixtures" / "stripe" / "checkout.session.completed.json"
+
+
+def checkout(n: str, user: str, email: str) -> bytes:
+    event = msgspec.json.decode(CHECKOUT.read_bytes())
+    event["id"] = f"evt_erasure_{n}"
+    event["livemode"] = True
+    event["data"]["object"].update(
+        id=f"cs_{n}",
+        mode="payment",
+        payment_status="paid",
+        payment_intent=f"pi_{n}",
+        client_reference_id=user,
+        customer=f"cus_{n}",
+        customer_email=email,
+        metadata={"note": f"bought by {user}"},
+    )
+    event["data"]["object"]["customer_details"]["email"] = email
+    return msgspec.json.encode(event)
+
+
+def customer_deleted(n: str, customer: str) -> bytes:
+    return msgspec.json.encode(
+        {
+            "id": f"evt_erasure_{n}",
+            "object": "event",
+            "type": "customer.deleted",
+            "livemode": True,
+            "created": int(time.time()),
+            "data": {"object": {"id": customer, "object": "customer"}},
+        }
+    )
+
+
+def post(server: ServerThread, body: bytes) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/webhooks/stripe", content=body, headers=sign(stripe, body, SECRET)
+    )
+
+
+def wait_for(check: Callable[[], Any], within: float = 15) -> Any:
+    deadline = time.monotonic() + within
+    while not (found := check()):
+        assert time.monotonic() < deadline, "not reached in time"
+        time.sleep(0.05)
+    return found
+
+
+def sink_bodies(sink: RunningSink) -> list[bytes]:
+    return [msgspec.json.encode(r.body) for r in sink.state.received]
+
+
+def mentions_in_rows(db: Path, needle: str) -> list[str]:
+    """Every table, every column, every row: where `needle` appears (text or blob)."""
+    conn = sqlite3.connect(db)
+    try:
+        found = []
+        tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            columns = [c[1] for c in conn.execute(f"PRAGMA table_info({table})")]
+            for row in conn.execute(f"SELECT * FROM {table}"):  # noqa: S608 (names from the file)
+                for column, value in zip(columns, row, strict=True):
+                    raw = value.encode() if isinstance(value, str) else value
+                    if isinstance(raw, bytes) and needle.encode() in raw:
+                        found.append(f"{table}.{column}")
+        return found
+    finally:
+        conn.close()
+
+
+def mentions_on_disk(db: Path, needle: str) -> list[str]:
+    """The raw bytes of the database, its WAL and shared memory: deleted content that
+    SQLite left in free pages or old WAL frames counts as still stored."""
+    return [
+        path.name
+        for path in db.parent.glob(db.name + "*")
+        if path.is_file() and needle.encode() in path.read_bytes()
+    ]
+
+
+@pytest.fixture
+def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[ServerThread]:
+    (tmp_path / "bridge.toml").write_text("[sources.stripe]\nforget_on_customer_deleted = true\n")
+    env = {
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": sink.url,
+        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
+        "BRIDGE_CONFIG": str(tmp_path / "bridge.toml"),
+        "STRIPE_WEBHOOK_SECRET": SECRET,
+        "BRIDGE_ADMIN_TOKEN": TOKEN,
+    }
+    with ServerThread(create_app(load_settings(env))) as server:
+        yield server
+
+
+def forget_by_admin(server: ServerThread, user: str, _n: str) -> None:
+    answer = httpx.post(
+        f"{server.url}/admin/forget",
+        json={"user_id": user},
+        headers={"authorization": f"Bearer {TOKEN}"},
+    )
+    assert answer.status_code == 202
+
+
+def forget_by_cli(server: ServerThread, user: str, _n: str) -> None:
+    db = Path(server.server.config.app.state.settings.sqlite_path)
+    result = CliRunner().invoke(
+        cli_main, ["forget", user], env={"BRIDGE_DATABASE_URL": f"sqlite:///{db}"}
+    )
+    assert result.exit_code == 0, result.output
+
+
+def forget_by_customer_deleted(server: ServerThread, _user: str, n: str) -> None:
+    assert post(server, customer_deleted(f"{n}_deleted", f"cus_{n}")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "forget", [forget_by_admin, forget_by_cli, forget_by_customer_deleted], ids=lambda f: f.__name__
+)
+def test_forget_leaves_no_trace_on_disk_and_nothing_more_is_sent(
+    bridge: ServerThread, sink: RunningSink, tmp_path: Path, forget: Callable[..., None]
+) -> None:
+    db = tmp_path / "bridge.db"
+    user, email = "usr_ErAsE9", "erase.me@example.org"
+    # Two purchases by the user (one sent before the forget, one pending at forget time
+    # while Millimetric is down) and one by someone else, who must be kept.
+    assert post(bridge, checkout("a1", user, email)).status_code == 200
+    wait_for(lambda: any(user.encode() in b for b in sink_bodies(sink)))
+    httpx.post(f"{sink.url}/_sink/knobs", json={"fail_for_seconds": 1.0}).raise_for_status()
+    assert post(bridge, checkout("a2", user, email)).status_code == 200
+    assert post(bridge, checkout("k1", "usr_keep", "keep@example.org")).status_code == 200
+
+    forget(bridge, user, "a1")
+
+    wait_for(lambda: sink.state.answers["forget 202"] == 1)
+    forgot_at = len(sink.state.received)
+    # A later webhook about the user is taken (the provider must not retry it) but kept
+    # nowhere and sent nowhere; one about someone else, after it, shows the pipe is open.
+    assert post(bridge, checkout("a3", user, email)).status_code == 200
+    assert post(bridge, checkout("k2", "usr_keep2", "keep2@example.org")).status_code == 200
+    wait_for(lambda: any(b"usr_keep2" in b for b in sink_bodies(sink)))
+
+    after = sink_bodies(sink)[forgot_at:]
+    assert not [b for b in after if user.encode() in b or email.encode() in b]
+    assert any(b"usr_keep" in b for b in sink_bodies(sink))
+    wait_for(lambda: not mentions_in_rows(db, user) and not mentions_in_rows(db, email))
+    assert mentions_in_rows(db, "usr_keep2")  # the scan does find what is kept
+    assert mentions_on_disk(db, user) == []
+    assert mentions_on_disk(db, email) == []

@@ -1,0 +1,316 @@
+"""Faults on both sides of the bridge, served for real.
+
+Millimetric misbehaving (5xx, a 429 storm, slow answers, dropped connections): intake keeps
+answering 200 quickly while the outbox grows, and everything drains afterwards, each event
+counted once. The store failing (full disk, locked by another process, on a disk gone
+read-only): intake answers 503 so the provider retries, never a 200 for what was not
+stored, and recovers once the fault clears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from bridge import sqlite_store
+from bridge.app import create_app
+from bridge.client import build_http_client
+from bridge.config import load_settings
+from bridge.errors import StoreUnavailable
+from bridge.forwarder import ForwarderConfig
+from bridge.sqlite_store import SQLiteStore
+from bridge.testing import sign
+from handlers.stripe import handler as stripe
+from tests.conftest import RunningSink, ServerThread
+
+SECRET = "whsec_faults_secret"
+
+
+def delivery(n: str, pad: int = 0) -> bytes:
+    """A live Stripe delivery that becomes one track call, `subscription_started:sub_<n>`."""
+    obj: dict[str, Any] = {"id": f"sub_{n}", "object": "subscription", "customer": "cus_f"}
+    if pad:
+        obj["metadata"] = {"pad": "x" * pad}
+    return msgspec.json.encode(
+        {
+            "id": f"evt_{n}",
+            "object": "event",
+            "type": "customer.subscription.created",
+            "livemode": True,
+            "created": int(time.time()),
+            "data": {"object": obj},
+        }
+    )
+
+
+def post(url: str, body: bytes, timeout: float = 10) -> httpx.Response:
+    return httpx.post(
+        f"{url}/webhooks/stripe",
+        content=body,
+        headers=sign(stripe, body, SECRET),
+        timeout=timeout,
+    )
+
+
+def wait_for(check: Callable[[], Any], within: float = 20) -> Any:
+    deadline = time.monotonic() + within
+    while not (found := check()):
+        assert time.monotonic() < deadline, "not reached in time"
+        time.sleep(0.05)
+    return found
+
+
+def settings(sink: RunningSink, tmp_path: Path, **forwarder: Any) -> Any:
+    base = load_settings(
+        {
+            "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+            "MILLIMETRIC_HOST": sink.url,
+            "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
+            "STRIPE_WEBHOOK_SECRET": SECRET,
+        }
+    )
+    return msgspec.structs.replace(base, forwarder=ForwarderConfig(**forwarder))
+
+
+def sink_event_ids(sink: RunningSink) -> list[str]:
+    return [msgspec.json.decode(r.body)["event_id"] for r in sink.state.received]
+
+
+# -- Millimetric faults ----------------------------------------------------------------------
+
+FAULTS = {
+    "5xx": {"fail_for_seconds": 0.7, "fail_status": 503},
+    "429 storm": {"fail_for_seconds": 0.7, "fail_status": 429},
+    "slow answers past the client timeout": {"latency_ms": 700},
+    "dropped connections": {"drop_rate": 0.6},
+}
+FAULT_ANSWERS = {
+    "5xx": "batch 503",
+    "429 storm": "batch 429",
+    "dropped connections": "batch dropped",
+}
+CALM = {"fail_for_seconds": 0, "latency_ms": 0, "drop_rate": 0, "error_rate": 0}
+
+
+@pytest.fixture
+def quick_bridge(sink: RunningSink, tmp_path: Path) -> Iterator[ServerThread]:
+    """Short backoffs and a 0.5 s client timeout, so faults play out in seconds."""
+    http = build_http_client(timeout=0.5, connect_timeout=0.5)
+    config = settings(sink, tmp_path, backoff_base=0.05, backoff_cap=0.3, linger=0.02)
+    with ServerThread(create_app(config, http=http)) as server:
+        yield server
+        assert server.loop is not None  # the client lives on the server's loop
+        asyncio.run_coroutine_threadsafe(http.aclose(), server.loop).result(10)
+
+
+def timeouts(server: ServerThread) -> float:
+    """Sends to Millimetric that timed out, from the bridge's /metrics."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+        if line.startswith("bridge_millimetric_answers_total{") and 'status="timeout"' in line
+    )
+
+
+@pytest.mark.parametrize("fault", list(FAULTS), ids=list(FAULTS))
+def test_intake_stays_fast_through_a_millimetric_fault_and_all_drains(
+    quick_bridge: ServerThread, sink: RunningSink, fault: str
+) -> None:
+    timed_out_before = timeouts(quick_bridge)
+    httpx.post(f"{sink.url}/_sink/knobs", json=FAULTS[fault]).raise_for_status()
+    sent = [f"{fault[:3]}{i}" for i in range(40)]
+    slowest = 0.0
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for body in sent[:20]:  # the first half one by one, timing each answer
+            started = time.perf_counter()
+            assert post(quick_bridge.url, delivery(body)).status_code == 200
+            slowest = max(slowest, time.perf_counter() - started)
+        answers = list(pool.map(lambda n: post(quick_bridge.url, delivery(n)), sent[20:]))
+    assert {a.status_code for a in answers} == {200}
+    assert slowest < 0.5  # intake does not wait on Millimetric
+    httpx.post(f"{sink.url}/_sink/knobs", json=CALM).raise_for_status()
+
+    expected = {f"subscription_started:sub_{n}" for n in sent}
+    wait_for(lambda: expected <= sink.state.seen_event_ids)
+    ids = sink_event_ids(sink)
+    assert sorted(ids) == sorted(expected)  # each counted once; resends were deduplicated
+    if fault in FAULT_ANSWERS:  # the fault was met, not dodged
+        assert sink.state.answers[FAULT_ANSWERS[fault]] >= 1
+    else:  # the forwarder's sends timed out (and were sent again)
+        assert timeouts(quick_bridge) > timed_out_before
+
+
+def test_sink_drop_rate_cuts_the_connection_after_handling(sink: RunningSink) -> None:
+    httpx.post(f"{sink.url}/_sink/knobs", json={"drop_rate": 1.0}).raise_for_status()
+    body = {"events": [{"event": "x", "event_id": "dropped-1"}]}
+    auth = {"authorization": "Bearer sk_dev_local_bridge"}
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.post(f"{sink.url}/v1/batch", json=body, headers=auth)
+    assert sink.state.seen_event_ids == {"dropped-1"}  # handled; only the answer was lost
+    assert sink.state.answers["batch dropped"] == 1
+    httpx.post(f"{sink.url}/_sink/knobs", json={"drop_rate": 0}).raise_for_status()
+    assert httpx.post(f"{sink.url}/v1/batch", json=body, headers=auth).json()["duplicates"] == 1
+
+
+# -- store faults ----------------------------------------------------------------------------
+
+
+def on_store_connection(app: Any, server: ServerThread, statement: str) -> Any:
+    """Run one statement on the store's own connection, on its writer thread: how a test
+    makes that connection meet a full disk or give up on a lock sooner."""
+    store: SQLiteStore = app.state.store
+    assert server.loop is not None
+
+    def run(conn: Any) -> Any:
+        return conn.execute(statement).fetchone()
+
+    return asyncio.run_coroutine_threadsafe(store._call(run), server.loop).result(10)
+
+
+def stored_inbox(db: Path) -> set[str]:
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        return {r[0] for r in conn.execute("SELECT provider_event_id FROM inbox")}
+    finally:
+        conn.close()
+
+
+def test_a_full_disk_gives_503_never_200_and_recovers(sink: RunningSink, tmp_path: Path) -> None:
+    app = create_app(settings(sink, tmp_path))
+    with ServerThread(app) as server:
+        assert post(server.url, delivery("before")).status_code == 200
+        (pages,) = on_store_connection(app, server, "PRAGMA page_count")
+        on_store_connection(app, server, f"PRAGMA max_page_count={pages}")  # no room to grow
+        answers = [post(server.url, delivery(f"full{i}", pad=3000)) for i in range(20)]
+        statuses = [a.status_code for a in answers]
+        assert set(statuses) == {200, 503}  # what still fit in free pages, then refusals
+        refused = next(a for a in answers if a.status_code == 503)
+        assert refused.headers["retry-after"]
+        assert refused.json()["error"] == "store_unavailable"
+        assert httpx.get(f"{server.url}/healthz").status_code == 200  # no crash
+        on_store_connection(app, server, "PRAGMA max_page_count=1073741823")
+        # The provider retries the refused ones: now each is stored, once (none was
+        # half-stored before); the ones already stored are recognised.
+        again = [post(server.url, delivery(f"full{i}", pad=3000)) for i in range(20)]
+        assert [r.json()["result"] for r in again] == [
+            "duplicate" if s == 200 else "accepted" for s in statuses
+        ]
+        wait_for(lambda: len(sink.state.seen_event_ids) == 21)
+    assert stored_inbox(tmp_path / "bridge.db") == {"evt_before"} | {
+        f"evt_full{i}" for i in range(20)
+    }
+
+
+LOCKER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()
+conn.execute("ROLLBACK")
+"""
+
+
+def test_a_database_locked_by_another_process_gives_503_then_recovers(
+    sink: RunningSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Give up on the lock after 0.3 s rather than 5 s, so the test takes a second.
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 300, raising=False)
+    db = tmp_path / "bridge.db"
+    app = create_app(settings(sink, tmp_path))
+    with ServerThread(app) as server:
+        assert post(server.url, delivery("unlocked")).status_code == 200
+        on_store_connection(app, server, "PRAGMA busy_timeout=300")
+        locker = subprocess.Popen(
+            [sys.executable, "-c", LOCKER, str(db)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert locker.stdout is not None
+            assert locker.stdout.readline() == b"locked\n"
+            refused = post(server.url, delivery("locked"))
+            assert refused.status_code == 503
+            assert "locked" in refused.json()["reason"]
+            assert httpx.get(f"{server.url}/readyz").status_code == 503
+        finally:
+            locker.communicate(b"", timeout=10)
+        assert post(server.url, delivery("locked")).json()["result"] == "accepted"
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+        wait_for(lambda: len(sink.state.seen_event_ids) == 2)  # the forwarder lived through it
+    assert stored_inbox(db) == {"evt_unlocked", "evt_locked"}
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs, when this machine lets us mount one (root in a container does)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(fd: int) -> OSError:
+    """Write until the disk is full; the error that said so."""
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError as error:
+        return error
+    raise AssertionError("the disk never filled")
+
+
+def test_a_real_full_disk_gives_503_then_recovers(sink: RunningSink, small_disk: Path) -> None:
+    app = create_app(settings(sink, small_disk))
+    with ServerThread(app) as server:
+        assert post(server.url, delivery("roomy")).status_code == 200
+        filler = small_disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            full = fill(fd)
+        finally:
+            os.close(fd)
+        assert full.errno == errno.ENOSPC
+        answers = [post(server.url, delivery(f"fill{i}", pad=50_000)) for i in range(10)]
+        statuses = [a.status_code for a in answers]
+        assert 503 in statuses
+        assert set(statuses) <= {200, 503}
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+        filler.unlink()  # space again: the provider's retries are stored, once
+        again = [post(server.url, delivery(f"fill{i}", pad=50_000)) for i in range(10)]
+        assert [a.json()["result"] for a in again] == [
+            "duplicate" if s == 200 else "accepted" for s in statuses
+        ]
+        wait_for(lambda: len(sink.state.seen_event_ids) == 11)
+    assert stored_inbox(small_disk / "bridge.db") == {"evt_roomy"} | {
+        f"evt_fill{i}" for i in range(10)
+    }
+
+
+@pytest.mark.anyio
+async def test_a_database_path_that_cannot_exist_is_store_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    store = SQLiteStore(tmp_path / "a-file" / "data" / "bridge.db")
+    with pytest.raises(StoreUnavailable, match="cannot open"):
+        await store.open()
