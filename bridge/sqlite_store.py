@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
 import queue
-import re
 import sqlite3
 import threading
 import time
@@ -43,6 +41,7 @@ from bridge.store import (
     Selection,
     derived_event_id,
     hash_subject,
+    mentions,
     route_of,
     subject_of,
 )
@@ -75,16 +74,6 @@ def _migrations() -> list[tuple[int, str]]:
         if entry.name.endswith(".sql") and number.isdigit():
             found.append((int(number), entry.read_text()))
     return sorted(found)
-
-
-@functools.lru_cache(maxsize=64)
-def _token(user_id: str) -> re.Pattern[bytes]:
-    return re.compile(rb"(?<![\w@.+-])" + re.escape(user_id.encode()) + rb"(?![\w@+-])")
-
-
-def _mentions(haystack: bytes | None, user_id: str) -> bool:
-    """Whether a stored body names this user id as a whole token (not inside a longer id)."""
-    return haystack is not None and _token(user_id).search(haystack) is not None
 
 
 class _Op:
@@ -274,7 +263,7 @@ class SQLiteStore:
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         # Deleted rows are zeroed, not left in free pages: erasure must reach the disk.
         conn.execute("PRAGMA secure_delete=ON")
-        conn.create_function("mentions", 2, _mentions, deterministic=True)
+        conn.create_function("mentions", 2, mentions, deterministic=True)
         return conn
 
     def _serve(self, conn: sqlite3.Connection) -> None:
