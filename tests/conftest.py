@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import uvicorn
@@ -99,6 +100,19 @@ class RunningSink:
     def __init__(self, url: str, state: SinkState) -> None:
         self.url = url
         self.state = state
+
+    def arrived(self, count: int, within: float = 10) -> list[dict[str, Any]]:
+        """Wait until the sink holds `count` calls, then return them in order (with their
+        route), once anything more would have shown."""
+        deadline = time.monotonic() + within
+        while True:
+            events = httpx.get(f"{self.url}/_sink/events").json()["events"]
+            if len(events) >= count:
+                time.sleep(0.3)  # anything more would show now
+                events = httpx.get(f"{self.url}/_sink/events").json()["events"]
+                return [{"route": e["route"], **e["body"]} for e in events]
+            assert time.monotonic() < deadline, f"{len(events)} of {count} calls arrived"
+            time.sleep(0.05)
 
 
 @pytest.fixture

@@ -424,16 +424,7 @@ class Bridge:
         )
 
     def arrived(self, count: int, within: float = 10) -> list[dict[str, Any]]:
-        """Wait until the sink holds `count` calls, then return them in order."""
-        deadline = time.monotonic() + within
-        while True:
-            events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
-            if len(events) >= count:
-                time.sleep(0.3)  # anything more would show now
-                events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
-                return [{"route": e["route"], **e["body"]} for e in events]
-            assert time.monotonic() < deadline, f"{len(events)} of {count} calls arrived"
-            time.sleep(0.05)
+        return self.sink.arrived(count, within)
 
 
 @pytest.fixture
