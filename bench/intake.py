@@ -4,15 +4,18 @@
     .venv/bin/python bench/intake.py [--seconds 10] [--connections 64] [--runs 1]
         [--database-url postgresql://postgres@127.0.0.1:5432/test]
 
-Both run under uvicorn (one worker, uvloop, httptools) and are driven by wrk with the same
-distinct, freshly signed ~1 KB Stripe-style bodies (each thread replays its own slice, so
-no delivery repeats). The bridge (`millimetric-bridge serve`) verifies, translates and
+Three servers, all under uvicorn (one worker, uvloop, httptools), driven by wrk with the
+same distinct, freshly signed ~1 KB Stripe-style bodies (each thread replays its own
+slice, so no delivery repeats): a bare Litestar `@post` handler that reads the body (the
+baseline every ratio is against), the same route served raw as the bridge serves its
+intake (a route middleware answering from `receive`: the ceiling of that way, with no
+work), and the bridge. The bridge (`millimetric-bridge serve`) verifies, translates and
 commits each delivery before answering, with its forwarder draining into a local sink at
 the published limits. The store is SQLite in a temporary directory (synchronous=FULL,
 group commit), or with `--database-url postgresql://...` a fresh database created on that
 server for the run and dropped after it. Prints req/s, p50 and p99 for both, the ratio,
 and the load average beside them (the machine may be shared: compare ratios, repeat with
-`--runs`, which alternates the two servers). Needs wrk (`apt-get install wrk`).
+`--runs`, which alternates the servers). Needs wrk (`apt-get install wrk`).
 """
 
 from __future__ import annotations
@@ -182,7 +185,11 @@ def fresh_database(url: str | None, work: Path) -> Iterator[tuple[str, str]]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+SERVERS = ("bare Litestar POST", "bare, served raw", "bridge")
+
+
 def per_run(args: argparse.Namespace) -> int:
+    """Requests set aside for one server's run: more than the fastest server takes."""
     return 20_000 * args.seconds + 20_000
 
 
@@ -204,10 +211,10 @@ def main() -> None:
         requests = work / "requests.tsv"
         script = work / "replay.lua"
         script.write_text(LUA)
-        if args.runs * 2 * (args.seconds + 3) > 240:
+        if args.runs * len(SERVERS) * (args.seconds + 3) > 240:
             raise SystemExit("the signatures would go stale (300 s): fewer --runs or --seconds")
         # Enough distinct deliveries that none repeats at 20k req/s: each run its own slice.
-        make_requests(requests, per_run(args) * args.runs)
+        make_requests(requests, per_run(args) * args.runs * len(SERVERS))
         with fresh_database(args.database_url, work) as (database_url, backend):
             run(args, work, requests, script, database_url, backend)
     finally:
@@ -222,20 +229,23 @@ def run(
     database_url: str,
     backend: str,
 ) -> None:
-    bare_port, sink_port, bridge_port = free_port(), free_port(), free_port()
-    bare = subprocess.Popen(
-        [
-            BIN / "uvicorn",
-            "bare_app:app",
-            "--port",
-            str(bare_port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-            "--app-dir",
-            str(ROOT / "bench"),
-        ],
-        stdout=subprocess.DEVNULL,
+    bare_port, raw_port, sink_port, bridge_port = free_port(), free_port(), free_port(), free_port()
+    bare, raw = (
+        subprocess.Popen(
+            [
+                BIN / "uvicorn",
+                f"bare_app:{name}",
+                "--port",
+                str(port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+                "--app-dir",
+                str(ROOT / "bench"),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        for name, port in (("app", bare_port), ("raw", raw_port))
     )
     sink = subprocess.Popen(
         [BIN / "millimetric-bridge", "sink", "--port", str(sink_port)],
@@ -260,38 +270,49 @@ def run(
     rows: list[tuple[str, dict[str, float], float]] = []
     try:
         wait_up(f"http://127.0.0.1:{bare_port}/webhooks/x", bare)
+        wait_up(f"http://127.0.0.1:{raw_port}/webhooks/x", raw)
         wait_up(f"http://127.0.0.1:{bridge_port}/healthz", bridge)
         wait_up(f"http://127.0.0.1:{sink_port}/healthz", sink)
+        ports = (bare_port, raw_port, bridge_port)
         for number in range(args.runs):
-            for name, port in (("bare Litestar POST", bare_port), (bridge_name, bridge_port)):
+            for index, (name, port) in enumerate(zip(SERVERS, ports, strict=True)):
                 result = run_wrk(
                     f"http://127.0.0.1:{port}/webhooks/stripe",
                     script,
                     requests,
                     args.seconds,
                     args.connections,
-                    first=number * per_run(args),
+                    first=(number * len(SERVERS) + index) * per_run(args),
                 )
-                rows.append((name, result, os.getloadavg()[0]))
+                rows.append(
+                    (bridge_name if port == bridge_port else name, result, os.getloadavg()[0])
+                )
         stats = httpx.get(f"http://127.0.0.1:{bridge_port}/readyz").json()
     finally:
-        for proc in (bare, bridge, sink):
+        for proc in (bare, raw, bridge, sink):
             proc.terminate()
             proc.wait(30)
     print(
         f"{'':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'ratio':>6} {'load':>5}"
     )
-    ratios = []
+    ratios: list[float] = []  # the bridge against the bare POST of its round
+    ceiling: list[float] = []  # ... and against the route served raw
+    p99s: list[float] = []
     for index, (name, r, load) in enumerate(rows):
-        base = rows[index - index % 2][1]["rate"]
-        if index % 2:
+        base = rows[index - index % len(SERVERS)][1]["rate"]
+        if index % len(SERVERS) == len(SERVERS) - 1:
             ratios.append(r["rate"] / base)
+            ceiling.append(r["rate"] / rows[index - 1][1]["rate"])
+            p99s.append(r["p99"])
         print(
             f"{name:22} {r['rate']:>9,.0f} {r['p50']:>8.2f} {r['p99']:>8.2f}"
             f" {r['errors']:>8.0f} {r['rate'] / base:>6.2f} {load:>5.2f}"
         )
-    if len(ratios) > 1:
-        print(f"ratio over {len(ratios)} runs: median {statistics.median(ratios):.2f}")
+    print(
+        f"bridge over {len(ratios)} run(s), medians: {statistics.median(ratios):.2f} of the bare"
+        f" POST, {statistics.median(ceiling):.2f} of the raw route, p99"
+        f" {statistics.median(p99s):.1f} ms"
+    )
     print(
         f"bridge outbox after the run: {stats.get('pending')} pending "
         f"({args.connections} connections, {args.seconds}s each, wrk -t2, {os.cpu_count()} CPUs)"

@@ -147,7 +147,12 @@ def create_app(
         }
         return Response(body)
 
-    handlers: list[Any] = [healthz, readyz, intake_route(sources), PrometheusController]
+    handlers: list[Any] = [
+        healthz,
+        readyz,
+        intake_route(sources, settings.max_body_bytes),
+        PrometheusController,
+    ]
     if settings.admin_token:
         handlers.append(admin_router(settings.admin_token))
     app = Litestar(

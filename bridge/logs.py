@@ -8,13 +8,16 @@ up in a message or a traceback by mistake.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import functools
 import json
 import logging
 import re
 import sys
+import threading
 import time
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import msgspec
 import structlog
@@ -98,6 +101,64 @@ def render_json(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> 
         return json.dumps(event_dict, default=_repr)
 
 
+class _Pending(threading.local):
+    """A thread's lines not yet written, and the event loop due to write them."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.known = False  # to the writer, which writes what is pending at exit
+
+
+class LineWriter:
+    """structlog's logger: one rendered line to `file` per call, as `WriteLogger`, except
+    that the lines logged during one pass of an event loop are written together at its end,
+    with one write and one flush (at webhook rates, a flush per line cost more than
+    rendering it). Lines logged off a loop are written at once; what is pending at exit
+    is written then."""
+
+    def __init__(self, file: IO[str]) -> None:
+        self._file = file
+        self._pending = _Pending()
+        self._lock = threading.Lock()  # one thread's lines at a time
+        self._threads: list[_Pending] = []
+        atexit.register(self.flush_all)
+
+    def msg(self, message: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write([message])
+            return
+        pending = self._pending
+        if not pending.known:
+            pending.known = True
+            self._threads.append(pending)
+        pending.lines.append(message)
+        if pending.loop is not loop:  # none scheduled, or on a loop that has stopped since
+            pending.loop = loop
+            loop.call_soon(self._flush)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+    def _flush(self) -> None:
+        pending = self._pending
+        pending.loop = None
+        self._write(pending.lines)
+
+    def _write(self, lines: list[str]) -> None:
+        with self._lock:
+            if lines:
+                self._file.write("\n".join(lines) + "\n")
+                lines.clear()
+                self._file.flush()
+
+    def flush_all(self) -> None:
+        for pending in self._threads:
+            self._write(pending.lines)
+
+
 def _processors() -> list[Processor]:
     return [
         structlog.contextvars.merge_contextvars,
@@ -114,10 +175,11 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         render_json if fmt == "json" else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     )
     numeric = logging.getLevelNamesMapping()[level.upper()]
+    writer = LineWriter(sys.stdout)
     structlog.configure(
         processors=[*_processors(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
+        logger_factory=lambda *_args: writer,
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stdout)

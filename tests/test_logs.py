@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 
 import pytest
 import structlog
 
-from bridge.logs import REDACTED, configure_logging, redact_secrets
+from bridge.logs import REDACTED, LineWriter, configure_logging, redact_secrets
 
 SECRETS = [
     "sk_live_abc123_def456",
@@ -80,3 +82,53 @@ def test_configured_output_is_json_and_redacted(capsys: pytest.CaptureFixture[st
     assert "RuntimeError" in lines[2]["exception"]
     for secret in SECRETS:
         assert secret not in out
+
+
+def test_lines_of_one_loop_pass_are_written_together_in_order() -> None:
+    out = io.StringIO()
+    writer = LineWriter(out)
+
+    async def log_and_look() -> list[str]:
+        writer.msg("one")
+        writer.msg("two")
+        seen = [out.getvalue()]  # nothing yet: the pass is not over
+        await asyncio.sleep(0)
+        seen.append(out.getvalue())
+        writer.msg("three")
+        await asyncio.sleep(0)
+        seen.append(out.getvalue())
+        return seen
+
+    assert asyncio.run(log_and_look()) == ["", "one\ntwo\n", "one\ntwo\nthree\n"]
+    writer.msg("off the loop")  # no loop runs: written at once
+    assert out.getvalue().endswith("three\noff the loop\n")
+
+
+def test_lines_left_by_a_stopped_loop_are_written_by_the_next_or_at_exit() -> None:
+    out = io.StringIO()
+    writer = LineWriter(out)
+    loop = asyncio.new_event_loop()
+    loop.call_soon(writer.msg, "left behind")
+    loop.call_soon(loop.stop)
+    loop.run_forever()  # stops before the pass that would write the line
+    loop.close()
+    assert out.getvalue() == ""
+
+    async def log() -> None:
+        writer.msg("next")
+        await asyncio.sleep(0)
+
+    asyncio.run(log())
+    assert out.getvalue() == "left behind\nnext\n"
+
+    other = io.StringIO()
+    late = LineWriter(other)
+
+    stopped = asyncio.new_event_loop()
+    stopped.call_soon(late.msg, "pending at exit")
+    stopped.call_soon(stopped.stop)
+    stopped.run_forever()
+    stopped.close()
+    assert other.getvalue() == ""
+    late.flush_all()  # what atexit runs
+    assert other.getvalue() == "pending at exit\n"

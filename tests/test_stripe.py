@@ -399,3 +399,48 @@ def test_the_browser_id_follows_the_customer_and_deletion_forgets_the_learned_us
     ]
     assert bridge.post(deleted).status_code == 200  # no metadata.user_id on the customer
     assert bridge.arrived(4)[-1] == {"route": "forget", "user_id": "user_w"}
+
+
+def test_the_route_handler_serves_intake_alone_as_well(
+    sink: RunningSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The middleware that serves `/webhooks/{source}` raw taken off, Litestar's handler
+    does the same work: stored, redelivery recognised, forgery refused, sent once."""
+    import bridge.app
+    from bridge.intake import intake_route
+
+    def without_middleware(*args: Any) -> Any:
+        route = intake_route(*args)
+        route.middleware = []
+        return route
+
+    monkeypatch.setattr(bridge.app, "intake_route", without_middleware)
+    (tmp_path / "bridge.toml").write_text("[sources.stripe]\ninclude_test_events = true\n")
+    env = {
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": sink.url,
+        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
+        "BRIDGE_CONFIG": str(tmp_path / "bridge.toml"),
+        "STRIPE_WEBHOOK_SECRET": SECRET,
+    }
+    event = fixture("checkout.session.completed", mode="payment", payment_intent="pi_plain")
+    with ServerThread(create_app(load_settings(env))) as server:
+        posted = Bridge(server.url, sink)
+        assert posted.post(event).json() == {"ok": True, "result": "accepted"}
+        assert posted.post(event).json() == {"ok": True, "result": "duplicate"}
+        assert posted.post(event, secret="whsec_forged").status_code == 401
+        (call,) = posted.arrived(1)
+    assert call["event_id"] == "purchase:pi_plain"
+
+
+def test_the_route_answers_post_only_with_or_without_a_trailing_slash(bridge: Bridge) -> None:
+    event = fixture("checkout.session.completed", mode="payment", payment_intent="pi_slash")
+    body, headers = signed(event)
+    answer = httpx.post(f"{bridge.url}/webhooks/stripe/", content=body, headers=headers)
+    assert answer.json() == {"ok": True, "result": "accepted"}
+    assert answer.headers["x-request-id"]
+    refused = httpx.get(f"{bridge.url}/webhooks/stripe")
+    assert refused.status_code == 405
+    assert (
+        httpx.post(f"{bridge.url}/webhooks/nope", content=body, headers=headers).status_code == 404
+    )
