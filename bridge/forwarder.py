@@ -7,7 +7,10 @@ What each answer means for the rows:
 - accepted: delivered;
 - rate limited: released untouched, and the lane waits for `Retry-After`;
 - retryable (5xx, timeouts, connection errors): tried again after an exponential backoff
-  with full jitter, until the row is older than `max_age`, then dead-lettered;
+  with full jitter, until the row is older than `max_age`, then dead-lettered; the lane
+  itself holds for a while that doubles with each failure in a row (an outage costs a
+  request now and then, not one for every row that comes due), and the first success
+  makes every row waiting on a retry of that route due at once;
 - invalid: a batch is split in halves until the invalid events are alone; only those are
   dead-lettered, with Millimetric's answer as the reason;
 - auth problem (401/403): forwarding pauses, no row is charged or dropped, and a probe
@@ -77,6 +80,8 @@ class ForwarderConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_in_flight: int = 4  # concurrent batch requests (matters when Millimetric is far away)
     backoff_base: float = 1.0
     backoff_cap: float = 300.0
+    outage_hold: float = 0.5  # the lane waits this long after a retryable failure...
+    outage_hold_cap: float = 30.0  # ... doubled with each failure in a row, up to this
     max_age: float = 72 * 3600  # give up on a row this old, into dead letters
     probe_min: float = 2.0  # first probe of a refused key after this long
     probe_max: float = 60.0
@@ -104,6 +109,7 @@ class Forwarder:
         self._probe_after = self.config.probe_min
         self._probe_at = 0.0
         self._not_before: dict[Route, float] = dict.fromkeys(ROUTES, 0.0)
+        self._failures: dict[Route, int] = dict.fromkeys(ROUTES, 0)  # retryable, in a row
         self._buckets = self._new_buckets()
         self._wake = {route: asyncio.Event() for route in ROUTES}
         self._in_flight = asyncio.Semaphore(self.config.max_in_flight)
@@ -367,6 +373,8 @@ class Forwarder:
                 await self.store.delivered(ids, now)
                 self.counts["delivered"] += len(ids)
                 metrics.FORWARDED.labels(route).inc(len(ids))
+                if self._failures[route]:
+                    await self._recovered(route, now)
                 if self.paused is not None:
                     await self._resume()
                 if route == "forget":
@@ -397,6 +405,19 @@ class Forwarder:
                 )
             case Retryable(reason=reason):
                 await self._retry_later(rows, reason, now)
+                self._failures[route] += 1
+                config = self.config
+                hold = config.outage_hold * 2 ** min(self._failures[route] - 1, 30)
+                hold = min(config.outage_hold_cap, hold)
+                self._not_before[route] = max(self._not_before[route], now + hold)
+
+    async def _recovered(self, route: Route, now: float) -> None:
+        """Millimetric answers again after failures: what waits on a retry goes now (the
+        buckets keep the pace), not after the rest of its backoff."""
+        failures, self._failures[route] = self._failures[route], 0
+        due = await self.store.hasten(route, now)
+        log.info("Millimetric answers again", route=route, failures=failures, due_now=due)
+        self.wake(route)
 
     async def _retry_later(self, rows: Sequence[OutboxRow], reason: str, now: float) -> None:
         config = self.config

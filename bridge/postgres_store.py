@@ -317,6 +317,9 @@ class PostgresStore:
         if ids:
             await self._run(_dead_letter, list(ids), reason, now)
 
+    async def hasten(self, route: Route, now: float) -> int:
+        return await self._run(_execute, _HASTEN, (now, route, now))
+
     async def stats(self, now: float) -> OutboxStats:
         return await self._run(_stats)
 
@@ -759,6 +762,12 @@ _CLEAN_RAW: Final = (
 _CLEAN_INBOX: Final = (
     "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE received_at < %s"
     " AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.inbox_id = inbox.id) LIMIT %s)"
+)
+
+
+_HASTEN: Final = (
+    "UPDATE outbox SET next_at = %s WHERE route = %s AND state = 'pending' AND NOT claimed"
+    " AND attempts > 0 AND next_at > %s"
 )
 
 

@@ -408,6 +408,9 @@ class SQLiteStore:
     async def dead_letter(self, ids: Sequence[int], reason: str, now: float) -> None:
         await self._call(_dead_letter, list(ids), reason, now)
 
+    async def hasten(self, route: Route, now: float) -> int:
+        return await self._call(_execute, _HASTEN, (now, route, now))
+
     async def stats(self, now: float) -> OutboxStats:
         return await self._call(_stats)
 
@@ -753,6 +756,12 @@ def _retry(conn: sqlite3.Connection, ids: list[int], next_at: float, count_attem
         " AND subject IN (SELECT subject FROM forgotten)",
         ids,
     )
+
+
+_HASTEN: Final = (
+    "UPDATE outbox SET next_at = ? WHERE route = ? AND state = 'pending' AND claimed = 0"
+    " AND attempts > 0 AND next_at > ?"
+)
 
 
 def _dead_letter(conn: sqlite3.Connection, ids: list[int], reason: str, now: float) -> None:

@@ -29,7 +29,14 @@ pytestmark = [
 ]
 
 FAST = ForwarderConfig(
-    linger=0.02, idle_poll=0.05, backoff_base=0.05, backoff_cap=0.3, probe_min=0.1, probe_max=0.3
+    linger=0.02,
+    idle_poll=0.05,
+    backoff_base=0.05,
+    backoff_cap=0.3,
+    outage_hold=0.05,
+    outage_hold_cap=0.3,
+    probe_min=0.1,
+    probe_max=0.3,
 )
 
 
@@ -173,6 +180,35 @@ async def test_an_outage_then_recovery(
     stats = await sink_get(http, sink, "stats")
     assert stats["answers"].get("batch 503", 0) >= 2
     assert stats["unique_event_ids"] == 700
+    assert fwd.counts["dead"] == 0
+
+
+async def test_an_outage_costs_few_requests_and_recovery_sends_the_backlog_at_once(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    """Deliveries keep coming through a 3 s outage: the lane sends a probe now and then,
+    not a batch for every row that comes due; rows back off for up to a minute each, yet
+    the backlog goes as soon as Millimetric answers again."""
+    await knobs(http, sink, fail_for_seconds=3.0)
+    outage_ends = time.monotonic() + 3.0
+    await fill(store, 500)
+    config = msgspec.structs.replace(
+        FAST, backoff_base=10.0, backoff_cap=60.0, outage_hold=0.1, outage_hold_cap=0.4
+    )
+    fwd = forwarder(store, http, sink, config)
+    fwd.start()
+    for wave in range(50):  # 10 new rows every 50 ms, through most of the outage
+        await fill(store, 10, prefix=f"w{wave}-")
+        await anyio.sleep(0.05)
+    await wait_until(lambda: drained(store), within=30)
+    recovered_in = time.monotonic() - outage_ends
+    await fwd.stop()
+    stats = await sink_get(http, sink, "stats")
+    # Holds of 0.1, 0.2, then 0.4 s: about ten probes in 3 s (the batch pace alone, 5/s,
+    # would allow 15).
+    assert 2 <= stats["answers"].get("batch 503", 0) <= 12
+    assert stats["unique_event_ids"] == 1000
+    assert recovered_in < 2.0  # not the rows' own backoff of up to 60 s
     assert fwd.counts["dead"] == 0
 
 

@@ -102,6 +102,19 @@ async def test_retry_makes_rows_due_later_and_counts_attempts(store: Store) -> N
     assert third.attempts == 1
 
 
+async def test_hasten_makes_rows_waiting_on_a_retry_due_now(store: Store) -> None:
+    for name in ("failed", "limited", "in_flight", "fresh"):
+        await store.accept(delivery(name))
+    failed, limited, _in_flight, fresh = await store.claim("track", 10, 1 << 20, NOW)
+    await store.retry([failed.id], NOW + 300, count_attempt=True)  # backing off
+    await store.retry([limited.id], NOW + 300, count_attempt=False)  # a 429, no attempt
+    await store.retry([fresh.id], NOW, count_attempt=False)  # due already
+    assert await store.hasten("identify", NOW) == 0  # another route's rows stay
+    assert await store.hasten("track", NOW) == 1  # in flight: still claimed, left alone
+    due = await store.claim("track", 10, 1 << 20, NOW)
+    assert sorted(r.id for r in due) == sorted([failed.id, fresh.id])
+
+
 async def test_recover_releases_claims_of_a_dead_forwarder(store: Store) -> None:
     await store.accept(delivery())
     assert len(await store.claim("track", 10, 1 << 20, NOW)) == 1
