@@ -414,8 +414,8 @@ class Forwarder:
     async def _recovered(self, route: Route, now: float) -> None:
         """Millimetric answers again after failures: what waits on a retry goes now (the
         buckets keep the pace), not after the rest of its backoff."""
+        due = await self.store.hasten(route, now)  # a store error: the next success tries
         failures, self._failures[route] = self._failures[route], 0
-        due = await self.store.hasten(route, now)
         log.info("Millimetric answers again", route=route, failures=failures, due_now=due)
         self.wake(route)
 
