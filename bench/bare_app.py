@@ -15,13 +15,16 @@ from litestar import Litestar, Request, post
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 
-@post("/webhooks/{source:str}", status_code=200)
 async def webhook(request: Request[Any, Any, Any]) -> dict[str, bool]:
     await request.body()
     return {"ok": True}
 
 
-app = Litestar(route_handlers=[webhook], openapi_config=None, logging_config=None)
+app = Litestar(
+    route_handlers=[post("/webhooks/{source:str}", status_code=200)(webhook)],
+    openapi_config=None,
+    logging_config=None,
+)
 
 _OK = b'{"ok":true}'
 
@@ -44,10 +47,10 @@ def _serve_raw(app: ASGIApp) -> ASGIApp:  # `app`: the handler, which it never c
     return serve
 
 
-@post("/webhooks/{source:str}", status_code=200, middleware=[_serve_raw])
-async def webhook_raw(request: Request[Any, Any, Any]) -> dict[str, bool]:
-    await request.body()
-    return {"ok": True}
-
-
-raw = Litestar(route_handlers=[webhook_raw], openapi_config=None, logging_config=None)
+raw = Litestar(
+    route_handlers=[
+        post("/webhooks/{source:str}", status_code=200, middleware=[_serve_raw])(webhook)
+    ],
+    openapi_config=None,
+    logging_config=None,
+)

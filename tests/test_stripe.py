@@ -71,13 +71,13 @@ class Bridge:
         return self.sink.arrived(count, within)
 
 
-@pytest.fixture
-def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
+def settings_env(sink: RunningSink, tmp_path: Path) -> dict[str, str]:
+    """The bridge's environment for these tests: test events taken, two Stripe sources."""
     (tmp_path / "bridge.toml").write_text(
         "[sources.stripe]\ninclude_test_events = true\nforget_on_customer_deleted = true\n"
         '[sources.stripe-live]\nhandler = "stripe"\n'
     )
-    env = {
+    return {
         "MILLIMETRIC_KEY": "sk_dev_local_bridge",
         "MILLIMETRIC_HOST": sink.url,
         "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
@@ -85,7 +85,11 @@ def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
         "STRIPE_WEBHOOK_SECRET": f"{OLD_SECRET}, {SECRET}",
         "STRIPE_LIVE_WEBHOOK_SECRET": SECRET,
     }
-    with ServerThread(create_app(load_settings(env))) as server:
+
+
+@pytest.fixture
+def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
+    with ServerThread(create_app(load_settings(settings_env(sink, tmp_path)))) as server:
         yield Bridge(server.url, sink)
 
 
@@ -415,16 +419,8 @@ def test_the_route_handler_serves_intake_alone_as_well(
         return route
 
     monkeypatch.setattr(bridge.app, "intake_route", without_middleware)
-    (tmp_path / "bridge.toml").write_text("[sources.stripe]\ninclude_test_events = true\n")
-    env = {
-        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
-        "MILLIMETRIC_HOST": sink.url,
-        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
-        "BRIDGE_CONFIG": str(tmp_path / "bridge.toml"),
-        "STRIPE_WEBHOOK_SECRET": SECRET,
-    }
     event = fixture("checkout.session.completed", mode="payment", payment_intent="pi_plain")
-    with ServerThread(create_app(load_settings(env))) as server:
+    with ServerThread(create_app(load_settings(settings_env(sink, tmp_path)))) as server:
         posted = Bridge(server.url, sink)
         assert posted.post(event).json() == {"ok": True, "result": "accepted"}
         assert posted.post(event).json() == {"ok": True, "result": "duplicate"}
