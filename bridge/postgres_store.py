@@ -9,6 +9,12 @@ framework, not the driver: see PERF-NOTES).
   racing its twin waits on the inbox's unique key and then says `duplicate`; a
   transaction the server rolled back (a deadlock between two accepts that learn the same
   identities) runs again.
+- Group commit: deliveries whose calls need no identity or alias work (a purchase for a
+  known user id: most of them) are accepted together, one transaction and a handful of
+  statements for every one waiting, each caller answered after that commit. The driver's
+  round trips, not the server, were the cost: about 460 us of the event loop's CPU per
+  accept one by one. A group that fails is run again one delivery at a time, so a
+  delivery the database refuses fails alone.
 - Migrations are numbered SQL files, applied in one transaction under an advisory lock,
   so instances starting together apply each once; a database newer than the code is
   refused.
@@ -84,6 +90,8 @@ LOCK_CHECK_TIMEOUT: Final = 3.0
 POOL_TIMEOUT: Final = 5.0
 POOL_MIN: Final = 2
 POOL_MAX: Final = 10
+#: Most deliveries one group commit takes.
+MAX_GROUP: Final = 256
 #: A transaction the server rolled back (deadlock, serialization) is run again this often.
 TRIES: Final = 3
 #: libpq options for every connection: fail fast, and notice a dead peer.
@@ -144,6 +152,9 @@ class PostgresStore:
         self._lost = asyncio.Event()
         self._lost.set()  # not leading yet
         self._released = False  # claims of the previous leader released in this term
+        #: Simple deliveries waiting for the next group commit, and the task committing.
+        self._waiting: list[tuple[Delivery, asyncio.Future[AcceptResult]]] = []
+        self._grouping: asyncio.Task[None] | None = None
         self._lost_at = -LEADER_POLL * 2  # monotonic time the lock connection last failed
 
     # -- connections -------------------------------------------------------------------------
@@ -203,6 +214,8 @@ class PostgresStore:
         self._pool = pool
 
     async def close(self) -> None:
+        if self._grouping is not None:  # answers what is waiting (intake has stopped)
+            await self._grouping
         held = (self._leader, self._candidate)
         if self._watch is not None:
             self._watch.cancel()
@@ -300,7 +313,43 @@ class PostgresStore:
         return erased
 
     async def accept(self, delivery: Delivery) -> AcceptResult:
-        return await self._run(_accept, delivery)
+        if not _simple(delivery):
+            return await self._run(_accept, delivery)
+        if self._pool is None:
+            raise StoreUnavailable("the store is not open")
+        future: asyncio.Future[AcceptResult] = asyncio.get_running_loop().create_future()
+        self._waiting.append((delivery, future))
+        if self._grouping is None:
+            self._grouping = asyncio.create_task(self._commit_groups())
+        return await future
+
+    async def _commit_groups(self) -> None:
+        """Commit what is waiting, group after group: the deliveries that arrive while one
+        group commits make the next."""
+        try:
+            while self._waiting:
+                group = self._waiting[:MAX_GROUP]
+                del self._waiting[:MAX_GROUP]
+                deliveries = [delivery for delivery, _ in group]
+                outcomes: list[AcceptResult | BaseException]
+                try:
+                    outcomes = list(await self._run(_accept_group, deliveries))
+                except StoreUnavailable:
+                    # One at a time: a delivery the database refuses fails alone, and
+                    # when the database is down, each caller hears why.
+                    outcomes = await asyncio.gather(
+                        *(self._run(_accept, delivery) for delivery in deliveries),
+                        return_exceptions=True,
+                    )
+                for (_, future), outcome in zip(group, outcomes, strict=True):
+                    if future.done():  # the caller went away; the delivery is stored
+                        continue
+                    if isinstance(outcome, BaseException):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        finally:
+            self._grouping = None
 
     async def claim(self, route: Route, limit: int, max_bytes: int, now: float) -> list[OutboxRow]:
         return await self._run(_claim, route, limit, max_bytes, now)
@@ -462,6 +511,114 @@ async def _accept(cur: Cursor, delivery: Delivery) -> AcceptResult:
             event_id = call.event_id
         await _insert(cur, inbox_id, call, event_id, now)
     return "accepted"
+
+
+def _simple(delivery: Delivery) -> bool:
+    """Whether a delivery only reads what is known about its users: tracks and identifies
+    of a user id, and tracks of a visitor (anonymous id) alone, such as a purchase by a
+    provider's customer. These are accepted in groups (`_accept_group`); a call that
+    links a visitor to a user, forgets or aliases, changes what later ones read."""
+    return all(
+        isinstance(call, Track | Identify)
+        and (not call.anonymous_id or (isinstance(call, Track) and call.user_id is None))
+        for call in delivery.calls
+    )
+
+
+async def _accept_group(cur: Cursor, deliveries: Sequence[Delivery]) -> list[AcceptResult]:
+    """`_accept` of many simple deliveries in a few statements: their inbox rows, what is
+    known of their visitors (alias and user), which of their users are forgotten, their
+    outbox rows. Inbox rows go in key order, so two instances' groups take the unique
+    keys in one order and cannot deadlock on them."""
+    by_key = sorted(deliveries, key=lambda d: (d.source, d.provider_event_id))
+    await cur.execute(
+        "INSERT INTO inbox (source, provider_event_id, received_at, raw_body, headers, calls)"
+        " SELECT source, provider_event_id, received_at, raw_body, headers, calls FROM unnest("
+        "%s::text[], %s::text[], %s::float8[], %s::bytea[], %s::bytea[], %s::int[])"
+        " WITH ORDINALITY AS given (source, provider_event_id, received_at, raw_body, headers,"
+        " calls, position) ORDER BY position"
+        " ON CONFLICT (source, provider_event_id) DO NOTHING"
+        " RETURNING id, source, provider_event_id",
+        (
+            [d.source for d in by_key],
+            [d.provider_event_id for d in by_key],
+            [d.received_at for d in by_key],
+            [d.raw_body for d in by_key],
+            [_encoder.encode(d.headers) for d in by_key],
+            [len(d.calls) for d in by_key],
+        ),
+    )
+    inserted = {(source, event_id): id_ for id_, source, event_id in await cur.fetchall()}
+    # `_simple` let only tracks and identifies in.
+    calls = [[c for c in d.calls if isinstance(c, Track | Identify)] for d in deliveries]
+    visitors = sorted({c.anonymous_id for cs in calls for c in cs if c.anonymous_id})
+    known: dict[str, tuple[str, str | None]] = {}  # visitor: the id it is sent as, its user
+    if visitors:
+        await cur.execute(
+            "SELECT given, COALESCE(a.anonymous_id, given), i.user_id"
+            " FROM unnest(%s::text[]) AS v (given)"
+            " LEFT JOIN aliases a ON a.alias = given"
+            " LEFT JOIN identities i ON i.anonymous_id = COALESCE(a.anonymous_id, given)",
+            (visitors,),
+        )
+        known = {given: (target, user) for given, target, user in await cur.fetchall()}
+    subjects = sorted({s for cs in calls for c in cs if (s := subject_of(c)) is not None})
+    forgotten: set[str] = set()
+    if subjects:
+        await cur.execute("SELECT subject FROM forgotten WHERE subject = ANY(%s)", (subjects,))
+        forgotten = {subject for (subject,) in await cur.fetchall()}
+    results: list[AcceptResult] = []
+    rows: list[tuple[int, Call, str | None, str | None, float]] = []
+    emptied: list[int] = []
+    for delivery, its_calls in zip(deliveries, calls, strict=True):
+        # A twin in the same group: the first of them is the one inserted.
+        inbox_id = inserted.pop((delivery.source, delivery.provider_event_id), None)
+        if inbox_id is None:
+            results.append("duplicate")
+            continue
+        results.append("accepted")
+        for index, given in enumerate(its_calls):
+            subject = subject_of(given)
+            if subject is not None and subject in forgotten:
+                emptied.append(inbox_id)  # never stored, never sent, its raw body not kept
+                continue
+            call: Call = given
+            if given.anonymous_id:  # a visitor's track: as aliased, with its known user
+                target, user = known[given.anonymous_id]
+                call = msgspec.structs.replace(given, anonymous_id=target, user_id=user)
+                subject = subject_of(call)
+            event_id = None
+            if isinstance(call, Track):
+                if call.event_id is None:
+                    call = msgspec.structs.replace(
+                        call,
+                        event_id=derived_event_id(
+                            delivery.source, delivery.provider_event_id, index
+                        ),
+                    )
+                event_id = call.event_id
+            rows.append((inbox_id, call, subject, event_id, delivery.received_at))
+    if rows:
+        await cur.execute(
+            "INSERT INTO outbox (inbox_id, route, subject, event_id, body, created_at, next_at)"
+            " SELECT inbox_id, route, subject, event_id, body, at, at FROM unnest("
+            "%s::bigint[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::float8[])"
+            " WITH ORDINALITY AS given (inbox_id, route, subject, event_id, body, at, position)"
+            " ORDER BY position",
+            (
+                [inbox_id for inbox_id, _, _, _, _ in rows],
+                [route_of(call) for _, call, _, _, _ in rows],
+                [subject for _, _, subject, _, _ in rows],
+                [event_id for _, _, _, event_id, _ in rows],
+                [_encoder.encode(call) for _, call, _, _, _ in rows],
+                [at for _, _, _, _, at in rows],
+            ),
+        )
+    if emptied:
+        await cur.execute(
+            "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ANY(%s)", (emptied,)
+        )
+    return results
 
 
 async def _resolve(cur: Cursor, source: str, item: Output, now: float) -> Call | None:

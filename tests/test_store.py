@@ -306,3 +306,82 @@ async def test_aliases_and_forgetting_a_visitor(store: Store) -> None:
     # An unknown visitor has no user to forget: nothing is queued.
     await store.accept(delivery("e4", ForgetVisitor(anonymous_id="stripe:cus_unknown")))
     assert await store.claim("forget", 10, 1 << 20, NOW) == []
+
+
+async def test_deliveries_accepted_together_keep_their_answers_and_order(store: Store) -> None:
+    """Concurrent accepts share a commit (both backends group them): each caller still gets
+    its own answer, twins in one group store once, a delivery's calls keep their order,
+    and a forgotten user's calls are neither stored nor sent."""
+    await store.accept(delivery("gone", Forget(user_id="u-gone")))
+    batch = [
+        delivery(
+            f"e{i}",
+            Identify(user_id=f"u{i}", traits={"plan": "pro"}),
+            Track(event="purchase", user_id=f"u{i}"),
+        )
+        for i in range(40)
+    ]
+    batch += [delivery("e7"), delivery("e7")]  # twins of one already in the group
+    batch.append(delivery("about-gone", Track(event="purchase", user_id="u-gone")))
+    batch.append(Delivery(source="stripe", provider_event_id="ignored", received_at=NOW))
+    results = await asyncio.gather(*(store.accept(d) for d in batch))
+    assert results == ["accepted"] * 40 + ["duplicate", "duplicate", "accepted", "accepted"]
+    tracks = await store.claim("track", 1000, 1 << 24, NOW)
+    identifies = await store.claim("identify", 1000, 1 << 24, NOW)
+    assert sorted(msgspec.json.decode(r.body)["user_id"] for r in tracks) == sorted(
+        f"u{i}" for i in range(40)
+    )
+    assert len(identifies) == 40
+    # Within each delivery, the identify was stored before the track.
+    first_of = {msgspec.json.decode(r.body)["user_id"]: r.id for r in identifies}
+    assert all(first_of[msgspec.json.decode(r.body)["user_id"]] < r.id for r in tracks)
+    raw = await table_rows(
+        store, "SELECT provider_event_id FROM inbox WHERE raw_body IS NOT NULL ORDER BY 1"
+    )
+    assert "about-gone" not in {event_id for (event_id,) in raw}
+    stats = await store.stats(NOW)
+    assert stats.inbox == 43  # the forget, 40, the forgotten user's and the ignored one
+    assert stats.pending == 81  # 40 identifies, 40 tracks and the forget
+
+
+async def test_visitors_tracked_together_carry_what_is_known_of_them(store: Store) -> None:
+    from bridge.events import Alias
+
+    await store.accept(
+        delivery(
+            "link",
+            Alias(alias="stripe:cus_1", anonymous_id="b1"),
+            Identify(anonymous_id="b1", user_id="u1"),
+            Identify(anonymous_id="b2", user_id="u2"),
+        )
+    )
+    await store.delivered([r.id for r in await store.claim("identify", 10, 1 << 20, NOW)], NOW)
+    visitors = ["stripe:cus_1", "b1", "b2", "stripe:cus_unknown"] * 5
+    await asyncio.gather(
+        *(
+            store.accept(delivery(f"p{i}", Track(event="purchase", anonymous_id=visitor)))
+            for i, visitor in enumerate(visitors)
+        )
+    )
+    rows = await store.claim("track", 100, 1 << 24, NOW)
+    seen = {
+        (b["anonymous_id"], b.get("user_id"))
+        for b in map(msgspec.json.decode, (r.body for r in rows))
+    }
+    assert len(rows) == 20
+    assert seen == {("b1", "u1"), ("b2", "u2"), ("stripe:cus_unknown", None)}
+    subjects = await table_rows(store, "SELECT DISTINCT subject FROM outbox WHERE route = 'track'")
+    assert len(subjects) == 3  # u1's, u2's, and none for the unknown visitor
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_delivery_the_database_refuses_fails_alone_in_its_group(store: Store) -> None:
+    good = [delivery(f"e{i}") for i in range(20)]
+    bad = delivery("evt_\x00nul")  # PostgreSQL's text cannot hold NUL
+    results = await asyncio.gather(
+        *(store.accept(d) for d in [*good[:10], bad, *good[10:]]), return_exceptions=True
+    )
+    assert isinstance(results[10], StoreUnavailable)
+    assert [r for i, r in enumerate(results) if i != 10] == ["accepted"] * 20
+    assert (await store.stats(NOW)).pending == 20
