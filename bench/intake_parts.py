@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Where the bridge's intake time goes: the bridge with parts of its work switched off.
+
+    .venv/bin/python bench/intake_parts.py [--seconds 5] [--runs 3]
+        [--variants "full;no-forwarder;no-forwarder,no-log;no-forwarder,no-store"]
+
+Each variant is `millimetric-bridge serve` with some parts replaced by nothing:
+`no-forwarder` (nothing is sent), `no-log` (no line per webhook), `no-store` (accept
+answers at once, nothing is stored: NOT durable), `inbox-only` (SQLite: the inbox row
+alone, no outbox row or identity lookups), `no-translate` (the handler returns no calls).
+They run in turn with a bare Litestar POST (bench/bare_app.py) in every round, under the
+same wrk load as bench/intake.py, and the script prints each variant's median ratio to
+the bare POST of its round and the server's CPU per request. A diagnostic: none of these
+variants is a product setting, and `no-store` breaks every guarantee.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import intake as bench
+
+PARTS = ("no-forwarder", "no-log", "no-store", "inbox-only", "no-translate")
+
+
+def serve_without(parts: set[str]) -> None:
+    """Run the bridge with `parts` switched off (in the bridge's own process)."""
+    if "no-forwarder" in parts:
+        from bridge.forwarder import Forwarder
+
+        Forwarder.start = lambda self: None  # type: ignore[method-assign]
+    if "no-store" in parts:
+        from bridge.sqlite_store import SQLiteStore
+
+        async def accept(self: Any, delivery: Any) -> str:
+            return "accepted"
+
+        SQLiteStore.accept = accept  # type: ignore[method-assign,assignment]
+    if "inbox-only" in parts:
+        import bridge.sqlite_store as sqlite_store
+
+        def inbox_only(conn: Any, delivery: Any) -> str:
+            cursor = conn.execute(
+                "INSERT INTO inbox (source, provider_event_id, received_at, raw_body, headers,"
+                " calls) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (
+                    delivery.source,
+                    delivery.provider_event_id,
+                    delivery.received_at,
+                    delivery.raw_body,
+                    sqlite_store._encoder.encode(delivery.headers),
+                    len(delivery.calls),
+                ),
+            )
+            return "accepted" if cursor.rowcount else "duplicate"
+
+        sqlite_store._accept = inbox_only  # type: ignore[assignment]
+    if "no-translate" in parts:
+        from bridge.registry import load_handlers
+
+        for handler in load_handlers().values():
+            type(handler).translate = lambda self, *args: []  # type: ignore[method-assign]
+    if "no-log" in parts:
+        os.environ["BRIDGE_LOG_LEVEL"] = "warning"
+    from bridge.cli import main
+
+    sys.argv = ["millimetric-bridge", "serve"]
+    main()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--variants",
+        default="full;no-forwarder;no-forwarder,no-log;no-forwarder,inbox-only;"
+        "no-forwarder,no-store;no-forwarder,no-store,no-translate,no-log",
+        help="';'-separated; each a ','-separated set of parts to switch off, or 'full'",
+    )
+    parser.add_argument("--serve", help=argparse.SUPPRESS)  # the bridge's own process
+    args = parser.parse_args()
+    if args.serve is not None:
+        serve_without(set(args.serve.split(",")) - {"full", ""})
+        return
+    variants = args.variants.split(";")
+    unknown = {p for v in variants for p in v.split(",")} - {*PARTS, "full"}
+    if unknown:
+        raise SystemExit(f"unknown parts: {', '.join(sorted(unknown))} (known: {PARTS})")
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is needed: apt-get install wrk")
+    work = Path(tempfile.mkdtemp(prefix="bridge-parts-"))
+    names = ["bare Litestar POST", *variants]
+    per = 20_000 * args.seconds + 20_000
+    if args.runs * len(names) * (args.seconds + 3) > 280:
+        raise SystemExit("the signatures would go stale (300 s): fewer --runs or --seconds")
+    requests, script = work / "requests.tsv", work / "replay.lua"
+    script.write_text(bench.LUA)
+    # Each variant stores into its own database: a round's variants can share its slice.
+    bench.make_requests(requests, per * args.runs)
+    sink_port = bench.free_port()
+    procs = [
+        subprocess.Popen(
+            [bench.BIN / "millimetric-bridge", "sink", "--port", str(sink_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    ports = [bench.free_port() for _ in names]
+    procs.append(
+        subprocess.Popen(
+            [
+                bench.BIN / "uvicorn",
+                "bare_app:app",
+                f"--port={ports[0]}",
+                "--no-access-log",
+                "--log-level=warning",
+                f"--app-dir={bench.ROOT / 'bench'}",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+    )
+    for index, (variant, port) in enumerate(zip(variants, ports[1:], strict=True)):
+        (work / f"{index}.toml").write_text("")
+        env = {
+            **os.environ,
+            "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+            "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
+            "BRIDGE_DATABASE_URL": f"sqlite:///{work}/{index}.db",
+            "PORT": str(port),
+            "BRIDGE_HOST": "127.0.0.1",
+            "STRIPE_WEBHOOK_SECRET": bench.SECRET,
+            "BRIDGE_CONFIG": str(work / f"{index}.toml"),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, "--serve", variant], env=env, stdout=subprocess.DEVNULL
+            )
+        )
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    try:
+        bench.wait_up(f"http://127.0.0.1:{ports[0]}/webhooks/x", procs[1])
+        for port, proc in zip(ports[1:], procs[2:], strict=True):
+            bench.wait_up(f"http://127.0.0.1:{port}/healthz", proc)
+        for round_ in range(args.runs):
+            for name, port, proc in zip(names, ports, procs[1:], strict=True):
+                before = cpu_seconds(proc.pid)
+                out = bench.run_wrk(
+                    f"http://127.0.0.1:{port}/webhooks/stripe",
+                    script,
+                    requests,
+                    args.seconds,
+                    64,
+                    first=round_ * per,
+                )
+                spent = cpu_seconds(proc.pid) - before
+                results[name].append((out["rate"], spent / (out["rate"] * args.seconds) * 1e6))
+                print(f"{name:50} {out['rate']:>9,.0f} req/s  p99 {out['p99']:6.1f} ms", flush=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
+    bare = results[names[0]]
+    print(f"\n{'':50} {'of bare (median)':>17} {'server CPU/request':>19}")
+    for name in names:
+        ratios = [rate / base for (rate, _), (base, _) in zip(results[name], bare, strict=True)]
+        cpu = statistics.median(us for _, us in results[name])
+        print(f"{name:50} {statistics.median(ratios):>17.2f} {cpu:>16.0f} us")
+    print(f"({args.runs} rounds of {args.seconds}s, 64 connections, {os.cpu_count()} CPUs)")
+
+
+if __name__ == "__main__":
+    main()
