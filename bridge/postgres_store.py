@@ -326,6 +326,7 @@ class PostgresStore:
     async def _commit_groups(self) -> None:
         """Commit what is waiting, group after group: the deliveries that arrive while one
         group commits make the next."""
+        group: list[tuple[Delivery, asyncio.Future[AcceptResult]]] = []
         try:
             while self._waiting:
                 group = self._waiting[:MAX_GROUP]
@@ -341,6 +342,8 @@ class PostgresStore:
                         *(self._run(_accept, delivery) for delivery in deliveries),
                         return_exceptions=True,
                     )
+                except Exception as error:  # a fault of ours: every caller hears it
+                    outcomes = [error] * len(group)
                 for (_, future), outcome in zip(group, outcomes, strict=True):
                     if future.done():  # the caller went away; the delivery is stored
                         continue
@@ -349,6 +352,10 @@ class PostgresStore:
                     else:
                         future.set_result(outcome)
         finally:
+            # Cancelled (the loop is shutting down): no caller waits for ever.
+            for _, future in [*group, *self._waiting]:
+                future.cancel()
+            self._waiting.clear()
             self._grouping = None
 
     async def claim(self, route: Route, limit: int, max_bytes: int, now: float) -> list[OutboxRow]:

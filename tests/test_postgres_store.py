@@ -192,3 +192,28 @@ async def wait_until(check: Callable[[], bool], within: float = 10) -> None:
     while not check():
         assert time.monotonic() < deadline, "not reached in time"
         await asyncio.sleep(0.05)
+
+
+async def test_a_fault_in_a_group_commit_reaches_every_caller(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bridge.postgres_store as postgres_store
+
+    store = await opened(url)
+    try:
+
+        async def broken(*_args: object) -> None:
+            raise RuntimeError("a bug in the group path")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(postgres_store, "_accept_group", broken)
+            waiting = [
+                store.accept(Delivery(source="test", provider_event_id=f"e{i}", received_at=NOW))
+                for i in range(5)
+            ]
+            answers = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+        assert [type(answer) for answer in answers] == [RuntimeError] * 5  # none left waiting
+        await fill(store, 5, start=5)  # and the next group commits as usual
+        assert (await store.stats(NOW)).pending == 5
+    finally:
+        await store.close()
