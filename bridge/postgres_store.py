@@ -9,12 +9,13 @@ framework, not the driver: see PERF-NOTES).
   racing its twin waits on the inbox's unique key and then says `duplicate`; a
   transaction the server rolled back (a deadlock between two accepts that learn the same
   identities) runs again.
-- Group commit: deliveries whose calls need no identity or alias work (a purchase for a
-  known user id: most of them) are accepted together, one transaction and a handful of
-  statements for every one waiting, each caller answered after that commit. The driver's
-  round trips, not the server, were the cost: about 460 us of the event loop's CPU per
-  accept one by one. A group that fails is run again one delivery at a time, so a
-  delivery the database refuses fails alone.
+- Group commit: deliveries that only read what is known about their users (tracks, such
+  as a purchase by a provider's customer, and identifies of a user id: most of them) are
+  accepted together, one transaction and a handful of statements for every one waiting,
+  each caller answered after that commit; one that links, aliases or forgets is its own.
+  The driver's round trips, not the server, were the cost: about 460 us of the event
+  loop's CPU per accept one by one. A group that fails is run again one delivery at a
+  time, so a delivery the database refuses fails alone.
 - Migrations are numbered SQL files, applied in one transaction under an advisory lock,
   so instances starting together apply each once; a database newer than the code is
   refused.
