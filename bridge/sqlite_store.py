@@ -394,7 +394,11 @@ class SQLiteStore:
         return erased
 
     async def accept(self, delivery: Delivery) -> AcceptResult:
-        return await self._call(_accept, delivery, grouped=True)
+        result = await self._call(_accept, delivery, grouped=True)
+        if result == "accepted" and any(isinstance(c, Purge) for c in delivery.calls):
+            # The WAL's old frames still hold what the purge erased (as after `erase`).
+            await self._call(_checkpoint)
+        return result
 
     async def claim(self, route: Route, limit: int, max_bytes: int, now: float) -> list[OutboxRow]:
         return await self._call(_claim, route, limit, max_bytes, now)

@@ -18,6 +18,9 @@ from click.testing import CliRunner
 from bridge.app import create_app
 from bridge.cli import main as cli_main
 from bridge.config import load_settings
+from bridge.events import Purge, Track
+from bridge.sqlite_store import SQLiteStore
+from bridge.store import Delivery, Store
 from bridge.testing import sign
 from handlers.stripe import handler as stripe
 from tests.conftest import RunningSink, ServerThread
@@ -173,3 +176,33 @@ def test_forget_leaves_no_trace_on_disk_and_nothing_more_is_sent(
     assert mentions_in_rows(db, "usr_keep2")  # the scan does find what is kept
     assert mentions_on_disk(db, user) == []
     assert mentions_on_disk(db, email) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_purge_leaves_no_trace_of_its_deliveries_on_disk(store: Store) -> None:
+    """Shopify's shop/redact becomes a `Purge`: the shop's raw payloads must be gone from
+    the file and from the WAL's old frames too, not only from the rows."""
+    assert isinstance(store, SQLiteStore)
+    marker = "shop-owner-note-5521"
+    for n in range(3):
+        await store.accept(
+            Delivery(
+                source="shopify",
+                provider_event_id=f"shop1.myshopify.com:orders/paid:{n}",
+                received_at=time.time(),
+                raw_body=msgspec.json.encode({"id": n, "note": marker}),
+                calls=[Track(event="purchase", user_id="shopify:shop1.myshopify.com:9")],
+            )
+        )
+    assert mentions_on_disk(store.path, marker)  # what the purge has to remove
+    await store.accept(
+        Delivery(
+            source="shopify",
+            provider_event_id="shop1.myshopify.com:shop/redact:1",
+            received_at=time.time(),
+            calls=[Purge(deliveries="shop1.myshopify.com:", users="shopify:shop1.myshopify.com:")],
+        )
+    )
+    assert mentions_in_rows(store.path, marker) == []
+    assert mentions_on_disk(store.path, marker) == []
