@@ -93,6 +93,8 @@ POOL_MIN: Final = 2
 POOL_MAX: Final = 10
 #: Most deliveries one group commit takes.
 MAX_GROUP: Final = 256
+#: How long a group waits for a row lock before its deliveries go one at a time.
+GROUP_LOCK_TIMEOUT_MS: Final = 2000
 #: A transaction the server rolled back (deadlock, serialization) is run again this often.
 TRIES: Final = 3
 #: libpq options for every connection: fail fast, and notice a dead peer.
@@ -156,6 +158,7 @@ class PostgresStore:
         #: Simple deliveries waiting for the next group commit, and the task committing.
         self._waiting: list[tuple[Delivery, asyncio.Future[AcceptResult]]] = []
         self._grouping: asyncio.Task[None] | None = None
+        self._alone: set[asyncio.Task[None]] = set()  # a failed group's, one at a time
         self._lost_at = -LEADER_POLL * 2  # monotonic time the lock connection last failed
 
     # -- connections -------------------------------------------------------------------------
@@ -215,8 +218,9 @@ class PostgresStore:
         self._pool = pool
 
     async def close(self) -> None:
-        if self._grouping is not None:  # answers what is waiting (intake has stopped)
-            await self._grouping
+        committing = [t for t in (self._grouping, *self._alone) if t is not None]
+        if committing:  # answers what is waiting (intake has stopped)
+            await asyncio.wait(committing)  # not cancelled with close(), nor raising
         held = (self._leader, self._candidate)
         if self._watch is not None:
             self._watch.cancel()
@@ -322,42 +326,71 @@ class PostgresStore:
         self._waiting.append((delivery, future))
         if self._grouping is None:
             self._grouping = asyncio.create_task(self._commit_groups())
+            self._grouping.add_done_callback(self._grouping_done)
         return await future
 
     async def _commit_groups(self) -> None:
         """Commit what is waiting, group after group: the deliveries that arrive while one
         group commits make the next."""
-        group: list[tuple[Delivery, asyncio.Future[AcceptResult]]] = []
         try:
             while self._waiting:
                 group = self._waiting[:MAX_GROUP]
                 del self._waiting[:MAX_GROUP]
-                deliveries = [delivery for delivery, _ in group]
-                outcomes: list[AcceptResult | BaseException]
                 try:
-                    outcomes = list(await self._run(_accept_group, deliveries))
-                except StoreUnavailable:
-                    # One at a time: a delivery the database refuses fails alone, and
-                    # when the database is down, each caller hears why.
-                    outcomes = await asyncio.gather(
-                        *(self._run(_accept, delivery) for delivery in deliveries),
-                        return_exceptions=True,
-                    )
-                except Exception as error:  # a fault of ours: every caller hears it
-                    outcomes = [error] * len(group)
-                for (_, future), outcome in zip(group, outcomes, strict=True):
-                    if future.done():  # the caller went away; the delivery is stored
-                        continue
-                    if isinstance(outcome, BaseException):
-                        future.set_exception(outcome)
-                    else:
-                        future.set_result(outcome)
+                    await self._settle_group(group)
+                except BaseException:  # cancelled mid-commit: none of its callers waits on
+                    for _, future in group:
+                        future.cancel()
+                    raise
         finally:
-            # Cancelled (the loop is shutting down): no caller waits for ever.
-            for _, future in [*group, *self._waiting]:
+            self._grouping = None
+
+    async def _settle_group(
+        self, group: list[tuple[Delivery, asyncio.Future[AcceptResult]]]
+    ) -> None:
+        """Commit one group and answer each of its callers."""
+        try:
+            outcomes = await self._run(_accept_group, [delivery for delivery, _ in group])
+        except StoreUnavailable as failure:
+            if _unreachable(failure):
+                # Every caller waiting hears it now, rather than after a wait of its own.
+                for _, future in [*group, *self._waiting]:
+                    _answer(future, StoreUnavailable(str(failure)))
+                self._waiting.clear()
+                return
+            # One at a time, each answered as soon as it is stored: a delivery the
+            # database refuses fails alone, and one waiting on a lock held elsewhere (its
+            # twin, mid-commit at another instance) holds up no other, nor the next group.
+            for delivery, future in group:
+                alone = asyncio.create_task(self._accept_alone(delivery, future))
+                self._alone.add(alone)
+                alone.add_done_callback(self._alone.discard)
+            return
+        except Exception as error:  # a fault of ours: every caller hears it
+            for _, future in group:
+                _answer(future, error)
+            return
+        for (_, future), outcome in zip(group, outcomes, strict=True):
+            _answer(future, outcome)
+
+    async def _accept_alone(self, delivery: Delivery, future: asyncio.Future[AcceptResult]) -> None:
+        try:
+            _answer(future, await self._run(_accept, delivery))
+        except Exception as error:
+            _answer(future, error)
+        finally:
+            future.cancel()  # cancelled itself: its caller waits on no more
+
+    def _grouping_done(self, task: asyncio.Task[None]) -> None:
+        """The committing task was cancelled (the loop is shutting down, possibly before it
+        ever ran): nobody may wait for ever, and the next accept starts a new one."""
+        if self._grouping not in (task, None):
+            return  # a newer task commits what is waiting
+        if task.cancelled():
+            for _, future in self._waiting:
                 future.cancel()
             self._waiting.clear()
-            self._grouping = None
+        self._grouping = None
 
     async def claim(self, route: Route, limit: int, max_bytes: int, now: float) -> list[OutboxRow]:
         return await self._run(_claim, route, limit, max_bytes, now)
@@ -521,6 +554,25 @@ async def _accept(cur: Cursor, delivery: Delivery) -> AcceptResult:
     return "accepted"
 
 
+def _answer(future: asyncio.Future[AcceptResult], outcome: AcceptResult | BaseException) -> None:
+    if future.done():  # the caller went away; the delivery is stored all the same
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _unreachable(failure: StoreUnavailable) -> bool:
+    """Whether the database is out of reach (no connection, or one lost), rather than
+    refusing what it was sent: errors the server answers carry an SQLSTATE, and a value
+    the driver cannot send is a DataError."""
+    cause = failure.__cause__  # PoolTimeout and PoolClosed are OperationalErrors too
+    return isinstance(cause, psycopg.OperationalError | psycopg.InterfaceError) and (
+        cause.sqlstate is None
+    )
+
+
 def _simple(delivery: Delivery) -> bool:
     """Whether a delivery only reads what is known about its users: tracks and identifies
     of a user id, and tracks of a visitor (anonymous id) alone, such as a purchase by a
@@ -539,6 +591,9 @@ async def _accept_group(cur: Cursor, deliveries: Sequence[Delivery]) -> list[Acc
     outbox rows. Inbox rows go in key order, so two instances' groups take the unique
     keys in one order and cannot deadlock on them."""
     by_key = sorted(deliveries, key=lambda d: (d.source, d.provider_event_id))
+    # A twin's key held by another transaction (another instance mid-commit, or one that
+    # vanished) would hold up the whole group: past this, it goes one delivery at a time.
+    await cur.execute(f"SET LOCAL lock_timeout = '{GROUP_LOCK_TIMEOUT_MS}ms'")
     await cur.execute(
         "INSERT INTO inbox (source, provider_event_id, received_at, raw_body, headers, calls)"
         " SELECT source, provider_event_id, received_at, raw_body, headers, calls FROM unnest("
@@ -550,7 +605,7 @@ async def _accept_group(cur: Cursor, deliveries: Sequence[Delivery]) -> list[Acc
         (
             [d.source for d in by_key],
             [d.provider_event_id for d in by_key],
-            [d.received_at for d in by_key],
+            [float(d.received_at) for d in by_key],
             [d.raw_body for d in by_key],
             [_encoder.encode(d.headers) for d in by_key],
             [len(d.calls) for d in by_key],
@@ -619,7 +674,7 @@ async def _accept_group(cur: Cursor, deliveries: Sequence[Delivery]) -> list[Acc
                 [subject for _, _, subject, _, _ in rows],
                 [event_id for _, _, _, event_id, _ in rows],
                 [_encoder.encode(call) for _, call, _, _, _ in rows],
-                [at for _, _, _, _, at in rows],
+                [float(at) for _, _, _, _, at in rows],
             ),
         )
     if emptied:

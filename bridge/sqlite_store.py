@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any, Final, TypeVar
 
 import msgspec
+import structlog
 
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
@@ -49,6 +50,7 @@ from bridge.store import (
 __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
+log = structlog.get_logger("bridge.store")
 SYNCHRONOUS: Final = ("FULL", "NORMAL", "EXTRA")
 
 #: How long the writer thread waits for another process's write lock.
@@ -230,6 +232,12 @@ def _on_loop(
     return here() if handoff.outcomes is None else handoff.outcomes
 
 
+def _checkpoint_failed(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and (error := done.exception()) is not None:
+        # The purge itself is committed; the next checkpoint writes out what is left.
+        log.error("checkpoint after a purge failed", error=str(error))
+
+
 def _settle_all(settled: list[tuple[asyncio.Future[Any], Any, Any]]) -> None:
     for future, result, error in settled:
         _settle(future, result, error)
@@ -319,12 +327,19 @@ class SQLiteStore:
                 loop.call_soon_threadsafe(_settle_all, settled)
 
     async def _call(self, fn: Callable[..., T], *args: Any, grouped: bool = False) -> T:
+        return await self._submit(fn, args, grouped=grouped)
+
+    def _submit(
+        self, fn: Callable[..., T], args: tuple[Any, ...], *, grouped: bool = False
+    ) -> asyncio.Future[T]:
+        """Queue `fn(conn, *args)` for the writer thread, which runs queued ops in order
+        (whether or not anyone still awaits them)."""
         if self._thread is None:
             raise StoreUnavailable("the store is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put(_Op(fn, args, grouped, loop, future))
-        return await future
+        return future
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -394,10 +409,16 @@ class SQLiteStore:
         return erased
 
     async def accept(self, delivery: Delivery) -> AcceptResult:
-        result = await self._call(_accept, delivery, grouped=True)
-        if result == "accepted" and any(isinstance(c, Purge) for c in delivery.calls):
-            # The WAL's old frames still hold what the purge erased (as after `erase`).
-            await self._call(_checkpoint)
+        accepted = self._submit(_accept, (delivery,), grouped=True)
+        if not any(isinstance(c, Purge) for c in delivery.calls):
+            return await accepted
+        # The WAL's old frames still hold what the purge erased (as after `erase`). Queued
+        # behind the accept now, so it runs even if the caller goes away; awaited, so that
+        # the answer means gone; its failure is logged, not the caller's (the purge is in).
+        checkpoint = self._submit(_checkpoint, ())
+        checkpoint.add_done_callback(_checkpoint_failed)
+        result = await accepted
+        await asyncio.wait([checkpoint])
         return result
 
     async def claim(self, route: Route, limit: int, max_bytes: int, now: float) -> list[OutboxRow]:

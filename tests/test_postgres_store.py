@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import psycopg
@@ -215,5 +216,79 @@ async def test_a_fault_in_a_group_commit_reaches_every_caller(
         assert [type(answer) for answer in answers] == [RuntimeError] * 5  # none left waiting
         await fill(store, 5, start=5)  # and the next group commits as usual
         assert (await store.stats(NOW)).pending == 5
+    finally:
+        await store.close()
+
+
+def _purchase(event_id: str) -> Delivery:
+    return Delivery(
+        source="test",
+        provider_event_id=event_id,
+        received_at=NOW,
+        calls=[Track(event="purchase", event_id=event_id)],
+    )
+
+
+async def test_an_unreachable_database_fails_every_waiting_caller_at_once(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not once per group, nor once more per delivery: each would wait for a connection."""
+    store = await opened(url)
+    assert isinstance(store, PostgresStore)
+    assert store._pool is not None
+    tried: list[str] = []
+    run = store._run
+
+    async def counted(fn: Callable[..., Any], *args: Any) -> Any:
+        tried.append(fn.__name__)
+        return await run(fn, *args)
+
+    monkeypatch.setattr(store, "_run", counted)
+    try:
+        await store._pool.close()  # the database as good as gone
+        answers = await asyncio.gather(
+            *(store.accept(_purchase(f"e{i}")) for i in range(600)), return_exceptions=True
+        )
+        assert all(isinstance(answer, StoreUnavailable) for answer in answers)
+        assert tried == ["_accept_group"]
+    finally:
+        await store.close()
+
+
+async def test_a_twin_held_by_another_transaction_holds_up_no_other_delivery(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bridge.postgres_store as postgres_store
+
+    monkeypatch.setattr(postgres_store, "GROUP_LOCK_TIMEOUT_MS", 200)
+    store = await opened(url)
+    try:
+        async with await psycopg.AsyncConnection.connect(url) as other:
+            # Another instance inserting the same delivery, its transaction still open.
+            await other.execute(
+                "INSERT INTO inbox (source, provider_event_id, received_at, calls)"
+                " VALUES ('test', 'twin', 0, 1)"
+            )
+            twin = asyncio.create_task(store.accept(_purchase("twin")))
+            others = [store.accept(_purchase(f"e{i}")) for i in range(5)]
+            assert await asyncio.wait_for(asyncio.gather(*others), 10) == ["accepted"] * 5
+            assert not twin.done()  # it alone waits for the other transaction
+            await other.rollback()
+        assert await asyncio.wait_for(twin, 10) == "accepted"
+    finally:
+        await store.close()
+
+
+async def test_a_committer_cancelled_before_it_ran_leaves_nobody_waiting(url: str) -> None:
+    store = await opened(url)
+    assert isinstance(store, PostgresStore)
+    try:
+        waiting = asyncio.create_task(store.accept(_purchase("e1")))
+        await asyncio.sleep(0)  # the accept is queued, its committer not yet started
+        assert store._grouping is not None
+        store._grouping.cancel()  # as a loop shutting down does
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(waiting, 5)
+        assert await store.accept(_purchase("e2")) == "accepted"  # a new committer
     finally:
         await store.close()
