@@ -14,8 +14,10 @@ framework, not the driver: see PERF-NOTES).
   accepted together, one transaction and a handful of statements for every one waiting,
   each caller answered after that commit; one that links, aliases or forgets is its own.
   The driver's round trips, not the server, were the cost: about 460 us of the event
-  loop's CPU per accept one by one. A group that fails is run again one delivery at a
-  time, so a delivery the database refuses fails alone.
+  loop's CPU per accept one by one. A group the database refuses, or one held up past
+  2 s by a row lock (a twin mid-commit elsewhere), is run again one delivery at a time,
+  so that delivery fails or waits alone; when the database is out of reach, every
+  caller waiting hears it at once.
 - Migrations are numbered SQL files, applied in one transaction under an advisory lock,
   so instances starting together apply each once; a database newer than the code is
   refused.
