@@ -99,7 +99,9 @@ class _Op:
 def _checkpoint(conn: sqlite3.Connection) -> None:
     """Move the WAL into the database file and truncate it: after an erasure its old
     frames would still hold the erased rows."""
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    (busy, _, _) = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if busy:  # another process read on past the busy timeout: SQLite reports, not raises
+        raise StoreUnavailable("sqlite: the WAL checkpoint could not finish (a reader held it)")
 
 
 def _apply(conn: sqlite3.Connection, ops: Sequence[_Op]) -> list[tuple[Any, BaseException | None]]:

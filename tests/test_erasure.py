@@ -14,7 +14,9 @@ import httpx
 import msgspec
 import pytest
 from click.testing import CliRunner
+from structlog.testing import capture_logs
 
+from bridge import sqlite_store
 from bridge.app import create_app
 from bridge.cli import main as cli_main
 from bridge.config import load_settings
@@ -178,31 +180,63 @@ def test_forget_leaves_no_trace_on_disk_and_nothing_more_is_sent(
     assert mentions_on_disk(db, email) == []
 
 
+MARKER = "shop-owner-note-5521"
+SHOP_REDACT = Purge(deliveries="shop1.myshopify.com:", users="shopify:shop1.myshopify.com:")
+
+
+async def shop_orders_then_redact(store: SQLiteStore, redact_id: str = "1") -> None:
+    for n in range(3):
+        await store.accept(
+            Delivery(
+                source="shopify",
+                provider_event_id=f"shop1.myshopify.com:orders/paid:{redact_id}-{n}",
+                received_at=time.time(),
+                raw_body=msgspec.json.encode({"id": n, "note": MARKER}),
+                calls=[Track(event="purchase", user_id="shopify:shop1.myshopify.com:9")],
+            )
+        )
+    assert mentions_on_disk(store.path, MARKER)  # what the purge has to remove
+    redact = Delivery(
+        source="shopify",
+        provider_event_id=f"shop1.myshopify.com:shop/redact:{redact_id}",
+        received_at=time.time(),
+        calls=[SHOP_REDACT],
+    )
+    assert await store.accept(redact) == "accepted"
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_purge_leaves_no_trace_of_its_deliveries_on_disk(store: Store) -> None:
     """Shopify's shop/redact becomes a `Purge`: the shop's raw payloads must be gone from
     the file and from the WAL's old frames too, not only from the rows."""
     assert isinstance(store, SQLiteStore)
-    marker = "shop-owner-note-5521"
-    for n in range(3):
-        await store.accept(
-            Delivery(
-                source="shopify",
-                provider_event_id=f"shop1.myshopify.com:orders/paid:{n}",
-                received_at=time.time(),
-                raw_body=msgspec.json.encode({"id": n, "note": marker}),
-                calls=[Track(event="purchase", user_id="shopify:shop1.myshopify.com:9")],
-            )
-        )
-    assert mentions_on_disk(store.path, marker)  # what the purge has to remove
-    await store.accept(
-        Delivery(
-            source="shopify",
-            provider_event_id="shop1.myshopify.com:shop/redact:1",
-            received_at=time.time(),
-            calls=[Purge(deliveries="shop1.myshopify.com:", users="shopify:shop1.myshopify.com:")],
-        )
-    )
-    assert mentions_in_rows(store.path, marker) == []
-    assert mentions_on_disk(store.path, marker) == []
+    await shop_orders_then_redact(store)
+    assert mentions_in_rows(store.path, MARKER) == []
+    assert mentions_on_disk(store.path, MARKER) == []
+
+
+@pytest.mark.anyio
+async def test_a_purge_blocked_by_a_reader_is_logged_and_finished_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader in another process (an `outbox` command) can keep the WAL from being
+    truncated: the purge is still stored, the failure is logged, and the next one finishes
+    the job."""
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 100)
+    store = SQLiteStore(tmp_path / "bridge.db")
+    await store.open()
+    try:
+        reader = sqlite3.connect(store.path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM inbox").fetchone()  # holds its snapshot
+        with capture_logs() as lines:
+            await shop_orders_then_redact(store)
+        assert [line["event"] for line in lines] == ["checkpoint after a purge failed"]
+        assert mentions_in_rows(store.path, MARKER) == []
+        assert mentions_on_disk(store.path, MARKER) == ["bridge.db-wal"]
+        reader.close()
+        await shop_orders_then_redact(store, redact_id="2")
+        assert mentions_on_disk(store.path, MARKER) == []
+    finally:
+        await store.close()
