@@ -64,11 +64,11 @@ from bridge.store import (
     Retention,
     Route,
     Selection,
-    derived_event_id,
     hash_subject,
     mentions,
     route_of,
     subject_of,
+    with_event_id,
 )
 
 __all__ = ["PostgresStore", "redacted"]
@@ -544,14 +544,7 @@ async def _accept(cur: Cursor, delivery: Delivery) -> AcceptResult:
                 await _insert(cur, inbox_id, learned, None, now)
         if call is None:  # an identify of a link already sent
             continue
-        event_id = None
-        if isinstance(call, Track):
-            if call.event_id is None:
-                call = msgspec.structs.replace(
-                    call,
-                    event_id=derived_event_id(delivery.source, delivery.provider_event_id, index),
-                )
-            event_id = call.event_id
+        call, event_id = with_event_id(call, delivery.source, delivery.provider_event_id, index)
         await _insert(cur, inbox_id, call, event_id, now)
     return "accepted"
 
@@ -652,16 +645,7 @@ async def _accept_group(cur: Cursor, deliveries: Sequence[Delivery]) -> list[Acc
                 target, user = known[given.anonymous_id]
                 call = msgspec.structs.replace(given, anonymous_id=target, user_id=user)
                 subject = subject_of(call)
-            event_id = None
-            if isinstance(call, Track):
-                if call.event_id is None:
-                    call = msgspec.structs.replace(
-                        call,
-                        event_id=derived_event_id(
-                            delivery.source, delivery.provider_event_id, index
-                        ),
-                    )
-                event_id = call.event_id
+            call, event_id = with_event_id(call, delivery.source, delivery.provider_event_id, index)
             rows.append((inbox_id, call, subject, event_id, delivery.received_at))
     if rows:
         await cur.execute(

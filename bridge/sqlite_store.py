@@ -40,11 +40,11 @@ from bridge.store import (
     Retention,
     Route,
     Selection,
-    derived_event_id,
     hash_subject,
     mentions,
     route_of,
     subject_of,
+    with_event_id,
 )
 
 __all__ = ["SQLiteStore"]
@@ -553,14 +553,7 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
                 _insert(conn, inbox_id, learned, None, now)
         if call is None:  # an identify of a link already sent
             continue
-        event_id = None
-        if isinstance(call, Track):
-            if call.event_id is None:
-                call = msgspec.structs.replace(
-                    call,
-                    event_id=derived_event_id(delivery.source, delivery.provider_event_id, index),
-                )
-            event_id = call.event_id
+        call, event_id = with_event_id(call, delivery.source, delivery.provider_event_id, index)
         _insert(conn, inbox_id, call, event_id, now)
     return "accepted"
 

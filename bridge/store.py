@@ -45,6 +45,7 @@ __all__ = [
     "open_store",
     "route_of",
     "subject_of",
+    "with_event_id",
 ]
 
 Route = Literal["track", "identify", "forget"]
@@ -207,6 +208,19 @@ def derived_event_id(source: str, provider_event_id: str, index: int) -> str:
     yields the same ids, so a redelivery or replay cannot count twice."""
     digest = hashlib.sha256(f"{source}\x00{provider_event_id}\x00{index}".encode())
     return digest.hexdigest()[:32]
+
+
+def with_event_id(
+    call: Call, source: str, provider_event_id: str, index: int
+) -> tuple[Call, str | None]:
+    """The call as stored, and its event_id: a track's own, else derived from its place in
+    the delivery; other calls have none."""
+    if not isinstance(call, Track):
+        return call, None
+    if call.event_id is None:
+        event_id = derived_event_id(source, provider_event_id, index)
+        call = msgspec.structs.replace(call, event_id=event_id)
+    return call, call.event_id
 
 
 def open_store(database_url: str, *, sqlite_synchronous: str = "FULL") -> Store:
