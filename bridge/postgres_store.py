@@ -67,6 +67,7 @@ from bridge.store import (
     hash_subject,
     mentions,
     route_of,
+    settle,
     subject_of,
     with_event_id,
 )
@@ -357,7 +358,7 @@ class PostgresStore:
             if _unreachable(failure):
                 # Every caller waiting hears it now, rather than after a wait of its own.
                 for _, future in [*group, *self._waiting]:
-                    _answer(future, StoreUnavailable(str(failure)))
+                    settle(future, None, StoreUnavailable(str(failure)))
                 self._waiting.clear()
                 return
             # One at a time, each answered as soon as it is stored: a delivery the
@@ -370,16 +371,16 @@ class PostgresStore:
             return
         except Exception as error:  # a fault of ours: every caller hears it
             for _, future in group:
-                _answer(future, error)
+                settle(future, None, error)
             return
         for (_, future), outcome in zip(group, outcomes, strict=True):
-            _answer(future, outcome)
+            settle(future, outcome)
 
     async def _accept_alone(self, delivery: Delivery, future: asyncio.Future[AcceptResult]) -> None:
         try:
-            _answer(future, await self._run(_accept, delivery))
+            settle(future, await self._run(_accept, delivery))
         except Exception as error:
-            _answer(future, error)
+            settle(future, None, error)
         finally:
             future.cancel()  # cancelled itself: its caller waits on no more
 
@@ -547,15 +548,6 @@ async def _accept(cur: Cursor, delivery: Delivery) -> AcceptResult:
         call, event_id = with_event_id(call, delivery.source, delivery.provider_event_id, index)
         await _insert(cur, inbox_id, call, event_id, now)
     return "accepted"
-
-
-def _answer(future: asyncio.Future[AcceptResult], outcome: AcceptResult | BaseException) -> None:
-    if future.done():  # the caller went away; the delivery is stored all the same
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
 
 
 def _unreachable(failure: StoreUnavailable) -> bool:

@@ -43,6 +43,7 @@ from bridge.store import (
     hash_subject,
     mentions,
     route_of,
+    settle,
     subject_of,
     with_event_id,
 )
@@ -132,15 +133,6 @@ def _apply(conn: sqlite3.Connection, ops: Sequence[_Op]) -> list[tuple[Any, Base
             conn.execute("RELEASE op")
             outcomes.append((None, _as_unavailable(failure)))
     return outcomes
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # the caller went away (client disconnected); the work still happened
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 def _begin_at_once(conn: sqlite3.Connection) -> bool:
@@ -242,7 +234,7 @@ def _checkpoint_failed(done: asyncio.Future[None]) -> None:
 
 def _settle_all(settled: list[tuple[asyncio.Future[Any], Any, Any]]) -> None:
     for future, result, error in settled:
-        _settle(future, result, error)
+        settle(future, result, error)
 
 
 def _as_unavailable(error: BaseException) -> BaseException:

@@ -18,11 +18,12 @@ forget row is claimable only once no earlier call for that user is still on its 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import re
 from collections.abc import Sequence
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, Protocol, TypeVar
 
 import msgspec
 
@@ -44,10 +45,12 @@ __all__ = [
     "mentions",
     "open_store",
     "route_of",
+    "settle",
     "subject_of",
     "with_event_id",
 ]
 
+T = TypeVar("T")
 Route = Literal["track", "identify", "forget"]
 ROUTES: Final[tuple[Route, ...]] = ("track", "identify", "forget")
 AcceptResult = Literal["accepted", "duplicate"]
@@ -208,6 +211,16 @@ def derived_event_id(source: str, provider_event_id: str, index: int) -> str:
     yields the same ids, so a redelivery or replay cannot count twice."""
     digest = hashlib.sha256(f"{source}\x00{provider_event_id}\x00{index}".encode())
     return digest.hexdigest()[:32]
+
+
+def settle(future: asyncio.Future[T], result: T | None, error: BaseException | None = None) -> None:
+    """Answer a caller waiting on `future` with `error`, else `result`."""
+    if future.done():  # the caller went away (client disconnected); the work still happened
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]  # None only beside an error
 
 
 def with_event_id(
