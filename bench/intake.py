@@ -185,6 +185,22 @@ def fresh_database(url: str | None, work: Path) -> Iterator[tuple[str, str]]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def bridge_env(sink_port: int, port: int, database_url: str, config: Path) -> dict[str, str]:
+    """The environment of a bridge under test: Stripe at `SECRET`, forwarding to the local
+    sink, with an empty config file written at `config`."""
+    config.write_text("")
+    return {
+        **os.environ,
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
+        "BRIDGE_DATABASE_URL": database_url,
+        "PORT": str(port),
+        "BRIDGE_HOST": "127.0.0.1",
+        "STRIPE_WEBHOOK_SECRET": SECRET,
+        "BRIDGE_CONFIG": str(config),
+    }
+
+
 SERVERS = ("bare Litestar POST", "bare, served raw", "bridge")
 
 
@@ -252,17 +268,7 @@ def run(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    env = {
-        **os.environ,
-        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
-        "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
-        "BRIDGE_DATABASE_URL": database_url,
-        "PORT": str(bridge_port),
-        "BRIDGE_HOST": "127.0.0.1",
-        "STRIPE_WEBHOOK_SECRET": SECRET,
-        "BRIDGE_CONFIG": str(work / "bridge.toml"),
-    }
-    (work / "bridge.toml").write_text("")
+    env = bridge_env(sink_port, bridge_port, database_url, work / "bridge.toml")
     bridge = subprocess.Popen(
         [BIN / "millimetric-bridge", "serve"], env=env, stdout=subprocess.DEVNULL
     )

@@ -134,17 +134,9 @@ def main() -> None:
         )
     )
     for index, (variant, port) in enumerate(zip(variants, ports[1:], strict=True)):
-        (work / f"{index}.toml").write_text("")
-        env = {
-            **os.environ,
-            "MILLIMETRIC_KEY": "sk_dev_local_bridge",
-            "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
-            "BRIDGE_DATABASE_URL": f"sqlite:///{work}/{index}.db",
-            "PORT": str(port),
-            "BRIDGE_HOST": "127.0.0.1",
-            "STRIPE_WEBHOOK_SECRET": bench.SECRET,
-            "BRIDGE_CONFIG": str(work / f"{index}.toml"),
-        }
+        env = bench.bridge_env(
+            sink_port, port, f"sqlite:///{work}/{index}.db", work / f"{index}.toml"
+        )
         procs.append(
             subprocess.Popen(
                 [sys.executable, __file__, "--serve", variant], env=env, stdout=subprocess.DEVNULL
