@@ -122,7 +122,7 @@ def create_app(
         forwarder: Forwarder = request.app.state.forwarder
         now = time.time()
         try:
-            stats = await asyncio.wait_for(request.app.state.store.stats(now), _READY_TIMEOUT)
+            backlog = await asyncio.wait_for(request.app.state.store.backlog(), _READY_TIMEOUT)
         except (StoreUnavailable, TimeoutError) as error:
             return Response(
                 {"status": "unavailable", "reasons": [f"store: {error}"]}, status_code=503
@@ -134,14 +134,14 @@ def create_app(
         reasons = []
         if forwarder.paused:
             reasons.append(f"forwarding paused: Millimetric refused the key ({forwarder.paused})")
-        lag = now - stats.oldest_pending_at if stats.oldest_pending_at else 0.0
+        lag = now - backlog.oldest_pending_at if backlog.oldest_pending_at else 0.0
         if lag > settings.ready_max_lag:
             reasons.append(f"oldest pending call is {lag:.0f}s old")
         body = {
             "status": "degraded" if reasons else "ready",
             "reasons": reasons,
-            "pending": stats.pending,
-            "dead": stats.dead,
+            "pending": backlog.pending,
+            "dead": backlog.dead,
             "oldest_pending_age": lag,
             "forwarding": "leader" if forwarder.leading else "standby",
         }

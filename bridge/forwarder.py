@@ -464,12 +464,11 @@ class Forwarder:
         """Keep the outbox gauges current for /metrics (on every instance)."""
         while not self._closing.is_set():
             try:
-                now = self.clock()
-                stats = await self.store.stats(now)
-                metrics.OUTBOX_PENDING.set(stats.pending)
-                metrics.OUTBOX_DEAD.set(stats.dead)
-                oldest = stats.oldest_pending_at
-                metrics.OUTBOX_OLDEST_AGE.set(now - oldest if oldest else 0)
+                backlog = await self.store.backlog()
+                metrics.OUTBOX_PENDING.set(backlog.pending)
+                metrics.OUTBOX_DEAD.set(backlog.dead)
+                oldest = backlog.oldest_pending_at
+                metrics.OUTBOX_OLDEST_AGE.set(self.clock() - oldest if oldest else 0)
             except Exception:
                 log.exception("outbox gauges failed; trying again later")
             await self._wait_closing(self.config.gauges_every)

@@ -56,7 +56,9 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
 from bridge.store import (
+    BACKLOG_SQL,
     AcceptResult,
+    Backlog,
     DeadLetter,
     Delivery,
     OutboxRow,
@@ -412,6 +414,9 @@ class PostgresStore:
 
     async def hasten(self, route: Route, now: float) -> int:
         return await self._run(_execute, _HASTEN, (now, route, now))
+
+    async def backlog(self) -> Backlog:
+        return await self._run(_backlog)
 
     async def stats(self, now: float) -> OutboxStats:
         return await self._run(_stats)
@@ -871,6 +876,12 @@ async def _dead_letter(cur: Cursor, ids: list[int], reason: str, now: float) -> 
         " attempts = attempts + 1 WHERE state = 'pending' AND id = ANY(%s)",
         (now, reason, ids),
     )
+
+
+async def _backlog(cur: Cursor) -> Backlog:
+    await cur.execute(BACKLOG_SQL)
+    pending, dead, oldest = await cur.fetchone() or (0, 0, None)
+    return Backlog(pending=pending, dead=dead, oldest_pending_at=oldest)
 
 
 async def _stats(cur: Cursor) -> OutboxStats:

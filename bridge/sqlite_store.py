@@ -32,7 +32,9 @@ import structlog
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
 from bridge.store import (
+    BACKLOG_SQL,
     AcceptResult,
+    Backlog,
     DeadLetter,
     Delivery,
     OutboxRow,
@@ -335,6 +337,29 @@ class SQLiteStore:
         self._queue.put(_Op(fn, args, grouped, loop, future))
         return future
 
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(conn, *args)` in one read transaction on a read-only connection of its own,
+        in a worker thread. In WAL mode it reads while the writer commits, and neither waits
+        for the other: on the writer thread, counting a big outbox held up every delivery
+        behind it (40-70 ms at 35k pending rows, measured under bench/intake.py)."""
+        if self._thread is None:
+            raise StoreUnavailable("the store is not open")
+        return await asyncio.to_thread(self._read_now, fn, args)
+
+    def _read_now(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        try:
+            conn = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None
+            )
+            try:
+                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                conn.execute("BEGIN")  # one snapshot for every statement of `fn`
+                return fn(conn, *args)
+            finally:
+                conn.close()
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"sqlite: {error}") from error
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -430,11 +455,17 @@ class SQLiteStore:
     async def hasten(self, route: Route, now: float) -> int:
         return await self._call(_execute, _HASTEN, (now, route, now))
 
+    async def backlog(self) -> Backlog:
+        # The write lock taken and let go at once: the store takes deliveries (the writer
+        # is not stuck, and no other process holds the lock past the busy timeout).
+        await self._call(_nothing)
+        return await self._read(_backlog)
+
     async def stats(self, now: float) -> OutboxStats:
-        return await self._call(_stats)
+        return await self._read(_stats)
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        return await self._call(_dead_letters, limit)
+        return await self._read(_dead_letters, limit)
 
     async def replay(self, selection: Selection, now: float) -> int:
         return await self._call(_replay, selection, now)
@@ -782,6 +813,15 @@ def _dead_letter(conn: sqlite3.Connection, ids: list[int], reason: str, now: flo
         f" attempts = attempts + 1 WHERE state = 'pending' AND id IN ({_marks(ids)})",
         (now, reason, *ids),
     )
+
+
+def _nothing(_conn: sqlite3.Connection) -> None:
+    pass
+
+
+def _backlog(conn: sqlite3.Connection) -> Backlog:
+    pending, dead, oldest = conn.execute(BACKLOG_SQL).fetchone()
+    return Backlog(pending=pending, dead=dead, oldest_pending_at=oldest)
 
 
 def _stats(conn: sqlite3.Connection) -> OutboxStats:

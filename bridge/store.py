@@ -33,6 +33,7 @@ from bridge.events import Call, Identify, Output, Track
 __all__ = [
     "ROUTES",
     "AcceptResult",
+    "Backlog",
     "DeadLetter",
     "Delivery",
     "OutboxRow",
@@ -84,6 +85,24 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
     attempts: int
     body: bytes
+
+
+class Backlog(msgspec.Struct, frozen=True, kw_only=True):
+    """What the health check and the gauges watch: read through indexes, so it stays cheap
+    however many deliveries the tables keep."""
+
+    pending: int
+    dead: int
+    oldest_pending_at: float | None
+
+
+#: The backlog's two counts, each read from a partial index alone (on SQLite, `dead`
+#: reaches `outbox_done` only when the query repeats its `state != 'pending'`).
+BACKLOG_SQL: Final = (
+    "SELECT (SELECT COUNT(*) FROM outbox WHERE state = 'pending'),"
+    " (SELECT COUNT(*) FROM outbox WHERE state != 'pending' AND state = 'dead'),"
+    " (SELECT created_at FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1)"
+)
 
 
 class OutboxStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -160,7 +179,15 @@ class Store(Protocol):
         """Make the route's unclaimed pending rows that wait on a retry due `now`; how many."""
         ...
 
-    async def stats(self, now: float) -> OutboxStats: ...
+    async def backlog(self) -> Backlog:
+        """For /readyz and the gauges: cheap at any table size, and never holding up intake.
+        Raises `StoreUnavailable` when the store cannot take a delivery now."""
+        ...
+
+    async def stats(self, now: float) -> OutboxStats:
+        """Everything counted, for operators: scans whole tables, so it may take seconds on
+        a big store (without holding up intake)."""
+        ...
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]: ...
 

@@ -33,7 +33,7 @@ from bridge.forwarder import ForwarderConfig
 from bridge.sqlite_store import SQLiteStore
 from bridge.testing import sign
 from handlers.stripe import handler as stripe
-from tests.conftest import RunningSink, ServerThread
+from tests.conftest import LOCKER, RunningSink, ServerThread
 
 SECRET = "whsec_faults_secret"
 
@@ -213,16 +213,6 @@ def test_a_full_disk_gives_503_never_200_and_recovers(sink: RunningSink, tmp_pat
     assert stored_inbox(tmp_path / "bridge.db") == {"evt_before"} | {
         f"evt_full{i}" for i in range(20)
     }
-
-
-LOCKER = """
-import sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.read()
-conn.execute("ROLLBACK")
-"""
 
 
 def test_a_database_locked_by_another_process_gives_503_then_recovers(

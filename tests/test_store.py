@@ -6,16 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from bridge import sqlite_store
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.events import Forget, Identify, Track
-from bridge.store import Delivery, Retention, Selection, Store, derived_event_id, open_store
-from tests.conftest import table_rows
+from bridge.store import (
+    Backlog,
+    Delivery,
+    Retention,
+    Selection,
+    Store,
+    derived_event_id,
+    open_store,
+)
+from tests.conftest import LOCKER, table_rows
 
 pytestmark = pytest.mark.anyio
 
@@ -131,6 +141,7 @@ async def test_delivered_dead_replay_and_purge(store: Store) -> None:
     await store.dead_letter([r.id for r in rows[1:]], "400 invalid_payload: nope", NOW)
     stats = await store.stats(NOW)
     assert (stats.pending, stats.delivered, stats.dead) == (0, 1, 3)
+    assert await store.backlog() == Backlog(pending=0, dead=3, oldest_pending_at=None)
     dead = await store.dead_letters()
     assert [(d.source, d.reason) for d in dead] == [
         ("stripe", "400 invalid_payload: nope"),
@@ -142,6 +153,7 @@ async def test_delivered_dead_replay_and_purge(store: Store) -> None:
     assert await store.purge(Selection()) == 1  # the one dead letter left
     stats = await store.stats(NOW)
     assert (stats.pending, stats.delivered, stats.dead) == (2, 1, 0)
+    assert await store.backlog() == Backlog(pending=2, dead=0, oldest_pending_at=NOW)
     assert await store.replay(Selection(include_delivered=True, since=NOW - 1), NOW) == 1
     assert (await store.stats(NOW)).pending == 3
 
@@ -249,6 +261,8 @@ async def test_operations_on_a_closed_store_fail_clearly(database_url: str) -> N
     store = open_store(database_url)
     with pytest.raises(StoreUnavailable, match="not open"):
         await store.stats(time.time())
+    with pytest.raises(StoreUnavailable, match="not open"):
+        await store.backlog()
 
 
 async def test_a_forget_claim_drops_stale_rows_of_the_user(store: Store) -> None:
@@ -279,6 +293,37 @@ async def test_one_forwarder_per_database_file(store: Store, tmp_path: Path) -> 
             await other.recover(NOW)
     finally:
         await other.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_counting_needs_no_write_lock_and_the_backlog_says_when_intake_has_none(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Counting whole tables runs beside the writer, not on it (where every delivery
+    # waited behind it): an `outbox` command holding the write lock does not stop it.
+    # The backlog, which /readyz serves, still says that intake cannot write.
+    await store.accept(delivery("e1"))
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 300)
+    await store._call(lambda conn: conn.execute("PRAGMA busy_timeout=300"))  # type: ignore[attr-defined]
+    locker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        LOCKER,
+        str(tmp_path / "bridge.db"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert locker.stdout is not None
+        assert await locker.stdout.readline() == b"locked\n"
+        stats = await store.stats(NOW)
+        assert (stats.inbox, stats.pending, stats.raw_payloads) == (1, 1, 1)
+        assert len(await store.dead_letters()) == 0
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await store.backlog()
+    finally:
+        await locker.communicate(b"")
+    assert (await store.backlog()).pending == 1
 
 
 async def test_aliases_and_forgetting_a_visitor(store: Store) -> None:
