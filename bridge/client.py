@@ -161,7 +161,14 @@ class MillimetricClient:
             return Retryable(f"timeout: {type(exc).__name__}")
         except httpx.TransportError as exc:
             return Retryable(f"connection: {type(exc).__name__}: {exc}"[:_REASON_MAX])
-        return classify(response)
+        try:
+            return classify(response)
+        finally:
+            # httpx 0.28 ties a response and its stream in a reference cycle
+            # (encode/httpx#3733), which keeps the request and its body (a batch: up to
+            # 256 KB) until the cyclic collector runs; `serve` runs it rarely. The body is
+            # read by now: a spent stream in its place breaks the cycle.
+            response.stream = httpx.ByteStream(b"")
 
     async def track(self, event: Track) -> Outcome:
         return await self.post("/v1/track", encode(event))
