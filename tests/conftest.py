@@ -8,6 +8,8 @@ import functools
 import os
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -162,9 +164,9 @@ def postgres_schema() -> Iterator[str]:
             admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
-#: `python -c LOCKER DB_PATH`: another process holding the SQLite write lock; it prints
+#: `python -c _LOCKER DB_PATH`: another process holding the SQLite write lock; it prints
 #: "locked" once it does, and lets go when its standard input closes.
-LOCKER = """
+_LOCKER = """
 import sqlite3, sys
 conn = sqlite3.connect(sys.argv[1], isolation_level=None)
 conn.execute("BEGIN EXCLUSIVE")
@@ -172,6 +174,22 @@ print("locked", flush=True)
 sys.stdin.read()
 conn.execute("ROLLBACK")
 """
+
+
+@contextlib.contextmanager
+def write_lock_held(db: Path) -> Iterator[None]:
+    """Another process holds the SQLite write lock on `db` (as an `outbox` command does
+    while it works) until the block ends."""
+    locker = subprocess.Popen(
+        [sys.executable, "-c", _LOCKER, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert locker.stdout is not None
+        assert locker.stdout.readline() == b"locked\n"
+        yield
+    finally:
+        locker.communicate(b"", timeout=10)
+
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 

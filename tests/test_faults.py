@@ -14,7 +14,6 @@ import concurrent.futures
 import errno
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,16 +23,17 @@ import httpx
 import msgspec
 import pytest
 
-from bridge import sqlite_store
+from bridge import intake, sqlite_store
 from bridge.app import create_app
 from bridge.client import build_http_client
 from bridge.config import load_settings
 from bridge.errors import StoreUnavailable
 from bridge.forwarder import ForwarderConfig
 from bridge.sqlite_store import SQLiteStore
+from bridge.store import Delivery
 from bridge.testing import sign
 from handlers.stripe import handler as stripe
-from tests.conftest import LOCKER, RunningSink, ServerThread
+from tests.conftest import RunningSink, ServerThread, write_lock_held
 
 SECRET = "whsec_faults_secret"
 
@@ -225,24 +225,62 @@ def test_a_database_locked_by_another_process_gives_503_then_recovers(
     with ServerThread(app) as server:
         assert post(server.url, delivery("unlocked")).status_code == 200
         on_store_connection(app, server, "PRAGMA busy_timeout=300")
-        locker = subprocess.Popen(
-            [sys.executable, "-c", LOCKER, str(db)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        try:
-            assert locker.stdout is not None
-            assert locker.stdout.readline() == b"locked\n"
+        with write_lock_held(db):
             refused = post(server.url, delivery("locked"))
             assert refused.status_code == 503
             assert "locked" in refused.json()["reason"]
             assert httpx.get(f"{server.url}/readyz").status_code == 503
-        finally:
-            locker.communicate(b"", timeout=10)
         assert post(server.url, delivery("locked")).json()["result"] == "accepted"
         assert httpx.get(f"{server.url}/readyz").status_code == 200
         wait_for(lambda: len(sink.state.seen_event_ids) == 2)  # the forwarder lived through it
     assert stored_inbox(db) == {"evt_unlocked", "evt_locked"}
+
+
+def test_a_store_slower_than_the_deadline_gives_503_and_the_retry_is_a_duplicate(
+    sink: RunningSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lock is held for longer than the deadline but less than the writer's busy
+    # timeout: the delivery is answered 503 in time, then stored once the lock goes.
+    monkeypatch.setattr(intake, "ACCEPT_TIMEOUT", 0.5)
+    db = tmp_path / "bridge.db"
+    app = create_app(settings(sink, tmp_path))
+    with ServerThread(app) as server:
+        with write_lock_held(db):
+            started = time.monotonic()
+            late = post(server.url, delivery("late"))
+            assert time.monotonic() - started < 3
+            assert late.status_code == 503
+            assert late.json()["reason"] == "the store did not answer within 0.5s"
+        wait_for(lambda: stored_inbox(db) == {"evt_late"})
+        assert post(server.url, delivery("late")).json()["result"] == "duplicate"
+        wait_for(lambda: sink_event_ids(sink) == ["subscription_started:sub_late"])
+
+
+@pytest.mark.anyio
+async def test_the_deadline_tells_its_own_expiry_from_a_cancelled_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request cancelled while it waits (the server shutting down) stays cancelled; one
+    # that outwaits the deadline is StoreUnavailable (503).
+    monkeypatch.setattr(intake, "ACCEPT_TIMEOUT", 0.5)
+    store = SQLiteStore(tmp_path / "bridge.db")
+    await store.open()
+    try:
+        with write_lock_held(tmp_path / "bridge.db"):
+            deadline = intake._Deadline()
+            cancelled = asyncio.create_task(deadline.accept(store, stored("evt_cancelled")))
+            await asyncio.sleep(0.1)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            with pytest.raises(StoreUnavailable, match=r"did not answer within 0\.5s"):
+                await deadline.accept(store, stored("evt_expired"))
+    finally:
+        await store.close()
+
+
+def stored(event_id: str) -> Delivery:
+    return Delivery(source="stripe", provider_event_id=event_id, received_at=time.time())
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from bridge.store import (
     derived_event_id,
     open_store,
 )
-from tests.conftest import LOCKER, table_rows
+from tests.conftest import table_rows, write_lock_held
 
 pytestmark = pytest.mark.anyio
 
@@ -305,24 +304,12 @@ async def test_counting_needs_no_write_lock_and_the_backlog_says_when_intake_has
     await store.accept(delivery("e1"))
     monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 300)
     await store._call(lambda conn: conn.execute("PRAGMA busy_timeout=300"))  # type: ignore[attr-defined]
-    locker = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        LOCKER,
-        str(tmp_path / "bridge.db"),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert locker.stdout is not None
-        assert await locker.stdout.readline() == b"locked\n"
+    with write_lock_held(tmp_path / "bridge.db"):
         stats = await store.stats(NOW)
         assert (stats.inbox, stats.pending, stats.raw_payloads) == (1, 1, 1)
         assert len(await store.dead_letters()) == 0
         with pytest.raises(StoreUnavailable, match="locked"):
             await store.backlog()
-    finally:
-        await locker.communicate(b"")
     assert (await store.backlog()).pending == 1
 
 
