@@ -121,7 +121,7 @@ class _Deadline:
                 return await store.accept(delivery)  # served from two loops at once
             self._waiting = deque()  # a loop gone with its sweep: what it left is moot
             self._loop = loop
-            loop.call_later(_SWEEP_EVERY, self._sweep)
+            loop.call_later(_SWEEP_EVERY, self._sweep, loop)
         waiter = _Waiter(loop.time() + ACCEPT_TIMEOUT, task)
         self._waiting.append(waiter)
         try:
@@ -135,9 +135,10 @@ class _Deadline:
         finally:
             waiter.task = None
 
-    def _sweep(self) -> None:
-        loop, waiting = self._loop, self._waiting
-        assert loop is not None
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._loop:  # left on a loop that stopped, and runs again
+            return
+        waiting = self._waiting
         now = loop.time()
         while waiting and (waiting[0].task is None or waiting[0].due <= now):
             waiter = waiting.popleft()
@@ -145,7 +146,7 @@ class _Deadline:
                 waiter.expired = True
                 waiter.task.cancel()
         if waiting:
-            loop.call_later(_SWEEP_EVERY, self._sweep)
+            loop.call_later(_SWEEP_EVERY, self._sweep, loop)
         else:
             self._loop = None
 

@@ -101,9 +101,10 @@ class _Op:
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
     """Move the WAL into the database file and truncate it: after an erasure its old
-    frames would still hold the erased rows."""
+    frames would still hold the erased rows. SQLite reports a checkpoint that readers
+    kept from finishing without raising; here it is an error."""
     (busy, _, _) = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    if busy:  # another process read on past the busy timeout: SQLite reports, not raises
+    if busy:  # a reader (another process, or `_read`) held on past the busy timeout
         raise StoreUnavailable("sqlite: the WAL checkpoint could not finish (a reader held it)")
 
 
@@ -339,9 +340,11 @@ class SQLiteStore:
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(conn, *args)` in one read transaction on a read-only connection of its own,
-        in a worker thread. In WAL mode it reads while the writer commits, and neither waits
-        for the other: on the writer thread, counting a big outbox held up every delivery
-        behind it (40-70 ms at 35k pending rows, measured under bench/intake.py)."""
+        in a worker thread. In WAL mode it reads while the writer commits: on the writer
+        thread, counting a big outbox held up every delivery behind it (40-120 ms at 35-50k
+        pending rows, measured under bench/intake.py). Only a TRUNCATE checkpoint (after an
+        erasure or a purge) waits for such a read, up to the busy timeout; past that the
+        erasure is tried again (`_checkpoint`)."""
         if self._thread is None:
             raise StoreUnavailable("the store is not open")
         return await asyncio.to_thread(self._read_now, fn, args)

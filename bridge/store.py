@@ -88,8 +88,8 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Backlog(msgspec.Struct, frozen=True, kw_only=True):
-    """What the health check and the gauges watch: read through indexes, so it stays cheap
-    however many deliveries the tables keep."""
+    """What the health check and the gauges watch, read from partial indexes: its cost
+    follows the pending and dead rows, not the delivered rows and payloads kept."""
 
     pending: int
     dead: int

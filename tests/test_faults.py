@@ -261,7 +261,7 @@ async def test_the_deadline_tells_its_own_expiry_from_a_cancelled_request(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A request cancelled while it waits (the server shutting down) stays cancelled; one
-    # that outwaits the deadline is StoreUnavailable (503).
+    # that outwaits the deadline is StoreUnavailable (503); one answered in time is left be.
     monkeypatch.setattr(intake, "ACCEPT_TIMEOUT", 0.5)
     store = SQLiteStore(tmp_path / "bridge.db")
     await store.open()
@@ -275,6 +275,12 @@ async def test_the_deadline_tells_its_own_expiry_from_a_cancelled_request(
                 await cancelled
             with pytest.raises(StoreUnavailable, match=r"did not answer within 0\.5s"):
                 await deadline.accept(store, stored("evt_expired"))
+            current = asyncio.current_task()
+            assert current is not None
+            assert current.cancelling() == 0  # the expiry's cancellation taken back
+        # Answered in time, a request lives on past the deadline without being cancelled.
+        assert await deadline.accept(store, stored("evt_in_time")) == "accepted"
+        await asyncio.sleep(0.5 + 2 * intake._SWEEP_EVERY)
     finally:
         await store.close()
 
