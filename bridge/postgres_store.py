@@ -57,6 +57,7 @@ from bridge.errors import ConfigError, StoreUnavailable
 from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
 from bridge.store import (
     BACKLOG_SQL,
+    DELIVERED_SQL,
     AcceptResult,
     Backlog,
     DeadLetter,
@@ -905,20 +906,17 @@ async def _backlog(cur: Cursor) -> Backlog:
 
 
 async def _stats(cur: Cursor) -> OutboxStats:
-    await cur.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state")
-    counts = {state: count for state, count in await cur.fetchall()}
-    oldest = await _one(
-        cur, "SELECT created_at FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1"
-    )
+    backlog = await _backlog(cur)
+    delivered = await _one(cur, DELIVERED_SQL)
     await cur.execute(
         "SELECT COUNT(*), COUNT(raw_body), (SELECT value FROM meta WHERE key = 'paused') FROM inbox"
     )
     inbox, raw, paused = await cur.fetchone() or (0, 0, None)
     return OutboxStats(
-        pending=counts.get("pending", 0),
-        delivered=counts.get("delivered", 0),
-        dead=counts.get("dead", 0),
-        oldest_pending_at=oldest,
+        pending=backlog.pending,
+        delivered=delivered,
+        dead=backlog.dead,
+        oldest_pending_at=backlog.oldest_pending_at,
         inbox=inbox,
         raw_payloads=raw,
         paused=paused,

@@ -33,6 +33,7 @@ from bridge.errors import ConfigError, StoreUnavailable
 from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
 from bridge.store import (
     BACKLOG_SQL,
+    DELIVERED_SQL,
     AcceptResult,
     Backlog,
     DeadLetter,
@@ -828,18 +829,16 @@ def _backlog(conn: sqlite3.Connection) -> Backlog:
 
 
 def _stats(conn: sqlite3.Connection) -> OutboxStats:
-    counts = dict(conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall())
-    oldest = conn.execute(
-        "SELECT created_at FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1"
-    ).fetchone()
+    backlog = _backlog(conn)
+    (delivered,) = conn.execute(DELIVERED_SQL).fetchone()
     (inbox,) = conn.execute("SELECT COUNT(*) FROM inbox").fetchone()
     (raw,) = conn.execute("SELECT COUNT(*) FROM inbox WHERE raw_body IS NOT NULL").fetchone()
     paused = conn.execute("SELECT value FROM meta WHERE key = 'paused'").fetchone()
     return OutboxStats(
-        pending=counts.get("pending", 0),
-        delivered=counts.get("delivered", 0),
-        dead=counts.get("dead", 0),
-        oldest_pending_at=oldest[0] if oldest else None,
+        pending=backlog.pending,
+        delivered=delivered,
+        dead=backlog.dead,
+        oldest_pending_at=backlog.oldest_pending_at,
         inbox=inbox,
         raw_payloads=raw,
         paused=paused[0] if paused else None,

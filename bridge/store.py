@@ -31,6 +31,8 @@ from bridge.errors import ConfigError
 from bridge.events import Call, Identify, Output, Track
 
 __all__ = [
+    "BACKLOG_SQL",
+    "DELIVERED_SQL",
     "ROUTES",
     "AcceptResult",
     "Backlog",
@@ -102,6 +104,10 @@ BACKLOG_SQL: Final = (
     "SELECT (SELECT COUNT(*) FROM outbox WHERE state = 'pending'),"
     " (SELECT COUNT(*) FROM outbox WHERE state != 'pending' AND state = 'dead'),"
     " (SELECT created_at FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1)"
+)
+#: `stats` adds the delivered rows to the backlog, through the same index as `dead`.
+DELIVERED_SQL: Final = (
+    "SELECT COUNT(*) FROM outbox WHERE state != 'pending' AND state = 'delivered'"
 )
 
 
