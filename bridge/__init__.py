@@ -20,9 +20,10 @@ from bridge.errors import (
     SignatureInvalid,
     StoreUnavailable,
 )
-from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
+from bridge.events import About, Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
 
 __all__ = [
+    "About",
     "Accepted",
     "Alias",
     "AuthProblem",

@@ -21,6 +21,7 @@ __all__ = [
     "NAME_MAX_CHARS",
     "PROPERTIES_MAX_BYTES",
     "SERVER_DERIVED_FIELDS",
+    "About",
     "Alias",
     "Call",
     "Forget",
@@ -72,6 +73,13 @@ def _check_str(field: str, value: object, *, optional: bool = True) -> None:
         return
     if not isinstance(value, str):
         raise EventInvalid(field, "must be a string")
+
+
+def _check_id(field: str, value: object) -> None:
+    """An id that erasure and linking key on: a blank one would name everybody."""
+    _check_str(field, value, optional=False)
+    if isinstance(value, str) and not value.strip():
+        raise EventInvalid(field, "must not be empty or blank")
 
 
 def _check_time(field: str, value: object) -> None:
@@ -142,7 +150,7 @@ class Forget(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     user_id: str
 
     def __post_init__(self) -> None:
-        _check_str("user_id", self.user_id, optional=False)
+        _check_id("user_id", self.user_id)
 
 
 Call = Track | Identify | Forget
@@ -163,6 +171,26 @@ class ForgetVisitor(msgspec.Struct, frozen=True, kw_only=True):
 
     anonymous_id: str
 
+    def __post_init__(self) -> None:
+        _check_id("anonymous_id", self.anonymous_id)
+
+
+class About(msgspec.Struct, frozen=True, kw_only=True):
+    """Not sent to Millimetric: names a provider's own identifier that this delivery is
+    about (a Shopify customer, a Stripe customer), so that erasure finds the delivery.
+
+    A `Forget` erases every stored delivery linked to the forgotten user: those whose
+    calls name the user or one of the visitors learned for them, and those that name, in
+    an `About`, an identifier that the delivery carrying the `Forget` names in an `About`
+    of its own. A delivery that becomes no call (an order not yet paid) can still hold
+    personal data in its raw payload: naming its customer here lets a later `Forget`
+    reach it."""
+
+    identifier: str
+
+    def __post_init__(self) -> None:
+        _check_id("identifier", self.identifier)
+
 
 class Purge(msgspec.Struct, frozen=True, kw_only=True):
     """Not sent to Millimetric: erases what the bridge holds from this source's earlier
@@ -181,7 +209,7 @@ class Purge(msgspec.Struct, frozen=True, kw_only=True):
 
 
 #: What a handler's translate returns: calls, and instructions to the bridge.
-Output = Call | Alias | ForgetVisitor | Purge
+Output = Call | Alias | ForgetVisitor | Purge | About
 
 
 def encode(call: Call | msgspec.Struct | dict[str, Any]) -> bytes:

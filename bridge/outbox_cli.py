@@ -15,7 +15,7 @@ from typing import Any, Final, TypeVar
 import click
 
 from bridge.config import load_settings
-from bridge.errors import ConfigError, StoreUnavailable
+from bridge.errors import ConfigError, EventInvalid, StoreUnavailable
 from bridge.events import Forget
 from bridge.store import Delivery, Selection, Store, open_store
 
@@ -165,15 +165,20 @@ def purge(ids: tuple[int, ...], source: str | None, since: float | None, every: 
 def forget(user_id: str) -> None:
     """Erase USER_ID: purge the local data now, then send Millimetric's forget.
 
-    Pending calls and stored raw payloads that mention the user are deleted at once; the
-    running bridge sends `forget` once no earlier call about the user is in flight, and
-    nothing about the user is stored or forwarded afterwards.
+    Pending calls about the user (or a visitor learned for them) and the stored raw
+    payloads of every delivery linked to them are deleted at once; the running bridge
+    sends `forget` once no earlier call about the user is in flight, and nothing about the
+    user is stored or forwarded afterwards.
     """
+    try:
+        call = Forget(user_id=user_id)
+    except EventInvalid as error:  # an unset shell variable must not erase everybody
+        raise click.BadParameter(str(error), param_hint="USER_ID") from None
     delivery = Delivery(
         source="cli",
         provider_event_id=f"forget-{uuid.uuid4()}",
         received_at=time.time(),
-        calls=[Forget(user_id=user_id)],
+        calls=[call],
     )
 
     async def purge_now(store: Store) -> None:

@@ -54,7 +54,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
+from bridge.events import About, Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
 from bridge.store import (
     BACKLOG_SQL,
     DELIVERED_SQL,
@@ -67,11 +67,13 @@ from bridge.store import (
     Retention,
     Route,
     Selection,
+    declared,
     hash_subject,
-    mentions,
+    links,
     route_of,
     settle,
     subject_of,
+    visitor_of,
     with_event_id,
 )
 
@@ -87,8 +89,6 @@ log = structlog.get_logger("bridge.store")
 LEASE_SECONDS: Final = 900.0
 #: Rows a retention pass deletes per transaction, so intake is never stalled for long.
 CLEANUP_CHUNK: Final = 5000
-#: Rows an erasure scans per transaction.
-ERASE_CHUNK: Final = 5000
 #: How often a standby instance tries the leader lock, and the leader checks it still has it.
 LEADER_POLL: Final = 1.0
 #: A lock check that takes longer than this means the lock connection is gone.
@@ -315,13 +315,7 @@ class PostgresStore:
     # -- the Store protocol ----------------------------------------------------------------
 
     async def erase(self, user_id: str) -> int:
-        now = time.time()
-        erased = 0
-        for table, step in (("outbox", _erase_rows), ("inbox", _erase_raw)):
-            top = await self._run(_top_id, table)
-            for start in range(0, top + 1, ERASE_CHUNK):  # small steps: intake interleaves
-                erased += await self._run(step, start, start + ERASE_CHUNK, user_id, now)
-        return erased
+        return await self._run(_erase_linked, hash_subject(user_id), time.time())
 
     async def accept(self, delivery: Delivery) -> AcceptResult:
         if not _simple(delivery):
@@ -525,13 +519,14 @@ async def _accept(cur: Cursor, delivery: Delivery) -> AcceptResult:
         return "duplicate"
     now = delivery.received_at
     resolved = [await _resolve(cur, delivery.source, item, now) for item in delivery.calls]
+    await _link(cur, [(inbox_id, links([*delivery.calls, *resolved]))])
     identified = {(c.anonymous_id, c.user_id) for c in resolved if isinstance(c, Identify)}
     for index, given in enumerate(resolved):
         call: Call | None = given
         if given is None:  # an instruction, carried out
             continue
         if isinstance(given, Forget):
-            await _forget(cur, given.user_id, inbox_id, now)
+            await _forget(cur, given.user_id, declared(delivery.calls), now)
         else:
             # One round trip for both questions: per-statement cost is most of an accept.
             await cur.execute(
@@ -572,8 +567,11 @@ def _simple(delivery: Delivery) -> bool:
     provider's customer. These are accepted in groups (`_accept_group`); a call that
     links a visitor to a user, forgets or aliases, changes what later ones read."""
     return all(
-        isinstance(call, Track | Identify)
-        and (not call.anonymous_id or (isinstance(call, Track) and call.user_id is None))
+        isinstance(call, About)
+        or (
+            isinstance(call, Track | Identify)
+            and (not call.anonymous_id or (isinstance(call, Track) and call.user_id is None))
+        )
         for call in delivery.calls
     )
 
@@ -646,6 +644,7 @@ async def _group_rows(
     results: list[AcceptResult] = []
     rows: list[tuple[int, Call, str | None, str | None, float]] = []
     emptied: list[int] = []
+    linked: list[tuple[int, set[str]]] = []
     for delivery, its_calls in zip(deliveries, calls, strict=True):
         # A twin in the same group: the first of them is the one inserted.
         inbox_id = inserted.pop((delivery.source, delivery.provider_event_id), None)
@@ -653,6 +652,8 @@ async def _group_rows(
             results.append("duplicate")
             continue
         results.append("accepted")
+        its_links = links(delivery.calls)
+        linked.append((inbox_id, its_links))
         for index, given in enumerate(its_calls):
             subject = subject_of(given)
             if subject is not None and subject in forgotten:
@@ -663,19 +664,23 @@ async def _group_rows(
                 target, user = known[given.anonymous_id]
                 call = msgspec.structs.replace(given, anonymous_id=target, user_id=user)
                 subject = subject_of(call)
+                its_links |= links([call])
             call, event_id = with_event_id(call, delivery.source, delivery.provider_event_id, index)
             rows.append((inbox_id, call, subject, event_id, delivery.received_at))
+    await _link(cur, linked)
     if rows:
         await cur.execute(
-            "INSERT INTO outbox (inbox_id, route, subject, event_id, body, created_at, next_at)"
-            " SELECT inbox_id, route, subject, event_id, body, at, at FROM unnest("
-            "%s::bigint[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::float8[])"
-            " WITH ORDINALITY AS given (inbox_id, route, subject, event_id, body, at, position)"
+            "INSERT INTO outbox (inbox_id, route, subject, visitor, event_id, body, created_at,"
+            " next_at) SELECT inbox_id, route, subject, visitor, event_id, body, at, at"
+            " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],"
+            " %s::bytea[], %s::float8[]) WITH ORDINALITY"
+            " AS given (inbox_id, route, subject, visitor, event_id, body, at, position)"
             " ORDER BY position",
             (
                 [inbox_id for inbox_id, _, _, _, _ in rows],
                 [route_of(call) for _, call, _, _, _ in rows],
                 [subject for _, _, subject, _, _ in rows],
+                [visitor_of(call) for _, call, _, _, _ in rows],
                 [event_id for _, _, _, event_id, _ in rows],
                 [_encoder.encode(call) for _, call, _, _, _ in rows],
                 [float(at) for _, _, _, _, at in rows],
@@ -694,6 +699,8 @@ async def _resolve(cur: Cursor, source: str, item: Output, now: float) -> Call |
     if isinstance(item, Purge):
         await _purge_prefixes(cur, source, item, now)
         return None
+    if isinstance(item, About):  # a link, written with the others
+        return None
     if isinstance(item, Alias):
         target = await _target(cur, item.anonymous_id)
         if target != item.alias:
@@ -704,12 +711,14 @@ async def _resolve(cur: Cursor, source: str, item: Output, now: float) -> Call |
             )
         return None
     if isinstance(item, ForgetVisitor):
-        known = await _one(
-            cur,
-            "SELECT user_id FROM identities WHERE anonymous_id = %s",
-            (await _target(cur, item.anonymous_id),),
-        )
-        return Forget(user_id=known) if known is not None else None
+        target = await _target(cur, item.anonymous_id)
+        known = await _one(cur, "SELECT user_id FROM identities WHERE anonymous_id = %s", (target,))
+        if known is not None:
+            return Forget(user_id=known)
+        # No user to forget at Millimetric; what is stored about the visitor goes.
+        visitors = sorted({hash_subject(item.anonymous_id), hash_subject(target)})
+        await cur.execute(_DROP_LINKED_RAW, (visitors,))
+        return None
     if isinstance(item, Forget) or not item.anonymous_id:
         return item
     target = await _target(cur, item.anonymous_id)
@@ -727,9 +736,18 @@ async def _insert(
     cur: Cursor, inbox_id: int | None, call: Call, event_id: str | None, now: float
 ) -> None:
     await cur.execute(
-        "INSERT INTO outbox (inbox_id, route, subject, event_id, body, created_at, next_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (inbox_id, route_of(call), subject_of(call), event_id, _encoder.encode(call), now, now),
+        "INSERT INTO outbox (inbox_id, route, subject, visitor, event_id, body, created_at,"
+        " next_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            inbox_id,
+            route_of(call),
+            subject_of(call),
+            visitor_of(call),
+            event_id,
+            _encoder.encode(call),
+            now,
+            now,
+        ),
     )
 
 
@@ -762,10 +780,42 @@ async def _identity(
     return call, Identify(user_id=call.user_id, anonymous_id=call.anonymous_id)
 
 
-async def _forget(cur: Cursor, user_id: str, inbox_id: int | None, now: float) -> None:
-    """Erase at once what an index finds about a user, and remember them as forgotten;
-    sends in flight stay (the forget row waits for them)."""
+async def _link(cur: Cursor, linked: Sequence[tuple[int, set[str]]]) -> None:
+    """Record who each delivery is about (`links`), for erasure."""
+    pairs = sorted((subject, inbox_id) for inbox_id, subjects in linked for subject in subjects)
+    if pairs:
+        await cur.execute(
+            "INSERT INTO inbox_subjects (subject, inbox_id) SELECT * FROM"
+            " unnest(%s::text[], %s::bigint[]) ON CONFLICT DO NOTHING",
+            ([subject for subject, _ in pairs], [inbox_id for _, inbox_id in pairs]),
+        )
+
+
+async def _forget(cur: Cursor, user_id: str, beside: list[str], now: float) -> None:
+    """Erase at once what is linked to a user, and remember them as forgotten (as in the
+    SQLite backend: the visitors learned for them, their aliases and the identifiers
+    declared beside the forget are the user's links too); sends in flight stay (the
+    forget row waits for them)."""
     subject = hash_subject(user_id)
+    await cur.execute(
+        "SELECT anonymous_id FROM identities WHERE subject = %s UNION"
+        " SELECT alias FROM aliases WHERE anonymous_id IN"
+        " (SELECT anonymous_id FROM identities WHERE subject = %s)",
+        (subject, subject),
+    )
+    visitors = [v for (v,) in await cur.fetchall()]
+    related = sorted({*beside, *(hash_subject(v) for v in visitors)} - {subject})
+    if related:
+        await cur.execute(
+            "UPDATE outbox SET subject = %s WHERE subject IS NULL AND route != 'forget'"
+            " AND visitor = ANY(%s)",
+            (subject, related),
+        )
+        await cur.execute(
+            "INSERT INTO inbox_subjects (subject, inbox_id) SELECT DISTINCT %s, inbox_id"
+            " FROM inbox_subjects WHERE subject = ANY(%s) ON CONFLICT DO NOTHING",
+            (subject, related),
+        )
     await cur.execute(
         "INSERT INTO forgotten (subject, at) VALUES (%s, %s) ON CONFLICT DO NOTHING",
         (subject, now),
@@ -776,12 +826,27 @@ async def _forget(cur: Cursor, user_id: str, inbox_id: int | None, now: float) -
         (subject,),
     )
     await cur.execute("DELETE FROM identities WHERE subject = %s", (subject,))
+    await _erase_linked(cur, subject, now)
+
+
+#: The raw payloads of the deliveries linked to any of some subjects.
+_DROP_LINKED_RAW: Final = (
+    "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE raw_body IS NOT NULL"
+    " AND id IN (SELECT inbox_id FROM inbox_subjects WHERE subject = ANY(%s))"
+)
+
+
+async def _erase_linked(cur: Cursor, subject: str, now: float) -> int:
+    """Delete the calls about a subject (not forgets, not sends in flight) and drop the
+    raw payloads of the deliveries linked to it; how many of both."""
     await cur.execute(
         "DELETE FROM outbox WHERE subject = %s AND route != 'forget'"
         " AND NOT (state = 'pending' AND claimed AND next_at > %s)",
         (subject, now),
     )
-    await cur.execute("UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = %s", (inbox_id,))
+    erased = cur.rowcount
+    await cur.execute(_DROP_LINKED_RAW, ([subject],))
+    return erased + cur.rowcount
 
 
 def _upto(prefix: str) -> str:
@@ -1001,40 +1066,6 @@ _HASTEN: Final = (
 async def _execute(cur: Cursor, statement: str, params: tuple[Any, ...]) -> int:
     await cur.execute(statement, params)
     return cur.rowcount
-
-
-async def _top_id(cur: Cursor, table: str) -> int:
-    return int(await _one(cur, f"SELECT COALESCE(MAX(id), 0) FROM {table}"))
-
-
-async def _erase_rows(cur: Cursor, start: int, end: int, user_id: str, now: float) -> int:
-    """Rows (not forgets, not sends in flight) about the user or whose body names them:
-    the server finds candidates by substring, the same token rule as SQLite decides."""
-    subject = hash_subject(user_id)
-    await cur.execute(
-        "SELECT id, subject, body FROM outbox WHERE id >= %s AND id < %s AND route != 'forget'"
-        " AND (subject = %s OR position(%s::bytea IN body) > 0)"
-        " AND NOT (state = 'pending' AND claimed AND next_at > %s) FOR UPDATE",
-        (start, end, subject, user_id.encode(), now),
-    )
-    ids = [i for i, s, body in await cur.fetchall() if s == subject or mentions(body, user_id)]
-    if ids:
-        await cur.execute("DELETE FROM outbox WHERE id = ANY(%s)", (ids,))
-    return len(ids)
-
-
-async def _erase_raw(cur: Cursor, start: int, end: int, user_id: str, _now: float) -> int:
-    await cur.execute(
-        "SELECT id, raw_body FROM inbox WHERE id >= %s AND id < %s AND raw_body IS NOT NULL"
-        " AND position(%s::bytea IN raw_body) > 0 FOR UPDATE",
-        (start, end, user_id.encode()),
-    )
-    ids = [i for i, raw in await cur.fetchall() if mentions(bytes(raw), user_id)]
-    if ids:
-        await cur.execute(
-            "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ANY(%s)", (ids,)
-        )
-    return len(ids)
 
 
 async def _set_meta(cur: Cursor, key: str, value: str | None) -> None:

@@ -30,7 +30,7 @@ import msgspec
 import structlog
 
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
+from bridge.events import About, Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
 from bridge.store import (
     BACKLOG_SQL,
     DELIVERED_SQL,
@@ -43,11 +43,13 @@ from bridge.store import (
     Retention,
     Route,
     Selection,
+    declared,
     hash_subject,
-    mentions,
+    links,
     route_of,
     settle,
     subject_of,
+    visitor_of,
     with_event_id,
 )
 
@@ -65,8 +67,6 @@ LEASE_SECONDS: Final = 900.0
 MAX_GROUP: Final = 512
 #: Rows a retention pass deletes per transaction, so intake is never stalled for long.
 CLEANUP_CHUNK: Final = 5000
-#: Rows an erasure scans per transaction (a regex over each body).
-ERASE_CHUNK: Final = 5000
 
 _encoder: Final = msgspec.json.Encoder()
 _forget_decoder: Final = msgspec.json.Decoder(Forget)
@@ -269,7 +269,6 @@ class SQLiteStore:
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         # Deleted rows are zeroed, not left in free pages: erasure must reach the disk.
         conn.execute("PRAGMA secure_delete=ON")
-        conn.create_function("mentions", 2, mentions, deterministic=True)
         return conn
 
     def _serve(self, conn: sqlite3.Connection) -> None:
@@ -417,17 +416,7 @@ class SQLiteStore:
         await asyncio.Event().wait()  # the file lock lasts as long as the process
 
     async def erase(self, user_id: str) -> int:
-        now = time.time()
-        erased = 0
-        for table, statement, params in (
-            ("outbox", _ERASE_ROWS, (hash_subject(user_id), user_id, now)),
-            ("inbox", _ERASE_RAW, (user_id,)),
-        ):
-            top = await self._call(_execute_one, f"SELECT COALESCE(MAX(id), 0) FROM {table}")
-            for start in range(0, top + 1, ERASE_CHUNK):  # small steps: intake interleaves
-                erased += await self._call(
-                    _execute, statement, (start, start + ERASE_CHUNK, *params)
-                )
+        erased = await self._call(_erase_linked, hash_subject(user_id), time.time())
         await self._call(_checkpoint)
         return erased
 
@@ -561,13 +550,17 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
     inbox_id = cursor.lastrowid
     now = delivery.received_at
     resolved = [_resolve(conn, delivery.source, item, now) for item in delivery.calls]
+    conn.executemany(
+        "INSERT OR IGNORE INTO inbox_subjects (subject, inbox_id) VALUES (?, ?)",
+        [(subject, inbox_id) for subject in links([*delivery.calls, *resolved])],
+    )
     identified = {(c.anonymous_id, c.user_id) for c in resolved if isinstance(c, Identify)}
     for index, given in enumerate(resolved):
         call: Call | None = given
         if given is None:  # an instruction, carried out
             continue
         if isinstance(given, Forget):
-            _forget(conn, given.user_id, inbox_id, now)
+            _forget(conn, given.user_id, declared(delivery.calls), now)
         elif _is_forgotten(conn, subject_of(given)):
             # About a forgotten user: never stored, never sent, and its raw body not kept.
             conn.execute(
@@ -591,6 +584,8 @@ def _resolve(conn: sqlite3.Connection, source: str, item: Output, now: float) ->
     if isinstance(item, Purge):
         _purge_prefixes(conn, source, item, now)
         return None
+    if isinstance(item, About):  # a link, written with the others
+        return None
     if isinstance(item, Alias):
         target = _target(conn, item.anonymous_id)
         if target != item.alias:
@@ -601,11 +596,16 @@ def _resolve(conn: sqlite3.Connection, source: str, item: Output, now: float) ->
             )
         return None
     if isinstance(item, ForgetVisitor):
+        target = _target(conn, item.anonymous_id)
         known = conn.execute(
-            "SELECT user_id FROM identities WHERE anonymous_id = ?",
-            (_target(conn, item.anonymous_id),),
+            "SELECT user_id FROM identities WHERE anonymous_id = ?", (target,)
         ).fetchone()
-        return Forget(user_id=known[0]) if known else None
+        if known:
+            return Forget(user_id=known[0])
+        # No user to forget at Millimetric; what is stored about the visitor goes.
+        for visitor in {item.anonymous_id, target}:
+            conn.execute(_DROP_LINKED_RAW, (hash_subject(visitor),))
+        return None
     if isinstance(item, Forget) or not item.anonymous_id:
         return item
     target = _target(conn, item.anonymous_id)
@@ -631,9 +631,18 @@ def _insert(
     conn: sqlite3.Connection, inbox_id: int | None, call: Call, event_id: str | None, now: float
 ) -> None:
     conn.execute(
-        "INSERT INTO outbox (inbox_id, route, subject, event_id, body, created_at, next_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (inbox_id, route_of(call), subject_of(call), event_id, _encoder.encode(call), now, now),
+        "INSERT INTO outbox (inbox_id, route, subject, visitor, event_id, body, created_at,"
+        " next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            inbox_id,
+            route_of(call),
+            subject_of(call),
+            visitor_of(call),
+            event_id,
+            _encoder.encode(call),
+            now,
+            now,
+        ),
     )
 
 
@@ -670,12 +679,40 @@ def _identity(
     return call, Identify(user_id=call.user_id, anonymous_id=call.anonymous_id)
 
 
-def _forget(conn: sqlite3.Connection, user_id: str, inbox_id: int | None, now: float) -> None:
-    """Erase at once what an index finds about a user, and remember them as forgotten.
-    Sends in flight stay (the forget row waits for them, so it cannot overtake them);
-    rows and raw payloads that merely mention the user go in `erase`, in small steps,
-    before the forget is sent."""
+def _forget(conn: sqlite3.Connection, user_id: str, beside: list[str], now: float) -> None:
+    """Erase at once what is linked to a user, and remember them as forgotten.
+
+    The user's links are their own id, the visitors learned for them and those visitors'
+    aliases, and the identifiers declared beside the forget (`beside`). Calls about the
+    visitors become calls about the user (so the forget waits for those in flight, and
+    `erase` finds them later), deliveries linked to any of them become linked to the user,
+    then everything linked to the user goes. Sends in flight stay: the forget row waits
+    for them, and `erase` removes them once they are sent."""
     subject = hash_subject(user_id)
+    visitors = [
+        v
+        for (v,) in conn.execute(
+            "SELECT anonymous_id FROM identities WHERE subject = ?", (subject,)
+        )
+    ]
+    aliases = [
+        a
+        for (a,) in conn.execute(
+            f"SELECT alias FROM aliases WHERE anonymous_id IN ({_marks(visitors)})", visitors
+        )
+    ]
+    related = sorted({*beside, *(hash_subject(v) for v in [*visitors, *aliases])} - {subject})
+    if related:
+        conn.execute(
+            f"UPDATE outbox SET subject = ? WHERE subject IS NULL AND route != 'forget'"
+            f" AND visitor IN ({_marks(related)})",
+            (subject, *related),
+        )
+        conn.execute(
+            f"INSERT OR IGNORE INTO inbox_subjects (subject, inbox_id) SELECT ?, inbox_id"
+            f" FROM inbox_subjects WHERE subject IN ({_marks(related)})",
+            (subject, *related),
+        )
     conn.execute(
         "INSERT INTO forgotten (subject, at) VALUES (?, ?) ON CONFLICT DO NOTHING", (subject, now)
     )
@@ -685,12 +722,25 @@ def _forget(conn: sqlite3.Connection, user_id: str, inbox_id: int | None, now: f
         (subject,),
     )
     conn.execute("DELETE FROM identities WHERE subject = ?", (subject,))
-    conn.execute(
+    _erase_linked(conn, subject, now)
+
+
+#: The raw payloads of the deliveries linked to a subject.
+_DROP_LINKED_RAW: Final = (
+    "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE raw_body IS NOT NULL"
+    " AND id IN (SELECT inbox_id FROM inbox_subjects WHERE subject = ?)"
+)
+
+
+def _erase_linked(conn: sqlite3.Connection, subject: str, now: float) -> int:
+    """Delete the calls about a subject (not forgets, not sends in flight) and drop the
+    raw payloads of the deliveries linked to it; how many of both."""
+    rows = conn.execute(
         "DELETE FROM outbox WHERE subject = ? AND route != 'forget'"
         " AND NOT (state = 'pending' AND claimed = 1 AND next_at > ?)",
         (subject, now),
-    )
-    conn.execute("UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ?", (inbox_id,))
+    ).rowcount
+    return rows + conn.execute(_DROP_LINKED_RAW, (subject,)).rowcount
 
 
 # Everything from `prefix` up to (not including) `_upto(prefix)` starts with it: a range
@@ -783,8 +833,8 @@ def _delivered(conn: sqlite3.Connection, ids: list[int], now: float) -> None:
     )
     for body in forgets:
         # Millimetric has erased the user: the forget row and the sends that were in flight
-        # at forget time go too (the forwarder then runs `erase` for what merely mentions
-        # the user).
+        # at forget time go too (the forwarder then runs `erase` for the raw payloads of
+        # the deliveries those sends came from).
         user_id = _forget_decoder.decode(body).user_id
         conn.execute(
             "DELETE FROM outbox WHERE state != 'pending' AND subject = ?", (hash_subject(user_id),)
@@ -916,21 +966,6 @@ def _execute(conn: sqlite3.Connection, statement: str, params: tuple[Any, ...]) 
     return conn.execute(statement, params).rowcount
 
 
-def _execute_one(conn: sqlite3.Connection, statement: str) -> Any:
-    return conn.execute(statement).fetchone()[0]
-
-
-_ERASE_ROWS: Final = (
-    "DELETE FROM outbox WHERE id >= ? AND id < ? AND route != 'forget'"
-    " AND (subject = ? OR mentions(body, ?))"
-    " AND NOT (state = 'pending' AND claimed = 1 AND next_at > ?)"
-)
-_ERASE_RAW: Final = (
-    "UPDATE inbox SET raw_body = NULL, headers = NULL"
-    " WHERE id >= ? AND id < ? AND raw_body IS NOT NULL AND mentions(raw_body, ?)"
-)
-
-
 def _set_meta(conn: sqlite3.Connection, key: str, value: str | None) -> None:
     if value is None:
         conn.execute("DELETE FROM meta WHERE key = ?", (key,))
@@ -942,5 +977,5 @@ def _set_meta(conn: sqlite3.Connection, key: str, value: str | None) -> None:
         )
 
 
-def _marks(ids: Sequence[int]) -> str:
+def _marks(ids: Sequence[object]) -> str:
     return ",".join("?" * len(ids))

@@ -10,25 +10,28 @@ One forwarder at a time per store, however many processes share it: a forwarder 
 holding the leader lock, the others stand by and take webhooks) and stops forwarding when
 `lost` returns.
 
-Erasure lives here too, because only the store knows what it holds: accepting a `Forget`
-purges the user's pending rows and the raw payloads that mention them, records a
-tombstone (a hash, never the id) so that nothing about them is stored again, and the
-forget row is claimable only once no earlier call for that user is still on its way.
+Erasure lives here too, because only the store knows what it holds. Every delivery is
+linked to who it is about (`links`: hashes of the users, visitors and declared
+identifiers its calls name). Accepting a `Forget` gathers the user's links (the user, the
+visitors learned for them and their aliases, the identifiers declared beside the forget),
+deletes the calls about them that are not in flight, drops the raw payloads of every
+linked delivery, records a tombstone (a hash, never the id) so that nothing about them is
+stored again, and makes the forget row claimable only once no earlier call for that user
+is still on its way. Nothing is found by searching bodies: a substring of one user's id
+is part of other users' data.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
-import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final, Literal, Protocol, TypeVar
 
 import msgspec
 
 from bridge.errors import ConfigError
-from bridge.events import Call, Identify, Output, Track
+from bridge.events import About, Alias, Call, Forget, ForgetVisitor, Identify, Output, Track
 
 __all__ = [
     "BACKLOG_SQL",
@@ -44,12 +47,15 @@ __all__ = [
     "Route",
     "Selection",
     "Store",
+    "declared",
     "derived_event_id",
-    "mentions",
+    "hash_subject",
+    "links",
     "open_store",
     "route_of",
     "settle",
     "subject_of",
+    "visitor_of",
     "with_event_id",
 ]
 
@@ -162,9 +168,10 @@ class Store(Protocol):
         its leader lock failed); never, for SQLite."""
 
     async def erase(self, user_id: str) -> int:
-        """Delete every row and raw payload that mentions a forgotten user, except sends in
-        flight, in small steps; the forwarder runs it before and after sending the
-        forget. Return how many were erased."""
+        """Delete the calls about a forgotten user (except sends in flight) and the raw
+        payloads of the deliveries linked to them; the forwarder runs it before and after
+        sending the forget, for what was in flight when the forget was accepted. Return
+        how many were erased."""
 
     async def accept(self, delivery: Delivery) -> AcceptResult:
         """Store the delivery and its calls durably, in one transaction; a second delivery
@@ -228,15 +235,40 @@ def hash_subject(user_id: str) -> str:
     return hashlib.sha256(b"millimetric-bridge subject\x00" + user_id.encode()).hexdigest()[:40]
 
 
-@functools.lru_cache(maxsize=64)
-def _token(user_id: str) -> re.Pattern[bytes]:
-    return re.compile(rb"(?<![\w@.+-])" + re.escape(user_id.encode()) + rb"(?![\w@+-])")
+def visitor_of(call: Call) -> str | None:
+    """The visitor a call is about, as a hash: a forget of the user learned for that
+    visitor reaches the call even when it names no user."""
+    anonymous_id = call.anonymous_id if isinstance(call, Track | Identify) else None
+    return hash_subject(anonymous_id) if anonymous_id else None
 
 
-def mentions(haystack: bytes | None, user_id: str) -> bool:
-    """Whether a stored body names this user id as a whole token (not inside a longer id):
-    what erasure removes besides the rows indexed by the user's subject."""
-    return haystack is not None and _token(user_id).search(haystack) is not None
+def links(outputs: Iterable[Output | None]) -> set[str]:
+    """Who a delivery is about, as hashes: every user, visitor and declared identifier its
+    calls and instructions name. Erasure finds a user's deliveries through these links,
+    never by searching their bodies (a substring matches other users' data)."""
+    found: set[str] = set()
+    for item in outputs:
+        if isinstance(item, Track | Identify):
+            ids: tuple[str | None, ...] = (item.user_id, item.anonymous_id)
+        elif isinstance(item, Forget):
+            ids = (item.user_id,)
+        elif isinstance(item, Alias):
+            ids = (item.alias, item.anonymous_id)
+        elif isinstance(item, ForgetVisitor):
+            ids = (item.anonymous_id,)
+        elif isinstance(item, About):
+            ids = (item.identifier,)
+        else:  # a Purge names prefixes, not anyone; None: an instruction carried out
+            ids = ()
+        found.update(hash_subject(i) for i in ids if i)
+    return found
+
+
+def declared(outputs: Iterable[Output]) -> list[str]:
+    """The identifiers a delivery names in `About`s, as hashes: beside a `Forget`, they
+    are the forgotten user's too (a Stripe customer deleted, whose own deliveries may
+    never have named the app's user id)."""
+    return sorted({hash_subject(o.identifier) for o in outputs if isinstance(o, About)})
 
 
 def derived_event_id(source: str, provider_event_id: str, index: int) -> str:

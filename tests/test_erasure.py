@@ -50,6 +50,21 @@ def checkout(n: str, user: str, email: str) -> bytes:
     return msgspec.json.encode(event)
 
 
+INVOICE = Path(__file__).parent / "fixtures" / "stripe" / "invoice.paid.json"
+
+
+def invoice(n: str, customer: str, email: str) -> bytes:
+    """A renewal's invoice: it names the Stripe customer and their e-mail, never the app's
+    user id."""
+    event = msgspec.json.decode(INVOICE.read_bytes())
+    event["id"] = f"evt_erasure_{n}"
+    event["livemode"] = True
+    event["data"]["object"].update(
+        id=f"in_{n}", customer=customer, customer_email=email, customer_name=f"Name {n}"
+    )
+    return msgspec.json.encode(event)
+
+
 def customer_deleted(n: str, customer: str) -> bytes:
     return msgspec.json.encode(
         {
@@ -153,12 +168,16 @@ def test_forget_leaves_no_trace_on_disk_and_nothing_more_is_sent(
 ) -> None:
     db = tmp_path / "bridge.db"
     user, email = "usr_ErAsE9", "erase.me@example.org"
+    renewal_email = "renewal.only@example.org"  # in the invoice alone, beside no user id
     # Two purchases by the user (one sent before the forget, one pending at forget time
-    # while Millimetric is down) and one by someone else, who must be kept.
+    # while Millimetric is down), a renewal invoice of their Stripe customer that never
+    # names the app's user id, and one purchase by someone else, who must be kept.
     assert post(bridge, checkout("a1", user, email)).status_code == 200
     wait_for(lambda: any(user.encode() in b for b in sink_bodies(sink)))
     httpx.post(f"{sink.url}/_sink/knobs", json={"fail_for_seconds": 1.0}).raise_for_status()
     assert post(bridge, checkout("a2", user, email)).status_code == 200
+    assert post(bridge, invoice("a1r", "cus_a1", renewal_email)).status_code == 200
+    assert mentions_in_rows(db, renewal_email)
     assert post(bridge, checkout("k1", "usr_keep", "keep@example.org")).status_code == 200
 
     forget(bridge, user, "a1")
@@ -174,10 +193,61 @@ def test_forget_leaves_no_trace_on_disk_and_nothing_more_is_sent(
     after = sink_bodies(sink)[forgot_at:]
     assert not [b for b in after if user.encode() in b or email.encode() in b]
     assert any(b"usr_keep" in b for b in sink_bodies(sink))
-    wait_for(lambda: not mentions_in_rows(db, user) and not mentions_in_rows(db, email))
+    gone = (user, email, renewal_email)
+    wait_for(lambda: not any(mentions_in_rows(db, needle) for needle in gone))
     assert mentions_in_rows(db, "usr_keep2")  # the scan does find what is kept
-    assert mentions_on_disk(db, user) == []
-    assert mentions_on_disk(db, email) == []
+    for needle in gone:
+        assert mentions_on_disk(db, needle) == []
+
+
+def pending_bodies(db: Path) -> list[bytes]:
+    with sqlite3.connect(db) as conn:
+        return [b for (b,) in conn.execute("SELECT body FROM outbox WHERE state = 'pending'")]
+
+
+def test_forgetting_a_short_id_keeps_other_users_calls_and_payloads(
+    bridge: ServerThread, sink: RunningSink, tmp_path: Path
+) -> None:
+    """`forget 1` once took pending calls from 4 to 1: every body holding `"quantity":1`
+    or a `1` between punctuation was taken for the user's."""
+    db = tmp_path / "bridge.db"
+    httpx.post(f"{sink.url}/_sink/knobs", json={"fail_for_seconds": 30.0}).raise_for_status()
+    for n, user in (("s1", "1"), ("s2", "usr_2"), ("s3", "usr_3"), ("s4", "usr_4")):
+        assert post(bridge, checkout(n, user, f"{n}@example.org")).status_code == 200
+    def users() -> list[str]:  # each purchase is an identify and a track
+        return sorted(msgspec.json.decode(b)["user_id"] for b in pending_bodies(db))
+
+    assert users() == ["1", "1", "usr_2", "usr_2", "usr_3", "usr_3", "usr_4", "usr_4"]
+    forget_by_cli(bridge, "1", "")
+    assert users() == ["1", "usr_2", "usr_2", "usr_3", "usr_3", "usr_4", "usr_4"]  # 1: forget
+    for n in ("s2", "s3", "s4"):  # their raw payloads too
+        assert mentions_in_rows(db, f"{n}@example.org") == ["inbox.raw_body"]
+    assert mentions_in_rows(db, "s1@example.org") == []
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\t"])
+def test_a_blank_user_id_is_refused_and_erases_nothing(
+    bridge: ServerThread, sink: RunningSink, tmp_path: Path, blank: str
+) -> None:
+    """An unset shell variable (`forget "$USER"`) once erased every raw payload."""
+    db = tmp_path / "bridge.db"
+    httpx.post(f"{sink.url}/_sink/knobs", json={"fail_for_seconds": 30.0}).raise_for_status()
+    assert post(bridge, checkout("b1", "usr_b1", "b1@example.org")).status_code == 200
+    before = (pending_bodies(db), mentions_in_rows(db, "b1@example.org"))
+    result = CliRunner().invoke(
+        cli_main, ["forget", blank], env={"BRIDGE_DATABASE_URL": f"sqlite:///{db}"}
+    )
+    assert result.exit_code == 2
+    assert "must not be empty or blank" in result.output
+    answer = httpx.post(
+        f"{bridge.url}/admin/forget",
+        json={"user_id": blank},
+        headers={"authorization": f"Bearer {TOKEN}"},
+    )
+    assert answer.status_code == 400
+    assert (pending_bodies(db), mentions_in_rows(db, "b1@example.org")) == before
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM forgotten").fetchone() == (0,)
 
 
 MARKER = "shop-owner-note-5521"

@@ -8,13 +8,14 @@ import asyncio
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
 from bridge import sqlite_store
-from bridge.errors import ConfigError, StoreUnavailable
-from bridge.events import Forget, Identify, Track
+from bridge.errors import ConfigError, EventInvalid, StoreUnavailable
+from bridge.events import About, Alias, Forget, Identify, Output, Track
 from bridge.store import (
     Backlog,
     Delivery,
@@ -33,7 +34,7 @@ NOW = 1_800_000_000.0
 
 def delivery(
     event_id: str = "evt_1",
-    *calls: Track | Identify | Forget,
+    *calls: Output,
     source: str = "stripe",
     raw: bytes | None = b'{"id":"evt_1"}',
     at: float = NOW,
@@ -170,9 +171,8 @@ async def test_forget_purges_pending_rows_and_raw_payloads(store: Store) -> None
     await store.accept(delivery("e4", Forget(user_id="u1"), raw=b'{"deleted":"u1"}'))
     stats = await store.stats(NOW)
     assert stats.pending == 2  # u10's purchase and the forget itself
-    assert stats.raw_payloads == 3  # the forget's own body is not kept
-    assert await store.erase("u1") == 2  # what merely mentions u1: before forget is sent
-    assert (await store.stats(NOW)).raw_payloads == 1  # only u10's payload is left
+    assert stats.raw_payloads == 1  # only u10's: u1's deliveries and the forget's own are gone
+    assert await store.erase("u1") == 0  # nothing was left for the forwarder's pass
     # Nothing about u1 is stored afterwards, even from a late delivery.
     await store.accept(delivery("e5", Track(event="login", user_id="u1"), raw=b'{"u":"u1"}'))
     stats = await store.stats(NOW)
@@ -417,3 +417,142 @@ async def test_a_delivery_the_database_refuses_fails_alone_in_its_group(store: S
     assert isinstance(results[10], StoreUnavailable)
     assert [r for i, r in enumerate(results) if i != 10] == ["accepted"] * 20
     assert (await store.stats(NOW)).pending == 20
+
+
+# -- erasure by links: what the bridge knows links to the user, never a substring ----------
+
+
+def raw(*args: Any) -> bytes:
+    return msgspec.json.encode({"data": list(args)})
+
+
+async def pending_users(store: Store) -> list[str | None]:
+    rows = await store.claim("track", 100, 1 << 20, NOW)
+    await store.retry([r.id for r in rows], NOW, count_attempt=False)
+    return [msgspec.json.decode(r.body).get("user_id") for r in rows]
+
+
+async def kept_raw(store: Store) -> list[bytes]:
+    rows = await table_rows(store, "SELECT raw_body FROM inbox WHERE raw_body IS NOT NULL")
+    return sorted(bytes(body) for (body,) in rows)
+
+
+async def test_forgetting_a_short_id_leaves_other_users_data_alone(store: Store) -> None:
+    """Forgetting user "1" once deleted every pending call whose body held `"quantity":1`."""
+    await store.accept(
+        delivery("e1", Track(event="purchase", user_id="1"), raw=raw("buyer 1", "quantity", 1))
+    )
+    for n in (2, 3):
+        await store.accept(
+            delivery(
+                f"e{n}",
+                Track(event="purchase", user_id=f"u{n}", properties={"quantity": 1}),
+                raw=raw(f"buyer u{n}", {"quantity": 1, "id": "1"}),
+            )
+        )
+    await store.accept(delivery("e9", Forget(user_id="1"), raw=None))
+    assert await store.erase("1") == 0
+    assert await pending_users(store) == ["u2", "u3"]
+    assert await kept_raw(store) == sorted(
+        [raw("buyer u2", {"quantity": 1, "id": "1"}), raw("buyer u3", {"quantity": 1, "id": "1"})]
+    )
+
+
+async def test_a_blank_user_id_is_refused_before_anything_is_erased(store: Store) -> None:
+    await store.accept(delivery("e1", Track(event="purchase", user_id="u1")))
+    for blank in ("", " ", "\t\n"):
+        with pytest.raises(EventInvalid, match="user_id"):
+            Forget(user_id=blank)
+    assert await store.erase("u2") == 0
+    assert await pending_users(store) == ["u1"]
+
+
+async def test_forget_reaches_the_visitors_learned_for_the_user(store: Store) -> None:
+    """A visitor's purchase stored before the bridge learned who the visitor is, and the
+    deliveries of a customer id aliased to that visitor, are the user's too."""
+    await store.accept(
+        delivery("e1", Track(event="purchase", anonymous_id="b1"), raw=raw("browser b1 bought"))
+    )
+    await store.accept(
+        delivery(
+            "e2",
+            Alias(alias="stripe:cus_1", anonymous_id="b1"),
+            Track(event="renewal", anonymous_id="stripe:cus_1"),
+            raw=raw("invoice of cus_1", "jane@example.org"),
+        )
+    )
+    await store.accept(
+        delivery("e3", Track(event="purchase", anonymous_id="b2"), raw=raw("browser b2 bought"))
+    )
+    await store.accept(delivery("e4", Identify(user_id="u1", anonymous_id="b1"), raw=raw("link")))
+    await store.accept(delivery("e5", Forget(user_id="u1"), raw=None))
+    assert await pending_users(store) == [None]  # b2's purchase alone is left
+    assert await kept_raw(store) == [raw("browser b2 bought")]
+    assert await table_rows(store, "SELECT COUNT(*) FROM identities") == [(0,)]
+
+
+async def test_a_visitors_call_in_flight_holds_the_forget_back(store: Store) -> None:
+    await store.accept(delivery("e1", Track(event="purchase", anonymous_id="b1")))
+    (in_flight,) = await store.claim("track", 10, 1 << 20, NOW)
+    await store.accept(delivery("e2", Identify(user_id="u1", anonymous_id="b1")))
+    await store.accept(delivery("e3", Forget(user_id="u1")))
+    assert await store.claim("forget", 10, 1 << 20, NOW) == []  # must not overtake it
+    await store.delivered([in_flight.id], NOW)
+    (forget,) = await store.claim("forget", 10, 1 << 20, NOW)
+    await store.delivered([forget.id], NOW)
+    await store.erase("u1")
+    assert await table_rows(store, "SELECT body FROM outbox WHERE route = 'track'") == []
+
+
+async def test_identifiers_declared_by_the_handler_are_erased_with_the_user(store: Store) -> None:
+    """A Shopify customer's order that became no call, and a Stripe customer's invoices
+    that never named the app's user: reached through the identifiers their handler
+    declared, beside the forget or as the forgotten user's id itself."""
+    shop = "shopify:shop1.myshopify.com:9"
+    await store.accept(
+        delivery("o1", About(identifier=shop), source="shopify", raw=raw("order", "jane"))
+    )
+    await store.accept(
+        delivery(
+            "o2",
+            About(identifier="shopify:shop1.myshopify.com:10"),
+            source="shopify",
+            raw=raw("order", "john"),
+        )
+    )
+    await store.accept(delivery("r1", Forget(user_id=shop), source="shopify", raw=None))
+    assert await kept_raw(store) == [raw("order", "john")]
+
+    await store.accept(
+        delivery(
+            "i1",
+            About(identifier="stripe:cus_7"),
+            Track(event="purchase", anonymous_id="stripe:cus_7"),
+            raw=raw("invoice", "jane"),
+        )
+    )
+    await store.accept(
+        delivery("i2", Track(event="purchase", anonymous_id="stripe:cus_8"), raw=raw("other"))
+    )
+    await store.accept(
+        delivery("d1", About(identifier="stripe:cus_7"), Forget(user_id="u7"), raw=raw("gone"))
+    )
+    assert await pending_users(store) == [None]
+    assert await kept_raw(store) == [raw("order", "john"), raw("other")]
+
+
+async def test_forgetting_an_unknown_visitor_drops_what_is_stored_about_them(
+    store: Store,
+) -> None:
+    from bridge.events import ForgetVisitor
+
+    await store.accept(
+        delivery("e1", Track(event="purchase", anonymous_id="stripe:cus_1"), raw=raw("cus_1"))
+    )
+    await store.accept(
+        delivery("e2", Track(event="purchase", anonymous_id="stripe:cus_2"), raw=raw("cus_2"))
+    )
+    await store.accept(delivery("e3", ForgetVisitor(anonymous_id="stripe:cus_1"), raw=None))
+    assert await kept_raw(store) == [raw("cus_2")]
+    assert await store.claim("forget", 10, 1 << 20, NOW) == []  # nobody to forget there
+    assert len(await pending_users(store)) == 2  # anonymous calls are not the store's to drop
