@@ -50,7 +50,10 @@ from urllib.parse import urlsplit
 import msgspec
 import psycopg
 import structlog
+from psycopg.abc import Buffer
+from psycopg.adapt import AdaptersMap
 from psycopg.rows import TupleRow
+from psycopg.types.string import StrDumper, StrDumperUnknown, TextLoader
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bridge.errors import ConfigError, StoreUnavailable
@@ -103,8 +106,59 @@ MAX_GROUP: Final = 256
 GROUP_LOCK_TIMEOUT_MS: Final = 2000
 #: A transaction the server rolled back (deadlock, serialization) is run again this often.
 TRIES: Final = 3
+# -- text PostgreSQL cannot hold --------------------------------------------------------------
+#
+# PostgreSQL's text cannot contain NUL, and ids come from what visitors control (a cart
+# attribute, checkout metadata): a NUL there made the server refuse the delivery, a 503
+# the provider retried for ever. Every text value goes through one reversible escape on
+# its way in and out, so such an id is stored and compared faithfully, as on SQLite.
+# U+FFFF is a noncharacter: no real id uses it, so stored values read the same as before.
+_ESCAPE: Final = "\uffff"
+
+
+def _escaped(text: str) -> str:
+    if "\x00" not in text and _ESCAPE not in text:
+        return text
+    return text.replace(_ESCAPE, _ESCAPE * 2).replace("\x00", _ESCAPE + "0")
+
+
+def _unescaped(text: str) -> str:
+    if _ESCAPE not in text:
+        return text
+    out, pairs = [], iter(text)
+    for char in pairs:
+        if char == _ESCAPE:
+            char = next(pairs, "")
+            out.append("\x00" if char == "0" else char)
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+class _TextDumper(StrDumper):
+    def dump(self, obj: str) -> Buffer | None:
+        return super().dump(_escaped(obj))
+
+
+class _StrDumper(StrDumperUnknown):
+    def dump(self, obj: str) -> Buffer | None:
+        return super().dump(_escaped(obj))
+
+
+class _TextLoader(TextLoader):
+    def load(self, data: Buffer) -> bytes | str:
+        text = super().load(data)  # bytes only from a database in SQL_ASCII
+        return _unescaped(text) if isinstance(text, str) else text
+
+
+_ADAPTERS: Final = AdaptersMap(psycopg.adapters)
+for _dumper in (_TextDumper, _StrDumper):  # in psycopg's order: the last is the default
+    _ADAPTERS.register_dumper(str, _dumper)
+_ADAPTERS.register_loader("text", _TextLoader)
+
 #: libpq options for every connection: fail fast, and notice a dead peer.
 CONNECT: Final[dict[str, Any]] = {
+    "context": _ADAPTERS,
     "connect_timeout": 5,
     "keepalives": 1,
     "keepalives_idle": 5,

@@ -214,6 +214,7 @@ def test_forgetting_a_short_id_keeps_other_users_calls_and_payloads(
     httpx.post(f"{sink.url}/_sink/knobs", json={"fail_for_seconds": 30.0}).raise_for_status()
     for n, user in (("s1", "1"), ("s2", "usr_2"), ("s3", "usr_3"), ("s4", "usr_4")):
         assert post(bridge, checkout(n, user, f"{n}@example.org")).status_code == 200
+
     def users() -> list[str]:  # each purchase is an identify and a track
         return sorted(msgspec.json.decode(b)["user_id"] for b in pending_bodies(db))
 
