@@ -38,7 +38,7 @@ from bridge.errors import (
     SignatureInvalid,
     StoreUnavailable,
 )
-from bridge.events import Forget, Identify, Track
+from bridge.events import About, Forget, Identify, Track
 from bridge.forwarder import Forwarder
 from bridge.plugin import WebhookRequest
 from bridge.registry import Source
@@ -319,8 +319,10 @@ async def _receive(
         done("rejected", "payload")
         raise PayloadInvalid("the JSON body nests too deeply") from None
     sent = [c for c in calls if isinstance(c, Track | Identify | Forget)]
-    # Ignored: nothing to send and nothing for the store to do (a Purge is not ignored).
-    outcome = "ignored" if result == "accepted" and not calls else result
+    # Ignored: nothing to send and nothing for the store to do but to remember whom it is
+    # about (a Purge is not ignored).
+    acted = any(not isinstance(c, About) for c in calls)
+    outcome = "ignored" if result == "accepted" and not acted else result
     if outcome == "accepted":
         forwarder: Forwarder = app.state.forwarder
         for route in {route_of(c) for c in sent}:

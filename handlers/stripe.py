@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import msgspec
 
-from bridge import Alias, Forget, ForgetVisitor, Identify, Output, PayloadInvalid, Track
+from bridge import About, Alias, Forget, ForgetVisitor, Identify, Output, PayloadInvalid, Track
 from bridge.plugin import Sample, SourceOptions, WebhookRequest
 from bridge.signatures import StripeScheme
 
@@ -191,6 +191,10 @@ class StripeHandler:
         prefix: list[Output] = (
             [Alias(alias=customer_key, anonymous_id=browser)] if browser and customer_key else []
         )
+        if customer_key:
+            # Whatever the delivery becomes, it holds the customer's data: a forget of the
+            # user learned for the customer (or beside its deletion) must reach it.
+            prefix.append(About(identifier=customer_key))
         user_id = _text(obj.client_reference_id) or _text(metadata.get("user_id"))
 
         def track(event: str, event_id: str | None, **properties: Any) -> Track:

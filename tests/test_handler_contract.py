@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bridge.errors import SignatureInvalid
-from bridge.events import Alias, Forget, ForgetVisitor, Identify, Purge, Track
+from bridge.events import About, Alias, Forget, ForgetVisitor, Identify, Purge, Track
 from bridge.plugin import Handler
 from bridge.registry import load_handlers
 from bridge.testing import TEST_SECRET, run_handler, signed_request
@@ -46,7 +46,7 @@ def test_samples_verify_and_translate_into_valid_calls(handler: Handler, event: 
     assert isinstance(translated.delivery_id, str)
     assert translated.delivery_id
     assert all(
-        isinstance(c, Track | Identify | Forget | Alias | ForgetVisitor | Purge)
+        isinstance(c, Track | Identify | Forget | Alias | ForgetVisitor | Purge | About)
         for c in translated.calls
     )
     again = run_handler(handler, sample.body, headers=sample.headers)
