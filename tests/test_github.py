@@ -33,6 +33,11 @@ FIXTURES = Path(__file__).parent / "fixtures" / "github"
 SECRET = "gh-webhook-secret-current"
 OLD_SECRET = "gh-webhook-secret-previous"
 DELIVERY = "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+# The purchases' event ids, from their signed bodies: the sponsorship's node id and the
+# second it was created (2026-11-02T14:05:31Z); the account, plan and effective date
+# (2026-11-03) of the Marketplace purchase. Never the delivery GUID.
+SPONSORSHIP_EVENT = "purchase:github:sponsorship:S_kwHOAVNkMs4AAqFz:1793628331"
+MARKETPLACE_EVENT = "purchase:github:marketplace:90311524:7310:1793664000"
 
 
 def fixture(name: str) -> dict[str, Any]:
@@ -121,7 +126,7 @@ def test_a_new_sponsorship_is_a_purchase_at_its_tier_price() -> None:
     (purchase,) = run("sponsorship", sponsorship())
     assert isinstance(purchase, Track)
     assert purchase.event == "purchase"
-    assert purchase.event_id == f"purchase:github:{DELIVERY}"
+    assert purchase.event_id == SPONSORSHIP_EVENT
     assert purchase.timestamp is not None
     assert purchase.timestamp.isoformat() == "2026-11-02T14:05:31+00:00"
     assert purchase.anonymous_id == "github:48211093"
@@ -174,7 +179,7 @@ def test_a_private_sponsor_is_sent_by_numeric_id_only() -> None:
 
 def test_a_marketplace_purchase_is_its_plan_price_per_cycle_and_unit() -> None:
     (purchase,) = run("marketplace_purchase", marketplace())
-    assert purchase.event_id == f"purchase:github:{DELIVERY}"
+    assert purchase.event_id == MARKETPLACE_EVENT
     assert purchase.anonymous_id == "github:90311524"
     assert purchase.timestamp.isoformat() == "2026-11-03T00:00:00+00:00"
     assert purchase.properties == {
@@ -337,7 +342,7 @@ def test_sponsors_and_marketplace_end_to_end(bridge: Bridge) -> None:
         {
             "route": "track",
             "event": "purchase",
-            "event_id": f"purchase:github:{other}",
+            "event_id": MARKETPLACE_EVENT,
             "timestamp": "2026-11-03T00:00:00Z",
             "anonymous_id": "github:90311524",
             "properties": {
@@ -354,7 +359,7 @@ def test_sponsors_and_marketplace_end_to_end(bridge: Bridge) -> None:
         {
             "route": "track",
             "event": "purchase",
-            "event_id": f"purchase:github:{DELIVERY}",
+            "event_id": SPONSORSHIP_EVENT,
             "timestamp": "2026-11-02T14:05:31Z",
             "anonymous_id": "github:48211093",
             "properties": {
