@@ -212,17 +212,22 @@ def test_other_events_are_acknowledged_unread() -> None:
         assert run(event) == []
 
 
-def test_the_event_name_comes_from_the_signed_body_first() -> None:
+def test_the_event_name_comes_from_the_signed_body_only() -> None:
     body = fixture("order_created")
     del body["meta"]["event_name"]
     encoded = msgspec.json.encode(body)
-    assert run_handler(handler, encoded, headers={"x-event-name": "order_created"}).calls
-    with pytest.raises(PayloadInvalid, match="no event name"):
-        handler.parse(signed_request(handler, encoded))
-    # The header is not signed: it cannot turn a refund into a purchase.
+    # The header is not signed: it never names a body that does not name itself.
+    for headers in ({"x-event-name": "order_created"}, {}):
+        with pytest.raises(PayloadInvalid, match="no event name"):
+            handler.parse(signed_request(handler, encoded, headers=headers))
+    # Nor does it rename one: a refund re-sent as order_created is refused.
     refund = msgspec.json.encode(fixture("order_refunded"))
-    (call,) = run_handler(handler, refund, headers={"x-event-name": "order_created"}).calls
+    with pytest.raises(PayloadInvalid, match="X-Event-Name is order_created"):
+        handler.parse(signed_request(handler, refund, headers={"x-event-name": "order_created"}))
+    # Without the header, or with the body's own name, it is read.
+    (call,) = run_handler(handler, refund).calls
     assert call.event == "refund"
+    assert run_handler(handler, refund, headers={"x-event-name": "order_refunded"}).calls
 
 
 def test_delivery_ids_are_stable_per_version_and_use_webhook_id_when_present() -> None:
