@@ -268,14 +268,14 @@ class ShopifyHandler:
         decoder = _DECODERS.get(topic)
         try:
             keys = _keys.decode(request.body).keys()
+            # The topic is not signed: a body of another kind under it is refused, so a
+            # captured order, data request or customer cannot be replayed as another.
+            expected = _SHAPES.get(topic)
+            if expected is not None and (found := _shape(keys)) != expected:
+                raise PayloadInvalid(f"X-Shopify-Topic is {topic} but the body is a {found}")
             body = decoder.decode(request.body) if decoder else None
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
             raise PayloadInvalid(f"not a Shopify {topic} body: {error}") from None
-        # The topic is not signed: a body of another kind under it is refused, so that a
-        # captured order, data request or customer cannot be replayed as something else.
-        expected = _SHAPES.get(topic)
-        if expected is not None and (found := _shape(keys)) != expected:
-            raise PayloadInvalid(f"X-Shopify-Topic is {topic} but the body is a {found}")
         if isinstance(body, PrivacyRequest):
             shop = _body_shop(body, shop)
         # The shop leads the id, so that shop/redact can find every delivery of its shop.
