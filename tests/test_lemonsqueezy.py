@@ -377,6 +377,28 @@ def test_test_mode_and_refusals_end_to_end(bridge: Bridge) -> None:
     assert [c["event_id"] for c in calls] == ["purchase:lemonsqueezy:order:1"]
 
 
+def test_a_body_resent_under_another_event_name_is_refused_end_to_end(bridge: Bridge) -> None:
+    """X-Event-Name is not signed: the signed meta.event_name alone names the event, and a
+    captured body re-sent under another name is a 400 that sends nothing."""
+    subscription = fixture("subscription_created")
+    body = msgspec.json.encode(subscription)
+    url = f"{bridge.url}/webhooks/lemonsqueezy"
+    for name in ("subscription_cancelled", "order_created", "order_refunded"):
+        headers = {**handler.scheme.sign(body, SECRET, 0), "x-event-name": name}
+        answer = httpx.post(url, content=body, headers=headers)
+        assert answer.status_code == 400, name
+        assert answer.json()["error"] == "invalid_payload"
+    # A body that names no event is refused whatever the header says.
+    del subscription["meta"]["event_name"]
+    nameless = msgspec.json.encode(subscription)
+    headers = {**handler.scheme.sign(nameless, SECRET, 0), "x-event-name": "subscription_created"}
+    assert httpx.post(url, content=nameless, headers=headers).status_code == 400
+    # The body as sent, with its own name, is taken.
+    assert bridge.post(fixture("subscription_created")).json()["result"] == "accepted"
+    (call,) = bridge.arrived(1)
+    assert call["event"] == "subscription_started"
+
+
 def test_every_sample_sent_as_send_test_does_is_taken(bridge: Bridge) -> None:
     for event, sample in sorted(handler.samples().items()):
         fresh = handler.freshen(sample)
