@@ -58,8 +58,12 @@ def _family(headers: Mapping[str, str]) -> str:
 
 def message_id(headers: Mapping[str, str]) -> str | None:
     """The delivery's message id (`webhook-id`, or `svix-id`): the same on every retry of
-    one message, so it is what a handler on this scheme dedupes on. Headers lower-case."""
-    return headers.get(f"{_family(headers)}-id") or None
+    one message, so it is what a handler on this scheme dedupes on. Headers lower-case.
+
+    Read exactly as `verify` signs it (stripped, from the same family): the id is part of
+    the signed content, so it cannot be changed without a new signature, and padding it
+    with spaces must not make a captured message a new delivery."""
+    return headers.get(f"{_family(headers)}-id", "").strip() or None
 
 
 class StandardWebhooksScheme:

@@ -2,7 +2,14 @@
 
 GitHub signs the raw body with the webhook's secret (`X-Hub-Signature-256: sha256=<hex>`),
 names the event in `X-GitHub-Event`, and gives each event a GUID in `X-GitHub-Delivery`
-that a redelivery keeps, so that GUID is both the delivery id and the purchase's event_id.
+that a redelivery keeps. Neither header is signed, so neither decides what is counted:
+
+- the GUID is the delivery id (it only recognises redeliveries), while a purchase's
+  `event_id` comes from the signed body (the sponsorship and when it was created, or the
+  account, plan and effective date of a Marketplace purchase), so the same body sent again
+  under a fresh GUID is the same purchase;
+- a translated event's body carries its own object (`sponsorship`, `marketplace_purchase`),
+  and the event header must name that object: a body under another event is refused.
 
 GitHub's webhooks say what a tier or plan costs, not what was charged (GitHub prorates to
 the payer's billing date and may bill yearly): `amount_cents` is the list price of what was
@@ -11,9 +18,10 @@ bought, in US cents, GitHub's only currency.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Annotated, Any, Final
 from urllib.parse import parse_qs
@@ -27,6 +35,9 @@ from bridge.signatures import HmacScheme
 __all__ = ["GitHubDelivery", "GitHubHandler", "GitHubOptions", "handler"]
 
 ZonedTime = Annotated[datetime, msgspec.Meta(tz=True)]
+# Bounds that keep the event ids built from these within the 128 characters allowed.
+Id = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 
 class GitHubOptions(SourceOptions, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -34,7 +45,7 @@ class GitHubOptions(SourceOptions, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 class Account(msgspec.Struct, frozen=True):
-    id: int | None = None
+    id: Id | None = None
     type: str | None = None  # "User" or "Organization"
 
 
@@ -47,7 +58,7 @@ class Tier(msgspec.Struct, frozen=True):
 
 
 class Sponsorship(msgspec.Struct, frozen=True):
-    node_id: str | None = None
+    node_id: NodeId | None = None
     created_at: ZonedTime | None = None
     sponsor: Account | None = None
     tier: Tier | None = None
@@ -60,7 +71,7 @@ class SponsorshipEvent(msgspec.Struct, frozen=True):
 
 
 class Plan(msgspec.Struct, frozen=True):
-    id: int | None = None
+    id: Id | None = None
     name: str | None = None
     monthly_price_in_cents: int | None = None
     yearly_price_in_cents: int | None = None
@@ -83,11 +94,17 @@ class MarketplacePurchaseEvent(msgspec.Struct, frozen=True):
 
 
 class Envelope(msgspec.Struct, frozen=True):
+    """What any event's payload is read for first: that it is an object, and which of the
+    translated events' objects it carries (an absent one is an empty Raw)."""
+
     action: str | None = None
+    sponsorship: msgspec.Raw = msgspec.Raw()
+    marketplace_purchase: msgspec.Raw = msgspec.Raw()
 
 
 class GitHubDelivery(msgspec.Struct, frozen=True):
-    """The event name and GUID from the headers, and the JSON payload (undecoded)."""
+    """The event name and GUID from the headers (the event checked against the body), and
+    the JSON payload (undecoded)."""
 
     event: str
     delivery: str
@@ -133,9 +150,18 @@ class GitHubHandler:
             raise PayloadInvalid("missing or malformed X-GitHub-Delivery header")
         payload = _json_payload(request)
         try:
-            _envelope_decoder.decode(payload)  # an object, whatever the event: else 400
+            envelope = _envelope_decoder.decode(payload)  # an object, whatever the event
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
             raise PayloadInvalid(f"not a GitHub event: {error}") from None
+        # The event header is not signed: the object the signed body carries says which
+        # translated event it is, and the header must agree (a sponsorship body sent as a
+        # marketplace_purchase, or as a ping to hide it, is refused).
+        carried = sorted(name for name in TRANSLATED if len(getattr(envelope, name)))
+        if len(carried) > 1:
+            raise PayloadInvalid("the body carries both a sponsorship and a marketplace_purchase")
+        if (carried or event in TRANSLATED) and carried != [event]:
+            found = f"a {carried[0]}" if carried else f"no {event}"
+            raise PayloadInvalid(f"X-GitHub-Event is {event} but the body carries {found}")
         return GitHubDelivery(event=event, delivery=delivery, payload=payload)
 
     def delivery_id(self, request: WebhookRequest, payload: GitHubDelivery) -> str:
@@ -167,19 +193,42 @@ class GitHubHandler:
         return samples
 
     def freshen(self, sample: Sample) -> Sample:
-        """A new delivery from a sample, for `send-test`: a fresh GUID, which is also what
-        the purchase's event_id comes from."""
-        return Sample(
-            body=sample.body, headers={**sample.headers, "x-github-delivery": str(uuid.uuid4())}
-        )
+        """A new delivery from a sample, for `send-test`: a fresh GUID, and a purchase made
+        now (a new sponsorship, a Marketplace purchase effective now), since the event_id
+        comes from the body."""
+        headers = {**sample.headers, "x-github-delivery": str(uuid.uuid4())}
+        event = msgspec.json.decode(sample.body)
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        if isinstance(event.get("sponsorship"), dict):
+            event["sponsorship"].update(node_id=f"S_test_{uuid.uuid4().hex[:16]}", created_at=now)
+        elif isinstance(event.get("marketplace_purchase"), dict):
+            event["effective_date"] = now
+        else:
+            return Sample(body=sample.body, headers=headers)
+        return Sample(body=msgspec.json.encode(event), headers=headers)
+
+
+def _event_id(payload: GitHubDelivery, *parts: object) -> str:
+    """The purchase's event_id, from what identifies it in the signed body: never the
+    GUID, which is an unsigned header (a captured body re-sent under a fresh GUID would
+    count again). A body without those parts is named by its SHA-256, the same for every
+    copy of it."""
+    if parts and all(part is not None for part in parts):
+        return "purchase:github:" + ":".join(map(str, parts))
+    return "purchase:github:sha256:" + hashlib.sha256(payload.payload).hexdigest()[:32]
+
+
+def _epoch(moment: datetime | None) -> int | None:
+    # Whole seconds since the epoch: the same instant whatever offset the body wrote.
+    return None if moment is None else int(moment.timestamp())
 
 
 def _track(
-    payload: GitHubDelivery, when: datetime | None, account: Account | None, **properties: Any
+    event_id: str, when: datetime | None, account: Account | None, **properties: Any
 ) -> Track:
     return Track(
         event="purchase",
-        event_id=f"purchase:github:{payload.delivery}",  # redeliveries keep the GUID
+        event_id=event_id,
         timestamp=when,
         # One visitor per GitHub account, by its numeric id (logins can be renamed);
         # no logins or e-mails, and private sponsors stay private.
@@ -197,11 +246,16 @@ def _sponsorship(payload: GitHubDelivery, event: SponsorshipEvent) -> list[Outpu
     amount = tier.monthly_price_in_cents
     if amount is None or amount <= 0:
         return []
+    sponsorship = event.sponsorship
+    # One sponsorship is created once: its node id and creation time name the purchase.
+    event_id = _event_id(
+        payload, "sponsorship", sponsorship.node_id, _epoch(sponsorship.created_at)
+    )
     return [
         _track(
-            payload,
-            event.sponsorship.created_at,
-            event.sponsorship.sponsor,
+            event_id,
+            sponsorship.created_at,
+            sponsorship.sponsor,
             amount_cents=amount,
             currency="USD",
             product="github_sponsors",
@@ -231,9 +285,13 @@ def _marketplace(payload: GitHubDelivery, event: MarketplacePurchaseEvent) -> li
     amount = price * units if model == "per-unit" else price
     if amount <= 0:
         return []
+    # Marketplace purchases have no id of their own: the account buying the plan, and the
+    # date the purchase took effect, name it (a later purchase of the plan has its own).
+    account = purchase.account.id if purchase.account else None
+    event_id = _event_id(payload, "marketplace", account, plan.id, _epoch(event.effective_date))
     return [
         _track(
-            payload,
+            event_id,
             event.effective_date,
             purchase.account,
             amount_cents=amount,

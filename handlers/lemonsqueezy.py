@@ -2,7 +2,11 @@
 
 Lemon Squeezy signs the raw body with the webhook's signing secret (`X-Signature`, hex
 HMAC-SHA256) and names the event in the body's `meta.event_name` (and, unsigned, in the
-`X-Event-Name` header). Amounts are integer minor units with the order's `currency`.
+`X-Event-Name` header). Only the signed name is read: Lemon Squeezy always sends it, so a
+body without one is refused rather than named by a header anyone could set (a
+subscription's body sent as `subscription_cancelled` would end it), and so is a header
+naming another event than the body's. Amounts are integer minor units with the order's
+`currency`.
 
 Revenue is counted once per payment: a purchase's `event_id` comes from the order (first
 payments and one-off sales) or the subscription invoice (renewals), not from the webhook.
@@ -119,9 +123,9 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _event_name(request: WebhookRequest, payload: Event) -> str:
-    # The body is signed and the header is not: the body wins when both say.
-    return payload.meta.event_name or request.headers.get("x-event-name", "").strip()
+def _event_name(payload: Event) -> str:
+    # Checked by `parse`: the signed body's name, the only one read.
+    return payload.meta.event_name or ""
 
 
 class LemonSqueezyHandler:
@@ -135,8 +139,15 @@ class LemonSqueezyHandler:
             event = _decoder.decode(request.body)
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
             raise PayloadInvalid(f"not a Lemon Squeezy event: {error}") from None
-        if not _event_name(request, event):
-            raise PayloadInvalid("no event name in meta.event_name or X-Event-Name")
+        # The event's meaning comes from the signed body alone. Lemon Squeezy always puts
+        # the name there; the unsigned header only repeats it, and one that names another
+        # event is a body replayed under a name it was not sent with.
+        name = _event_name(event)
+        if not name:
+            raise PayloadInvalid("no event name in meta.event_name")
+        header = request.headers.get("x-event-name", "").strip()
+        if header and header != name:
+            raise PayloadInvalid(f"X-Event-Name is {header} but the body's event is {name}")
         return event
 
     def delivery_id(self, request: WebhookRequest, payload: Event) -> str:
@@ -151,7 +162,7 @@ class LemonSqueezyHandler:
             version = None
         # No version to tell two events about one object apart: the body's own digest.
         version = version or "sha256-" + hashlib.sha256(request.body).hexdigest()
-        parts = [_event_name(request, payload), payload.data.type, str(payload.data.id), version]
+        parts = [_event_name(payload), payload.data.type, str(payload.data.id), version]
         if payload.meta.webhook_id:
             parts.append(payload.meta.webhook_id)
         return ":".join(parts)
@@ -159,7 +170,7 @@ class LemonSqueezyHandler:
     def translate(
         self, request: WebhookRequest, payload: Event, options: LemonSqueezyOptions
     ) -> list[Output]:
-        name = _event_name(request, payload)
+        name = _event_name(payload)
         if name not in TRANSLATED:
             return []
         try:

@@ -1,10 +1,22 @@
 """Shopify: orders, refunds, customers and the mandatory privacy topics.
 
 Shopify signs only the body (`X-Shopify-Hmac-Sha256`, base64 HMAC-SHA256 with the app's
-client secret); the topic, the shop and the delivery ids come in headers. So every
-`event_id` is built from the signed body alone (the order's or the refund's id, which
-Shopify allocates globally): a body replayed under other headers still collapses into
-the event it already counted.
+client secret); the topic, the shop and the delivery ids come in headers, which anyone
+holding one captured delivery can change. So the signed body decides wherever it can:
+
+- every `event_id` and user id is built from ids in the body (the order's, the refund's,
+  the customer's, which Shopify allocates globally), so a body replayed under other
+  headers still collapses into the event it already counted;
+- the body's shape must be the topic's (an order under `orders/*`, a privacy request of
+  the right kind under each privacy topic), else the delivery is refused: an order body
+  cannot become an erasure, nor a data request a `customers/redact`;
+- a purchase needs the body's `financial_status` to say the order was paid, whatever
+  the topic says;
+- the privacy topics carry `shop_domain` in the body: it is the shop they act on, and
+  a header naming another shop is refused.
+
+What a header still decides is listed in docs/handlers.md: which shop an order, refund
+or customer body belongs to (those bodies name no shop), and the delivery id.
 
 Revenue is counted once per order: `orders/paid` is the `purchase`, `orders/create` is an
 `order_placed` that carries the same total but is not revenue, and both take their
@@ -22,7 +34,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Final
@@ -63,6 +75,7 @@ class Order(msgspec.Struct, frozen=True):
     id: int
     name: str | None = None  # "#1001", what the merchant sees
     test: bool | None = None
+    financial_status: str | None = None  # "paid", "pending", "authorized", "voided", ...
     created_at: datetime | None = None
     processed_at: datetime | None = None
     currency: str | None = None  # the shop's currency, that of total_price
@@ -114,7 +127,9 @@ class ShopifyDelivery(msgspec.Struct, frozen=True, kw_only=True):
     """One verified delivery: what the headers say, and the body read for its topic."""
 
     topic: str
-    shop: str  # the shop's permanent myshopify.com domain, lower-case
+    # The shop's permanent myshopify.com domain, lower-case: the body's `shop_domain` for
+    # the privacy topics (the header must agree), the header's for bodies that name none.
+    shop: str
     delivery_id: str
     body: Body | None  # None: a topic that is not translated
 
@@ -134,7 +149,25 @@ _DECODERS: Final[Mapping[str, msgspec.json.Decoder[Any]]] = {
     "customers/data_request": _privacy,
     "shop/redact": _privacy,
 }
-_unread: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
+# Every body is first read as an object's top-level keys, its values left unparsed: that
+# checks it is a JSON object and tells which shape it has.
+_keys: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+#: What each translated topic's body is; `_shape` says what a body is.
+_SHAPES: Final[Mapping[str, str]] = {
+    "orders/create": "order",
+    "orders/paid": "order",
+    "refunds/create": "refund",
+    "customers/create": "customer",
+    "customers/update": "customer",
+    "customers/redact": "customers/redact",
+    "customers/data_request": "customers/data_request",
+    "shop/redact": "shop/redact",
+}
+#: An order's financial statuses once its payment was taken (a refund after it does not
+#: undo the purchase; refunds/create counts the refund). Every other status (pending,
+#: authorized, partially_paid, voided, expired) took no payment.
+_PAID: Final = frozenset({"paid", "partially_refunded", "refunded"})
 
 #: The recorded samples, by topic; file names cannot hold the topic's "/".
 SAMPLE_TOPICS: Final = (
@@ -173,6 +206,32 @@ def _header(request: WebhookRequest, name: str) -> str | None:
     return value or None
 
 
+def _shape(keys: Collection[str]) -> str:
+    """Which of Shopify's bodies this is, by the top-level keys each one always has and
+    the others never do (Shopify's documented payloads; unknown keys do not matter)."""
+    if "shop_domain" in keys:  # only the privacy requests name the shop
+        if "data_request" in keys or "orders_requested" in keys:
+            return "customers/data_request"
+        return "customers/redact" if "customer" in keys else "shop/redact"
+    if "refund_line_items" in keys or "order_id" in keys:
+        return "refund"
+    if "line_items" in keys or "financial_status" in keys:
+        return "order"
+    return "customer"
+
+
+def _body_shop(request: PrivacyRequest, header: str) -> str:
+    """The shop a privacy request acts on: its signed `shop_domain`, which the unsigned
+    header must repeat (else a captured request could redact another shop)."""
+    shop = (request.shop_domain or "").strip().lower()
+    if not shop:
+        raise PayloadInvalid("no shop_domain in the body")
+    # The header was checked to be a well-formed domain, so an equal body is one too.
+    if shop != header:
+        raise PayloadInvalid("X-Shopify-Shop-Domain is not the body's shop_domain")
+    return shop
+
+
 def _utc(moment: datetime | None) -> datetime | None:
     # A time without a zone is no instant: leave it to the server's clock rather than guess.
     if moment is None or moment.utcoffset() is None:
@@ -208,11 +267,17 @@ class ShopifyHandler:
             raise PayloadInvalid("missing X-Shopify-Event-Id and X-Shopify-Webhook-Id headers")
         decoder = _DECODERS.get(topic)
         try:
+            keys = _keys.decode(request.body).keys()
+            # The topic is not signed: a body of another kind under it is refused, so a
+            # captured order, data request or customer cannot be replayed as another.
+            expected = _SHAPES.get(topic)
+            if expected is not None and (found := _shape(keys)) != expected:
+                raise PayloadInvalid(f"X-Shopify-Topic is {topic} but the body is a {found}")
             body = decoder.decode(request.body) if decoder else None
-            if decoder is None:
-                _unread.decode(request.body)
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
             raise PayloadInvalid(f"not a Shopify {topic} body: {error}") from None
+        if isinstance(body, PrivacyRequest):
+            shop = _body_shop(body, shop)
         # The shop leads the id, so that shop/redact can find every delivery of its shop.
         delivery_id = f"{shop}:{topic}:{event}"
         return ShopifyDelivery(topic=topic, shop=shop, delivery_id=delivery_id, body=body)
@@ -234,10 +299,13 @@ class ShopifyHandler:
             if created is not None:
                 traits["customer_since"] = created.isoformat()
             return [Identify(user_id=user_id_for(shop, body.id), traits=traits)]
+        # The privacy topics' shop is the body's shop_domain (parse refused any other
+        # header) and their body's shape is the topic's, so the body decides both.
         if isinstance(body, PrivacyRequest) and topic == "customers/redact":
             customer = body.customer.id if body.customer else None
             return [] if customer is None else [Forget(user_id=user_id_for(shop, customer))]
-        if topic == "shop/redact":  # the app was uninstalled 48 hours ago: drop the shop's data
+        if isinstance(body, PrivacyRequest) and topic == "shop/redact":
+            # The app was uninstalled 48 hours ago: drop the shop's data.
             return [Purge(deliveries=f"{shop}:", users=_users_of(shop))]
         # customers/data_request: acknowledged; the inbox keeps it and the intake logs it
         # as an ignored delivery, for the operator to answer. Every other topic: ignored.
@@ -277,6 +345,12 @@ def _order_calls(topic: str, shop: str, order: Order, options: SourceOptions) ->
     if order.test and not options.include_test_events:
         return []
     paid = topic == "orders/paid"
+    # The topic is not signed, the body is: an order is a purchase only when its own
+    # financial status says the payment was taken, so an unpaid order's body replayed
+    # as orders/paid counts nothing. A paid order's body under either order topic is
+    # still about that one order, and each event counts it once by its id.
+    if paid and order.financial_status not in _PAID:
+        return []
     total = _order_total(order)
     if paid and not (total and total[0] > 0):
         return []  # no amount to count (a free order is still an order_placed)

@@ -33,6 +33,11 @@ FIXTURES = Path(__file__).parent / "fixtures" / "github"
 SECRET = "gh-webhook-secret-current"
 OLD_SECRET = "gh-webhook-secret-previous"
 DELIVERY = "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+# The purchases' event ids, from their signed bodies: the sponsorship's node id and the
+# second it was created (2026-11-02T14:05:31Z); the account, plan and effective date
+# (2026-11-03) of the Marketplace purchase. Never the delivery GUID.
+SPONSORSHIP_EVENT = "purchase:github:sponsorship:S_kwHOAVNkMs4AAqFz:1793628331"
+MARKETPLACE_EVENT = "purchase:github:marketplace:90311524:7310:1793664000"
 
 
 def fixture(name: str) -> dict[str, Any]:
@@ -121,7 +126,7 @@ def test_a_new_sponsorship_is_a_purchase_at_its_tier_price() -> None:
     (purchase,) = run("sponsorship", sponsorship())
     assert isinstance(purchase, Track)
     assert purchase.event == "purchase"
-    assert purchase.event_id == f"purchase:github:{DELIVERY}"
+    assert purchase.event_id == SPONSORSHIP_EVENT
     assert purchase.timestamp is not None
     assert purchase.timestamp.isoformat() == "2026-11-02T14:05:31+00:00"
     assert purchase.anonymous_id == "github:48211093"
@@ -174,7 +179,7 @@ def test_a_private_sponsor_is_sent_by_numeric_id_only() -> None:
 
 def test_a_marketplace_purchase_is_its_plan_price_per_cycle_and_unit() -> None:
     (purchase,) = run("marketplace_purchase", marketplace())
-    assert purchase.event_id == f"purchase:github:{DELIVERY}"
+    assert purchase.event_id == MARKETPLACE_EVENT
     assert purchase.anonymous_id == "github:90311524"
     assert purchase.timestamp.isoformat() == "2026-11-03T00:00:00+00:00"
     assert purchase.properties == {
@@ -232,6 +237,117 @@ def test_the_delivery_guid_is_the_dedupe_key_and_required() -> None:
             handler.parse(signed_request(handler, body, headers=headers))
 
 
+def test_a_purchases_event_id_comes_from_the_signed_body_not_the_guid() -> None:
+    """X-GitHub-Delivery is not signed: the same body under a fresh GUID is a new delivery
+    but the same purchase."""
+    for event, body, expected in (
+        ("sponsorship", sponsorship(), SPONSORSHIP_EVENT),
+        ("marketplace_purchase", marketplace(), MARKETPLACE_EVENT),
+    ):
+        first = run_handler(
+            handler, body, headers={"x-github-event": event, "x-github-delivery": DELIVERY}
+        )
+        fresh = str(uuid.uuid4())
+        again = run_handler(
+            handler, body, headers={"x-github-event": event, "x-github-delivery": fresh}
+        )
+        assert (first.delivery_id, again.delivery_id) == (DELIVERY, fresh)
+        assert [c.event_id for c in first.calls] == [c.event_id for c in again.calls] == [expected]
+        # Sent form-encoded, the same payload is the same purchase too.
+        form = urlencode({"payload": body.decode()}).encode()
+        headers = {
+            "x-github-event": event,
+            "x-github-delivery": fresh,
+            "content-type": "application/x-www-form-urlencoded",
+        }
+        assert [c.event_id for c in run_handler(handler, form, headers=headers).calls] == [expected]
+
+
+def test_another_sponsorship_or_purchase_is_another_event() -> None:
+    def event_id(event: str, body: dict[str, Any]) -> str:
+        (call,) = run(event, msgspec.json.encode(body))
+        assert isinstance(call, Track)
+        assert call.event_id is not None
+        return call.event_id
+
+    base = fixture("sponsorship_created.SYNTHETIC.json")
+    other = fixture("sponsorship_created.SYNTHETIC.json")
+    other["sponsorship"]["node_id"] = "S_kwHOAVNkMs4AAqG0"
+    later = fixture("sponsorship_created.SYNTHETIC.json")
+    later["sponsorship"]["created_at"] = "2027-01-02T14:05:31+00:00"
+    # The same instant written with another offset is the same sponsorship.
+    shifted = fixture("sponsorship_created.SYNTHETIC.json")
+    shifted["sponsorship"]["created_at"] = "2026-11-02T15:05:31+01:00"
+    ids = [event_id("sponsorship", b) for b in (base, other, later, shifted)]
+    assert ids[0] == ids[3] == SPONSORSHIP_EVENT
+    assert len(set(ids)) == 3
+    purchase = fixture("marketplace_purchase_purchased.SYNTHETIC.json")
+    renewed = fixture("marketplace_purchase_purchased.SYNTHETIC.json")
+    renewed["effective_date"] = "2027-11-03T00:00:00+00:00"
+    upgraded = fixture("marketplace_purchase_purchased.SYNTHETIC.json")
+    upgraded["marketplace_purchase"]["plan"]["id"] = 7311
+    ids = [event_id("marketplace_purchase", b) for b in (purchase, renewed, upgraded)]
+    assert ids[0] == MARKETPLACE_EVENT
+    assert len(set(ids)) == 3
+
+
+def test_a_body_without_its_ids_is_named_by_its_digest() -> None:
+    anonymous = fixture("sponsorship_created.SYNTHETIC.json")
+    del anonymous["sponsorship"]["node_id"]
+    body = msgspec.json.encode(anonymous)
+    (one,) = run("sponsorship", body)
+    (two,) = run("sponsorship", body, delivery=str(uuid.uuid4()))
+    digest = hashlib.sha256(body).hexdigest()[:32]
+    assert one.event_id == two.event_id == f"purchase:github:sha256:{digest}"
+    undated = fixture("marketplace_purchase_purchased.SYNTHETIC.json")
+    del undated["effective_date"]
+    (purchase,) = run("marketplace_purchase", msgspec.json.encode(undated))
+    assert purchase.event_id is not None
+    assert purchase.event_id.startswith("purchase:github:sha256:")
+    # Ids that would not fit an event_id are refused rather than cut.
+    long = fixture("sponsorship_created.SYNTHETIC.json")
+    long["sponsorship"]["node_id"] = "S" * 65
+    with pytest.raises(PayloadInvalid, match="unexpected sponsorship payload"):
+        run("sponsorship", msgspec.json.encode(long))
+
+
+@pytest.mark.parametrize(
+    ("event", "body", "message"),
+    [
+        ("marketplace_purchase", "sponsorship_created.SYNTHETIC.json", "carries a sponsorship"),
+        ("ping", "sponsorship_created.SYNTHETIC.json", "carries a sponsorship"),
+        ("push", "sponsorship_created.SYNTHETIC.json", "carries a sponsorship"),
+        (
+            "sponsorship",
+            "marketplace_purchase_purchased.SYNTHETIC.json",
+            "carries a marketplace_purchase",
+        ),
+        ("sponsorship", "ping.json", "carries no sponsorship"),
+        ("marketplace_purchase", "star_created.json", "carries no marketplace_purchase"),
+    ],
+)
+def test_the_event_header_must_name_what_the_signed_body_carries(
+    event: str, body: str, message: str
+) -> None:
+    raw = (FIXTURES / body).read_bytes()
+    with pytest.raises(PayloadInvalid, match=f"X-GitHub-Event is {event} but the body {message}"):
+        handler.parse(
+            signed_request(
+                handler, raw, headers={"x-github-event": event, "x-github-delivery": DELIVERY}
+            )
+        )
+
+
+def test_a_body_carrying_both_purchases_is_refused() -> None:
+    both = fixture("sponsorship_created.SYNTHETIC.json")
+    both["marketplace_purchase"] = fixture("marketplace_purchase_purchased.SYNTHETIC.json")[
+        "marketplace_purchase"
+    ]
+    for event in ("sponsorship", "marketplace_purchase", "ping"):
+        with pytest.raises(PayloadInvalid, match="both"):
+            run(event, msgspec.json.encode(both))
+
+
 def test_malformed_payloads_are_refused() -> None:
     headers = {"x-github-event": "sponsorship", "x-github-delivery": DELIVERY}
     for body in (b"not json", b"[1, 2]", b'{"action": 5}'):
@@ -267,9 +383,11 @@ def test_samples_translate_the_same_every_time_and_freshen_into_new_deliveries()
         assert (one.delivery_id, one.calls) == (two.delivery_id, two.calls)
         fresh = handler.freshen(sample)
         assert fresh.headers["x-github-delivery"] != sample.headers["x-github-delivery"]
-        assert run_handler(handler, fresh.body, headers=fresh.headers).delivery_id != (
-            one.delivery_id
-        )
+        renewed = run_handler(handler, fresh.body, headers=fresh.headers)
+        assert renewed.delivery_id != one.delivery_id
+        # A new purchase too (its event_id is the body's), so send-test shows at the sink.
+        assert len(renewed.calls) == len(one.calls)
+        assert not {c.event_id for c in renewed.calls} & {c.event_id for c in one.calls}
     assert run_handler(handler, samples["ping"].body, headers=samples["ping"].headers).calls == []
 
 
@@ -337,7 +455,7 @@ def test_sponsors_and_marketplace_end_to_end(bridge: Bridge) -> None:
         {
             "route": "track",
             "event": "purchase",
-            "event_id": f"purchase:github:{other}",
+            "event_id": MARKETPLACE_EVENT,
             "timestamp": "2026-11-03T00:00:00Z",
             "anonymous_id": "github:90311524",
             "properties": {
@@ -354,7 +472,7 @@ def test_sponsors_and_marketplace_end_to_end(bridge: Bridge) -> None:
         {
             "route": "track",
             "event": "purchase",
-            "event_id": f"purchase:github:{DELIVERY}",
+            "event_id": SPONSORSHIP_EVENT,
             "timestamp": "2026-11-02T14:05:31Z",
             "anonymous_id": "github:48211093",
             "properties": {
@@ -369,6 +487,30 @@ def test_sponsors_and_marketplace_end_to_end(bridge: Bridge) -> None:
             },
         },
     ]
+    assert httpx.get(f"{bridge.sink.url}/_sink/stats").json()["received"] == 2
+
+
+def test_a_body_resent_under_a_fresh_guid_counts_once_end_to_end(bridge: Bridge) -> None:
+    """The reproduction: a captured signed purchase re-sent with a new X-GitHub-Delivery
+    is a new delivery, but its purchase has the same event_id: no second event."""
+    for event, body in (("sponsorship", sponsorship()), ("marketplace_purchase", marketplace())):
+        assert bridge.post(event, body, delivery=str(uuid.uuid4())).json()["result"] == "accepted"
+        assert bridge.post(event, body, delivery=str(uuid.uuid4())).json()["result"] == "accepted"
+    calls = bridge.arrived(2)
+    assert sorted(c["event_id"] for c in calls) == [MARKETPLACE_EVENT, SPONSORSHIP_EVENT]
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{bridge.sink.url}/_sink/stats").json()["duplicates"] < 2:
+        assert time.monotonic() < deadline, "the copies never reached the sink"
+        time.sleep(0.05)
+    stats = httpx.get(f"{bridge.sink.url}/_sink/stats").json()
+    assert (stats["received"], stats["duplicates"]) == (2, 2)
+    # Under another event's name the same body is refused and nothing more is sent.
+    for event in ("marketplace_purchase", "ping"):
+        answer = bridge.post(event, sponsorship())
+        assert answer.status_code == 400
+        assert answer.json()["error"] == "invalid_payload"
+    assert bridge.post("sponsorship", marketplace()).status_code == 400
+    time.sleep(0.3)
     assert httpx.get(f"{bridge.sink.url}/_sink/stats").json()["received"] == 2
 
 

@@ -212,17 +212,22 @@ def test_other_events_are_acknowledged_unread() -> None:
         assert run(event) == []
 
 
-def test_the_event_name_comes_from_the_signed_body_first() -> None:
+def test_the_event_name_comes_from_the_signed_body_only() -> None:
     body = fixture("order_created")
     del body["meta"]["event_name"]
     encoded = msgspec.json.encode(body)
-    assert run_handler(handler, encoded, headers={"x-event-name": "order_created"}).calls
-    with pytest.raises(PayloadInvalid, match="no event name"):
-        handler.parse(signed_request(handler, encoded))
-    # The header is not signed: it cannot turn a refund into a purchase.
+    # The header is not signed: it never names a body that does not name itself.
+    for headers in ({"x-event-name": "order_created"}, {}):
+        with pytest.raises(PayloadInvalid, match="no event name"):
+            handler.parse(signed_request(handler, encoded, headers=headers))
+    # Nor does it rename one: a refund re-sent as order_created is refused.
     refund = msgspec.json.encode(fixture("order_refunded"))
-    (call,) = run_handler(handler, refund, headers={"x-event-name": "order_created"}).calls
+    with pytest.raises(PayloadInvalid, match="X-Event-Name is order_created"):
+        handler.parse(signed_request(handler, refund, headers={"x-event-name": "order_created"}))
+    # Without the header, or with the body's own name, it is read.
+    (call,) = run_handler(handler, refund).calls
     assert call.event == "refund"
+    assert run_handler(handler, refund, headers={"x-event-name": "order_refunded"}).calls
 
 
 def test_delivery_ids_are_stable_per_version_and_use_webhook_id_when_present() -> None:
@@ -370,6 +375,28 @@ def test_test_mode_and_refusals_end_to_end(bridge: Bridge) -> None:
     assert bridge.post(b"{not json").status_code == 400
     calls = bridge.arrived(1)
     assert [c["event_id"] for c in calls] == ["purchase:lemonsqueezy:order:1"]
+
+
+def test_a_body_resent_under_another_event_name_is_refused_end_to_end(bridge: Bridge) -> None:
+    """X-Event-Name is not signed: the signed meta.event_name alone names the event, and a
+    captured body re-sent under another name is a 400 that sends nothing."""
+    subscription = fixture("subscription_created")
+    body = msgspec.json.encode(subscription)
+    url = f"{bridge.url}/webhooks/lemonsqueezy"
+    for name in ("subscription_cancelled", "order_created", "order_refunded"):
+        headers = {**handler.scheme.sign(body, SECRET, 0), "x-event-name": name}
+        answer = httpx.post(url, content=body, headers=headers)
+        assert answer.status_code == 400, name
+        assert answer.json()["error"] == "invalid_payload"
+    # A body that names no event is refused whatever the header says.
+    del subscription["meta"]["event_name"]
+    nameless = msgspec.json.encode(subscription)
+    headers = {**handler.scheme.sign(nameless, SECRET, 0), "x-event-name": "subscription_created"}
+    assert httpx.post(url, content=nameless, headers=headers).status_code == 400
+    # The body as sent, with its own name, is taken.
+    assert bridge.post(fixture("subscription_created")).json()["result"] == "accepted"
+    (call,) = bridge.arrived(1)
+    assert call["event"] == "subscription_started"
 
 
 def test_every_sample_sent_as_send_test_does_is_taken(bridge: Bridge) -> None:

@@ -11,6 +11,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from tests.conftest import RunningSink, ServerThread
 FIXTURES = Path(__file__).parent / "fixtures" / "shopify"
 SIGNATURES = json.loads((FIXTURES / "signatures.example.json").read_text())
 SHOP = "example.myshopify.com"
+OTHER_SHOP = "other-shop.myshopify.com"  # another shop with the same app (and secret)
 SECRET = "shopify_client_secret_current"
 OLD_SECRET = "shopify_client_secret_previous"
 # The exact ids behind the fixtures' rounded ones (from their admin_graphql_api_id).
@@ -42,9 +44,17 @@ REFUND_ID = 890088186047892319
 USER = f"shopify:{SHOP}:{CUSTOMER_ID}"
 
 
+# Shopify's published privacy examples leave the shop as a placeholder; a real delivery
+# names the shop it is sent for, as the X-Shopify-Shop-Domain header does.
+PLACEHOLDER_SHOP = "{shop}.myshopify.com"
+
+
 def fixture(name: str, **changes: Any) -> dict[str, Any]:
-    """A recorded payload with `changes` applied at the top level."""
+    """A recorded payload with `changes` applied at the top level (and the privacy
+    examples' placeholder shop filled in with SHOP)."""
     body: dict[str, Any] = msgspec.json.decode((FIXTURES / f"{name}.json").read_bytes())
+    if body.get("shop_domain") == PLACEHOLDER_SHOP:
+        body["shop_domain"] = SHOP
     return {**body, **changes}
 
 
@@ -54,6 +64,7 @@ def order(**changes: Any) -> dict[str, Any]:
         "orders_paid",
         id=ORDER_ID,
         test=False,
+        financial_status="paid",  # Shopify's example (for both order topics) says "voided"
         landing_site="/products/lounger?utm_source=newsletter&utm_campaign=spring",
         referring_site="https://www.google.com/",
         note_attributes=[
@@ -117,7 +128,12 @@ def test_signatures_made_by_shopifys_helper_verify_and_tampered_ones_do_not() ->
         unsigned = request(body, {k: v for k, v in recorded.items() if "Hmac" not in k})
         with pytest.raises(SignatureInvalid, match="missing"):
             handler.scheme.verify(unsigned, [secret], 300)
-        # And the verified body, with its recorded headers, is read.
+        # And the verified body, with its recorded headers, is read; the privacy
+        # examples name the placeholder shop, which is not the header's: refused.
+        if PLACEHOLDER_SHOP.encode() in body:
+            with pytest.raises(PayloadInvalid, match="not the body's shop_domain"):
+                handler.parse(delivery)
+            continue
         parsed = handler.parse(delivery)
         assert parsed.topic == recorded["X-Shopify-Topic"]
         assert parsed.shop == SHOP
@@ -132,6 +148,7 @@ def test_ids_above_2_53_survive_exactly() -> None:
     raw = raw.replace(b"820982911946154500", str(ORDER_ID).encode())
     raw = raw.replace(b"115310627314723950", str(CUSTOMER_ID).encode())
     raw = raw.replace(b'"test": true', b'"test": false')
+    raw = raw.replace(b'"financial_status": "voided"', b'"financial_status": "paid"')
     (purchase,) = run("orders/paid", raw, include_test_events=False)
     assert purchase.event_id == f"purchase:shopify:{ORDER_ID}"
     assert purchase.properties["order_id"] == str(ORDER_ID)
@@ -356,6 +373,83 @@ def test_other_topics_are_acknowledged_unread_but_must_be_json_objects() -> None
         run("orders/paid", {"no": "id"})
 
 
+# -- the signed body decides, not the headers ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("topic", "name"),
+    [
+        ("customers/redact", "orders_paid"),  # an order replayed as a customer's erasure
+        ("customers/create", "orders_paid"),
+        ("refunds/create", "orders_paid"),
+        ("shop/redact", "orders_paid"),
+        ("orders/paid", "customers_create"),  # a customer replayed as a purchase
+        ("orders/create", "refunds_create"),
+        ("orders/paid", "refunds_create"),
+        ("customers/update", "refunds_create"),
+        ("customers/redact", "customers_data_request"),  # a data request as an erasure
+        ("customers/data_request", "customers_redact"),
+        ("shop/redact", "customers_redact"),  # one customer's erasure as the whole shop's
+        ("shop/redact", "customers_data_request"),
+        ("customers/redact", "shop_redact"),
+        ("orders/paid", "shop_redact"),
+    ],
+)
+def test_a_body_of_another_kind_than_its_topic_is_refused(topic: str, name: str) -> None:
+    with pytest.raises(PayloadInvalid, match=f"X-Shopify-Topic is {topic} but the body is"):
+        run(topic, fixture(name))
+
+
+@pytest.mark.parametrize(
+    ("topic", "name"),
+    [
+        ("customers/redact", "customers_redact"),
+        ("customers/data_request", "customers_data_request"),
+        ("shop/redact", "shop_redact"),
+    ],
+)
+def test_the_privacy_topics_act_on_the_shop_their_body_names(topic: str, name: str) -> None:
+    body = msgspec.json.encode(fixture(name))  # shop_domain: SHOP
+    with pytest.raises(PayloadInvalid, match="X-Shopify-Shop-Domain is not the body's"):
+        run_handler(handler, body, headers=headers(topic, shop=OTHER_SHOP))
+    with pytest.raises(PayloadInvalid, match="no shop_domain in the body"):
+        run(topic, fixture(name, shop_domain=None))
+    # The same domain in other letters is the same shop.
+    loud = msgspec.json.encode(fixture(name, shop_domain="Example.MyShopify.COM"))
+    assert run_handler(handler, loud, headers=headers(topic)).calls == run(topic, fixture(name))
+    # Another shop's own request, with its own header, acts on that shop.
+    other = msgspec.json.encode(fixture(name, shop_domain=OTHER_SHOP))
+    calls = run_handler(handler, other, headers=headers(topic, shop=OTHER_SHOP)).calls
+    assert all(OTHER_SHOP in repr(call) and SHOP not in repr(call) for call in calls)
+
+
+def test_a_purchase_needs_the_order_itself_to_say_it_was_paid() -> None:
+    # Statuses under which no payment was taken: not a purchase, whatever the topic.
+    for status in ("pending", "authorized", "partially_paid", "voided", "expired", None):
+        assert run("orders/paid", order(financial_status=status)) == [], status
+        (placed,) = run("orders/create", order(financial_status=status))
+        assert placed.event == "order_placed"
+    # Paid, and paid then refunded (the refund is its own event): the purchase.
+    for status in ("paid", "partially_refunded", "refunded"):
+        (purchase,) = run("orders/paid", order(financial_status=status))
+        assert (purchase.event, purchase.event_id) == ("purchase", f"purchase:shopify:{ORDER_ID}")
+
+
+def test_ids_come_from_the_body_and_the_shop_header_only_names_the_shop() -> None:
+    """An order names no shop, so the header still says whose customer it is (see the
+    docs: only a shop sharing the app's secret can be named); every id is the body's."""
+    body = msgspec.json.encode(order())
+    (here,) = run_handler(handler, body, headers=headers("orders/paid")).calls
+    moved = {
+        **headers("orders/paid", delivery="fresh", shop=OTHER_SHOP),
+        "x-shopify-event-id": "e9",
+    }
+    (there,) = run_handler(handler, body, headers=moved).calls
+    assert here.event_id == there.event_id == f"purchase:shopify:{ORDER_ID}"
+    assert (here.user_id, there.user_id) == (USER, f"shopify:{OTHER_SHOP}:{CUSTOMER_ID}")
+    assert here.properties["order_id"] == there.properties["order_id"] == str(ORDER_ID)
+
+
 # -- delivery ids and headers --------------------------------------------------------------
 
 
@@ -433,9 +527,16 @@ def test_it_keeps_the_handler_protocol_and_its_samples_translate() -> None:
         "customers/data_request": [],
         "shop/redact": ["Purge"],
     }
-    # The shipped samples are Shopify's published examples, byte for byte.
+    # The shipped samples are Shopify's published examples, byte for byte, but for the
+    # privacy examples' placeholder shop (the samples' shop, as a real delivery names
+    # its own) and orders/paid's financial status (the example, shared with
+    # orders/create, is a voided order, which would be no purchase).
     for topic, sample in samples.items():
-        assert sample.body == (FIXTURES / f"{topic.replace('/', '_')}.json").read_bytes()
+        published = (FIXTURES / f"{topic.replace('/', '_')}.json").read_bytes()
+        published = published.replace(PLACEHOLDER_SHOP.encode(), SHOP.encode())
+        if topic == "orders/paid":
+            published = published.replace(b'"voided"', b'"paid"')
+        assert sample.body == published
 
 
 def test_freshen_makes_a_new_delivery_of_a_new_order() -> None:
@@ -456,9 +557,10 @@ def test_freshen_makes_a_new_delivery_of_a_new_order() -> None:
 
 
 class Bridge:
-    def __init__(self, url: str, sink: RunningSink) -> None:
+    def __init__(self, url: str, sink: RunningSink, database: Path) -> None:
         self.url = url
         self.sink = sink
+        self.database = database
 
     def post(
         self,
@@ -468,12 +570,13 @@ class Bridge:
         *,
         event: str | None = None,
         secret: str = SECRET,
+        shop: str = SHOP,
     ) -> httpx.Response:
         raw = body if isinstance(body, bytes) else msgspec.json.encode(body)
         # Signed here as Shopify does it, not with the handler's own scheme.
         mac = hmac.new(secret.encode(), raw, hashlib.sha256).digest()
         sent = {
-            **headers(topic, delivery, event),
+            **headers(topic, delivery, event, shop),
             "x-shopify-hmac-sha256": base64.b64encode(mac).decode(),
             "x-shopify-api-version": "2026-04",
             "content-type": "application/json",
@@ -497,6 +600,12 @@ class Bridge:
         found: dict[str, Any] = httpx.get(f"{self.sink.url}/_sink/stats").json()
         return found
 
+    def inbox(self) -> list[tuple[str, bool]]:
+        """The stored deliveries' ids, and whether each still has its raw body."""
+        with closing(sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT provider_event_id, raw_body IS NOT NULL FROM inbox")
+            return sorted((str(found), bool(kept)) for found, kept in rows)
+
 
 @pytest.fixture
 def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
@@ -511,7 +620,7 @@ def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
     # Not registered as an entry point yet: the source is given to the app explicitly.
     sources = load_sources(env, {"shopify": handler})
     with ServerThread(create_app(load_settings(env), sources=sources)) as server:
-        yield Bridge(server.url, sink)
+        yield Bridge(server.url, sink, tmp_path / "bridge.db")
 
 
 def test_one_order_is_one_purchase_and_one_order_placed_then_redact_forgets(
@@ -578,6 +687,62 @@ def test_one_order_is_one_purchase_and_one_order_placed_then_redact_forgets(
     assert len(bridge.events()) == 4
 
 
+def test_a_captured_body_under_another_topic_or_shop_is_refused_and_stores_nothing(
+    bridge: Bridge,
+) -> None:
+    """The reproductions: one signed body, re-sent with other headers, became a purchase,
+    a customer's erasure or a redact of another shop. Each is now a 400, leaves the inbox
+    as it was, and sends nothing."""
+    paid = order()
+    assert bridge.post("orders/paid", paid, "p1").json()["result"] == "accepted"
+    assert bridge.post("orders/paid", paid, "p1", shop=OTHER_SHOP).json()["result"] == (
+        "accepted"  # that shop's customer: what an order's unsigned shop header can do
+    )
+    stored = bridge.inbox()
+    data_request = fixture("customers_data_request", customer={"id": CUSTOMER_ID})
+    others_redact = fixture("customers_redact", shop_domain=OTHER_SHOP, customer={"id": 7})
+    others_uninstall = fixture("shop_redact", shop_domain=OTHER_SHOP)
+    replays = [
+        ("customers/redact", paid, SHOP),  # the order as its customer's erasure
+        ("customers/create", paid, SHOP),
+        ("refunds/create", paid, SHOP),
+        ("shop/redact", paid, SHOP),  # the order as the shop's redact
+        ("orders/paid", fixture("customers_create", id=CUSTOMER_ID), SHOP),
+        ("customers/redact", data_request, SHOP),  # a data request as an erasure
+        ("customers/redact", others_redact, SHOP),  # another shop's erasure, for this shop
+        ("shop/redact", others_uninstall, SHOP),  # another shop's redact, for this shop
+        ("shop/redact", fixture("shop_redact"), OTHER_SHOP),  # this shop's, for another
+    ]
+    for n, (topic, body, shop) in enumerate(replays):
+        answer = bridge.post(topic, body, f"replay-{n}", shop=shop)
+        assert answer.status_code == 400, (topic, shop)
+        assert answer.json()["error"] == "invalid_payload"
+    assert bridge.inbox() == stored  # nothing stored, nothing purged: raw bodies kept
+    assert all(kept for _, kept in stored)
+
+    # An unpaid order's body re-sent as orders/paid is taken, but is no purchase.
+    pending = order(id=ORDER_ID + 1, financial_status="pending")
+    assert bridge.post("orders/create", pending, "c2").json()["result"] == "accepted"
+    assert bridge.post("orders/paid", pending, "p2").json()["result"] == "ignored"
+
+    calls = bridge.arrived(4)  # the purchase, the order placed, and their identifies
+    assert not [c for c in calls if c["route"] == "forget"]
+    tracks = [(c["event"], c["event_id"]) for c in calls if c["route"] == "track"]
+    assert sorted(tracks) == [
+        ("order_placed", f"order_placed:shopify:{ORDER_ID + 1}"),
+        ("purchase", f"purchase:shopify:{ORDER_ID}"),
+    ]
+    # The order's shop header still names whose customer it is (docs/handlers.md).
+    identified = {c["user_id"] for c in calls if c["route"] == "identify"}
+    assert identified == {USER, f"shopify:{OTHER_SHOP}:{CUSTOMER_ID}"}
+    # The other shop's copy of the purchase has the same event_id: a duplicate, not revenue.
+    deadline = time.monotonic() + 10
+    while bridge.stats()["duplicates"] < 1:
+        assert time.monotonic() < deadline, "the copy of the purchase never reached the sink"
+        time.sleep(0.05)
+    assert [c["event"] for c in bridge.events() if c["route"] == "track"].count("purchase") == 1
+
+
 def test_shopifys_own_signed_examples_through_the_app(bridge: Bridge) -> None:
     """The recorded bytes and headers, with their client secret: the test orders are
     knowingly ignored, the privacy topics acknowledged, a tampered body refused."""
@@ -591,7 +756,8 @@ def test_shopifys_own_signed_examples_through_the_app(bridge: Bridge) -> None:
         mac = hmac.new(OLD_SECRET.encode(), body, hashlib.sha256).digest()
         sent["X-Shopify-Hmac-Sha256"] = base64.b64encode(mac).decode()
         answer = httpx.post(f"{bridge.url}/webhooks/shopify", content=body, headers=sent)
-        answers[recorded["X-Shopify-Topic"]] = answer.json()["result"]
+        found = answer.json()
+        answers[recorded["X-Shopify-Topic"]] = found.get("result") or found["error"]
         tampered = body.replace(b"john@example.com", b"jane@example.com")
         if tampered != body:
             refused = httpx.post(f"{bridge.url}/webhooks/shopify", content=tampered, headers=sent)
@@ -601,12 +767,14 @@ def test_shopifys_own_signed_examples_through_the_app(bridge: Bridge) -> None:
         "orders/paid": "ignored",
         "refunds/create": "accepted",
         "customers/create": "accepted",
-        "customers/redact": "accepted",
-        "customers/data_request": "ignored",
-        "shop/redact": "accepted",
+        # The privacy examples name the placeholder "{shop}.myshopify.com", not the
+        # recorded header's shop: the signed body and the header disagree, so refused.
+        "customers/redact": "invalid_payload",
+        "customers/data_request": "invalid_payload",
+        "shop/redact": "invalid_payload",
     }
-    routes = sorted(c["route"] for c in bridge.arrived(3))
-    assert routes == ["forget", "identify", "track"]
+    routes = sorted(c["route"] for c in bridge.arrived(2))
+    assert routes == ["identify", "track"]
 
 
 def test_malformed_and_unsigned_deliveries_are_refused(bridge: Bridge) -> None:

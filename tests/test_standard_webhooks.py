@@ -132,6 +132,16 @@ def test_svix_headers_verify_and_name_the_message() -> None:
         scheme.verify(request(mixed), [SECRET], 300)
 
 
+def test_the_message_id_is_read_as_it_is_signed() -> None:
+    """The id is signed stripped, so a captured message whose id header is padded still
+    verifies: it must still be the same delivery, not a new one."""
+    padded = fresh()
+    headers = {**padded.headers, "webhook-id": "  msg_2b0nT3st\t"}
+    scheme.verify(request(headers), [SECRET], 300)
+    assert message_id(headers) == message_id(padded.headers) == "msg_2b0nT3st"
+    assert message_id({"webhook-signature": "v1,x", "webhook-id": "   "}) is None
+
+
 def test_secrets_with_or_without_the_prefix_and_padding() -> None:
     bare = SECRET.removeprefix("whsec_")
     scheme.verify(fresh(SECRET), [bare], 300)
