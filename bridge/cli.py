@@ -10,8 +10,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
-from typing import Any, NoReturn
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
 
 import click
 import httpx
@@ -22,6 +22,8 @@ from bridge.errors import ConfigError
 from bridge.logs import configure_logging
 from bridge.outbox_cli import forget, outbox
 from bridge.registry import HANDLER_GROUP, Source, load_handlers, load_sources
+from bridge.startup import open_outbox, refuse
+from bridge.store import Store, open_store
 
 __all__ = ["main"]
 
@@ -36,33 +38,42 @@ DEV_SECRET = "whsec_" + base64.b64encode(b"millimetric-bridge dev secret").decod
 GC_YOUNG_THRESHOLD = 10_000
 
 
-def _refuse(error: ConfigError) -> NoReturn:
-    """One line naming the variable and why; exit code 2, before anything listens."""
-    click.echo(f"millimetric-bridge: {error}", err=True)
-    sys.exit(2)
-
-
 def _settings(env: Mapping[str, str], **kwargs: Any) -> Settings:
     try:
         return load_settings(env, **kwargs)
     except ConfigError as error:
-        _refuse(error)
+        refuse(error)
 
 
 def _sources(env: Mapping[str, str], *, dev: bool = False) -> dict[str, Source]:
     try:
         return load_sources(env, load_handlers(), dev=dev)
     except ConfigError as error:
-        _refuse(error)
+        refuse(error)
 
 
-def _run(*servers: uvicorn.Server) -> None:
-    """Serve until a signal. uvicorn shuts down cleanly on SIGINT or SIGTERM, then raises the
-    signal again for whoever handled it before: here, that means exit 0.
+def _store(settings: Settings) -> Store:
+    """The outbox, not yet opened: `_run` opens it on the serving loop, then the app's
+    lifespan (for which opening again is a no-op) recovers it and starts forwarding."""
+    try:
+        return open_store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+    except ConfigError as error:
+        refuse(error)
+
+
+def _run(
+    *servers: uvicorn.Server, first: Callable[[], Coroutine[Any, Any, object]] | None = None
+) -> None:
+    """Run `first` (opening the store), then serve until a signal. uvicorn shuts down
+    cleanly on SIGINT or SIGTERM, then raises the signal again for whoever handled it
+    before: here, that means exit 0.
 
     On the event loop uvicorn's config picks (uvloop where installed), as `uvicorn.run`
     would: `asyncio.run` alone gives the standard library's loop, which costs intake about
-    a third of its throughput."""
+    a third of its throughput. `first` runs on that same loop, since the store it opens
+    (a connection pool, the SQLite writer's futures) belongs to the loop that opened it;
+    a ConfigError from it is refused before anything listens, where uvicorn would log a
+    traceback and exit 3."""
 
     def stopped(_signum: int, _frame: object) -> None:
         raise SystemExit(0)
@@ -71,9 +82,14 @@ def _run(*servers: uvicorn.Server) -> None:
         await asyncio.gather(*(server.serve() for server in servers))
 
     signal.signal(signal.SIGTERM, stopped)
-    _settle_heap()
     loop_factory = servers[0].config.get_loop_factory()
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory) as run:
+        try:
+            if first is not None:
+                run.run(first())
+        except ConfigError as error:
+            refuse(error)
+        _settle_heap()
         run.run(serve_all())
 
 
@@ -124,8 +140,12 @@ def serve(host: str | None, port: int | None) -> None:
     configure_logging("json", settings.log_level)
     from bridge.app import create_app
 
-    app = create_app(settings, sources=sources)
-    _run(_server(app, settings.host, settings.port))
+    store = _store(settings)
+    app = create_app(settings, sources=sources, store=store)
+    _run(
+        _server(app, settings.host, settings.port),
+        first=lambda: open_outbox(store, settings.database_url),
+    )
 
 
 @main.command()
@@ -156,17 +176,22 @@ def dev(port: int, sink_port: int) -> None:
     settings = _settings(env, host="127.0.0.1", port=port, log_format="console")
     sources = _sources(env, dev=True)
     configure_logging("console", settings.log_level)
-    click.echo(
-        f"\n  bridge   http://127.0.0.1:{port}  (try: curl http://127.0.0.1:{port}/healthz)\n"
-        f"  sink     http://127.0.0.1:{sink_port}  (what arrived: curl "
-        f"http://127.0.0.1:{sink_port}/_sink/events)\n"
-        f"  webhooks {', '.join(f'/webhooks/{n}' for n in sorted(sources))}\n\n"
-        f"  next: millimetric-bridge send-test stripe checkout.session.completed\n"
-    )
+    store = _store(settings)
+
+    async def first() -> None:
+        await open_outbox(store, settings.database_url)
+        click.echo(  # once the outbox is open: a refusal is then the only thing printed
+            f"\n  bridge   http://127.0.0.1:{port}  (try: curl http://127.0.0.1:{port}/healthz)\n"
+            f"  sink     http://127.0.0.1:{sink_port}  (what arrived: curl "
+            f"http://127.0.0.1:{sink_port}/_sink/events)\n"
+            f"  webhooks {', '.join(f'/webhooks/{n}' for n in sorted(sources))}\n\n"
+            f"  next: millimetric-bridge send-test stripe checkout.session.completed\n"
+        )
 
     _run(
         _server(create_sink_app(), "127.0.0.1", sink_port),
-        _server(create_app(settings, sources=sources), "127.0.0.1", port),
+        _server(create_app(settings, sources=sources, store=store), "127.0.0.1", port),
+        first=first,
     )
 
 

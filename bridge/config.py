@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from bridge.database_url import check_postgresql_url
 from bridge.errors import ConfigError
 from bridge.forwarder import ForwarderConfig
 from bridge.ratelimit import RateLimit
@@ -75,9 +76,20 @@ def check_key(key: str | None, variable: str = "MILLIMETRIC_KEY") -> str:
 
 
 def _check_url(variable: str, value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    """A base URL httpx can send to; the message never repeats it (it may carry a login)."""
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ConfigError(variable, "must be an http:// or https:// URL without spaces")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (urllib checks the port only when it is read)
+    except ValueError:
+        raise ConfigError(variable, "is not a valid URL: check its host and port") from None
+    if parts.scheme not in ("http", "https"):
         raise ConfigError(variable, "must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ConfigError(variable, "names no host, e.g. https://api.millimetric.ai")
+    if parts.query or parts.fragment:
+        raise ConfigError(variable, "is a base URL: no ?query or #fragment")
     return value.rstrip("/")
 
 
@@ -85,7 +97,7 @@ def _check_database_url(value: str) -> str:
     if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
         return value
     if value.startswith(("postgresql://", "postgres://")):
-        return value
+        return check_postgresql_url(value)
     raise ConfigError("BRIDGE_DATABASE_URL", "must be sqlite:///PATH or postgresql://...")
 
 

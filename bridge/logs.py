@@ -38,6 +38,8 @@ _SECRET_VALUE: Final = re.compile(
     r"|\b[Bb]earer\s+[^\s,;\"']+"  # bearer tokens
     r"|\b(?:v1|h1|sha256|v1a)=[0-9a-fA-F]{16,}"  # hex signatures in signature headers
     r"|\bv1,[A-Za-z0-9+/=]{16,}"  # Standard Webhooks signatures
+    # Database URL credentials, to the last "@": an unencoded "/" or "#" may hide in them.
+    r"|\bpostgres(?:ql)?://\S*@"
 )
 
 
@@ -50,7 +52,7 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         # Every shape `_SECRET_VALUE` finds holds one of these; most values (sources,
         # results, ids) hold none and skip the regular expression.
-        if "_" in value or "=" in value or "earer" in value or "v1," in value:
+        if "_" in value or "=" in value or "earer" in value or "v1," in value or "@" in value:
             return _SECRET_VALUE.sub(REDACTED, value)
         return value
     if isinstance(value, dict):

@@ -15,8 +15,10 @@ from typing import Any, Final, TypeVar
 import click
 
 from bridge.config import load_settings
+from bridge.database_url import scrubbed
 from bridge.errors import ConfigError, EventInvalid, StoreUnavailable
 from bridge.events import Forget
+from bridge.startup import open_outbox, refuse
 from bridge.store import Delivery, Selection, Store, open_store
 
 __all__ = ["forget", "outbox"]
@@ -27,14 +29,16 @@ _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _with_store(work: Callable[[Store], Awaitable[T]]) -> T:
+    """`work` on the opened outbox. Configuration, the store's included, is refused as
+    `serve` refuses it (one line, exit code 2); a failure of the work itself is exit 1."""
     try:
         settings = load_settings(os.environ, require_key=False)
+        store = open_store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     except ConfigError as error:
-        raise click.ClickException(str(error)) from error
+        refuse(error)
 
     async def run() -> T:
-        store = open_store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
-        await store.open()
+        await open_outbox(store, settings.database_url)
         try:
             return await work(store)
         finally:
@@ -42,8 +46,11 @@ def _with_store(work: Callable[[Store], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(run())
-    except (StoreUnavailable, ConfigError) as error:
-        raise click.ClickException(str(error)) from error
+    except ConfigError as error:
+        refuse(error)
+    except StoreUnavailable as error:
+        message = scrubbed(str(error), settings.database_url)
+        raise click.ClickException(message) from None
 
 
 def _parse_since(_ctx: Any, _param: Any, value: str | None) -> float | None:

@@ -45,7 +45,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, Final, TypeVar
-from urllib.parse import urlsplit
 
 import msgspec
 import psycopg
@@ -56,6 +55,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.string import StrDumper, StrDumperUnknown, TextLoader
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from bridge.database_url import redacted, scrubbed
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.events import About, Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
 from bridge.store import (
@@ -177,15 +177,6 @@ _encoder: Final = msgspec.json.Encoder()
 _forget_decoder: Final = msgspec.json.Decoder(Forget)
 
 
-def redacted(url: str) -> str:
-    """The URL as it may appear in a message: scheme, user, host, port and database only
-    (never the password, nor query options that could carry one)."""
-    parts = urlsplit(url)
-    user = f"{parts.username}@" if parts.username else ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{user}{parts.hostname or ''}{port}{parts.path}"
-
-
 def _migrations() -> list[tuple[int, str]]:
     folder = resources.files("bridge.migrations").joinpath("postgres")
     found = []
@@ -256,8 +247,8 @@ class PostgresStore:
                 await _migrate(cursor, _lock_key("migrations", schema))
         except psycopg.Error as error:
             raise StoreUnavailable(
-                f"postgresql: cannot use {redacted(self.url)}: {error}".strip()
-            ) from error
+                f"postgresql: cannot use {redacted(self.url)}: {scrubbed(str(error), self.url)}"
+            ) from None  # the driver's own text may quote pieces of the password
         self.leader_key = _lock_key("forwarder", schema)
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
             self.url,

@@ -110,9 +110,13 @@ def _default_variable(source: str) -> str:
 
 def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
     try:
-        document = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as error:
-        raise ConfigError("BRIDGE_CONFIG", f"cannot read {path}: {error}") from error
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:  # a directory, no permission
+        raise ConfigError("BRIDGE_CONFIG", f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("BRIDGE_CONFIG", f"cannot read {path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError("BRIDGE_CONFIG", f"cannot read {path}: not TOML: {error}") from None
     sources = document.get("sources", {})
     if not isinstance(sources, dict) or not all(isinstance(v, dict) for v in sources.values()):
         raise ConfigError("BRIDGE_CONFIG", f"{path}: [sources.NAME] tables expected")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from click.testing import CliRunner
 from bridge.cli import main
 from bridge.config import load_settings
 from bridge.errors import ConfigError
+from tests.conftest import free_port
 
 GOOD = "sk_live_abc123_def456"
 
@@ -114,3 +117,144 @@ def test_every_command_has_useful_help(command: str) -> None:
     assert result.exit_code == 0
     assert "Usage: main" in result.output or "Usage:" in result.output
     assert len(result.output.splitlines()) >= 4
+
+
+# -- refusals by the real command: one line on stderr, exit code 2, never the password ----
+
+SCRIPT = Path(sys.executable).parent / "millimetric-bridge"
+PASSWORD = "s3cr%t#p/ss"  # unencoded %, # and /; "s3cr" is in every spelling of it
+ENCODED = "s3cr%25t%23p%2Fss"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A working directory holding the wrong things a variable could point at."""
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "bad.toml").write_text("[sources.x\nhandler = ")
+    (tmp_path / "latin1.toml").write_bytes(b"# caf\xe9\n")
+    return tmp_path
+
+
+def refused(workdir: Path, command: str, **variables: str) -> str:
+    """Run `millimetric-bridge COMMAND` as an operator would, with `variables` set; check
+    that it refused as the README promises, and return its one line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MILLIMETRIC_", "BRIDGE_"))}
+    env |= {"MILLIMETRIC_KEY": GOOD, **variables}
+    args = command.split()
+    if args[0] == "dev":
+        args += ["--port", str(free_port()), "--sink-port", str(free_port())]
+    done = subprocess.run(
+        [SCRIPT, *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stdout == ""  # nothing started, nothing printed before the refusal
+    assert "s3cr" not in done.stderr
+    return done.stderr.strip()
+
+
+UNREACHABLE = "cannot connect to PostgreSQL at postgresql://bridge@127.0.0.1:1/bridge: "
+BAD_DATABASE_URLS = [
+    (f"postgresql://bridge:{PASSWORD}@127.0.0.1/bridge", "is not a PostgreSQL URL that libpq"),
+    ("postgresql://bridge:s3cr/p/ss@127.0.0.1/bridge", "is not read as meant"),
+    ("postgresql://bridge:s3cr@p@127.0.0.1/bridge", "is not read as meant"),
+    ("postgresql://bridge:s3cr p@127.0.0.1/bridge", "is not a PostgreSQL URL that libpq"),
+    (f"postgresql://bridge:{ENCODED}@127.0.0.1:1/bridge", UNREACHABLE),
+    ("postgresql://bridge:s3cr#p?ss@127.0.0.1:1/bridge", UNREACHABLE),  # libpq reads this one
+    ("sqlite:///adir", "adir is a directory; name a file in it"),
+    ("sqlite:///afile/bridge.db", "cannot create afile/bridge.db: afile is not a directory"),
+]
+
+
+@pytest.mark.parametrize(("url", "says"), BAD_DATABASE_URLS)
+def test_serve_refuses_a_database_url_that_cannot_work(workdir: Path, url: str, says: str) -> None:
+    line = refused(workdir, "serve", BRIDGE_DATABASE_URL=url)
+    assert line.startswith(f"millimetric-bridge: BRIDGE_DATABASE_URL: {says}")
+
+
+@pytest.mark.parametrize("command", ["dev", "outbox status", "forget u1"])
+@pytest.mark.parametrize(("url", "says"), [BAD_DATABASE_URLS[i] for i in (0, 4, 6)])
+def test_every_command_that_opens_the_outbox_refuses_the_same_way(
+    workdir: Path, command: str, url: str, says: str
+) -> None:
+    line = refused(workdir, command, BRIDGE_DATABASE_URL=url)
+    assert line.startswith(f"millimetric-bridge: BRIDGE_DATABASE_URL: {says}")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (Linux)")
+def test_an_unwritable_sqlite_location_is_refused(workdir: Path) -> None:
+    line = refused(workdir, "serve", BRIDGE_DATABASE_URL="sqlite:////proc/bridge.db")
+    assert line.startswith("millimetric-bridge: BRIDGE_DATABASE_URL: ")
+    assert "/proc/bridge.db" in line
+
+
+def test_a_silent_postgresql_server_is_refused_within_seconds(workdir: Path) -> None:
+    with socket.socket() as silent:  # takes connections and never answers them
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        start = time.monotonic()
+        line = refused(
+            workdir,
+            "serve",
+            BRIDGE_DATABASE_URL=f"postgresql://bridge:{ENCODED}@127.0.0.1:{port}/b",
+        )
+    assert time.monotonic() - start < 15
+    assert (
+        line.startswith(
+            f"millimetric-bridge: BRIDGE_DATABASE_URL: no answer from PostgreSQL at "
+            f"postgresql://bridge@127.0.0.1:{port}/b within 5s"
+        )
+        or "timeout" in line
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        ("missing.toml", "missing.toml does not exist"),
+        ("adir", "cannot read adir: Is a directory"),
+        ("bad.toml", "cannot read bad.toml: not TOML: "),
+        ("latin1.toml", "cannot read latin1.toml: not UTF-8 text"),
+    ],
+)
+def test_a_bridge_config_that_cannot_be_read_is_refused(
+    workdir: Path, path: str, says: str
+) -> None:
+    line = refused(workdir, "serve", BRIDGE_CONFIG=path)
+    assert line.startswith(f"millimetric-bridge: BRIDGE_CONFIG: {says}")
+
+
+def test_dev_refuses_a_bridge_config_as_serve_does(workdir: Path) -> None:
+    line = refused(workdir, "dev", BRIDGE_CONFIG="adir")
+    assert line == "millimetric-bridge: BRIDGE_CONFIG: cannot read adir: Is a directory"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_bridge_config_is_refused(workdir: Path) -> None:
+    (workdir / "secret.toml").write_text("")
+    (workdir / "secret.toml").chmod(0)
+    line = refused(workdir, "serve", BRIDGE_CONFIG="secret.toml")
+    assert line == "millimetric-bridge: BRIDGE_CONFIG: cannot read secret.toml: Permission denied"
+
+
+@pytest.mark.parametrize(
+    ("host", "says"),
+    [
+        ("api.millimetric.ai", "must be an http:// or https:// URL"),
+        ("ftp://api.millimetric.ai", "must be an http:// or https:// URL"),
+        ("https://api millimetric.ai", "must be an http:// or https:// URL without spaces"),
+        ("https://", "names no host"),
+        ("https://api.millimetric.ai:99999", "is not a valid URL"),
+        ("https://[::1", "is not a valid URL"),
+    ],
+)
+def test_a_malformed_millimetric_host_is_refused(workdir: Path, host: str, says: str) -> None:
+    line = refused(workdir, "serve", MILLIMETRIC_HOST=host)
+    assert line.startswith(f"millimetric-bridge: MILLIMETRIC_HOST: {says}")
+
+
+def test_outbox_commands_check_millimetric_host_too(workdir: Path) -> None:
+    line = refused(workdir, "outbox status", MILLIMETRIC_HOST="https://")
+    assert line.startswith("millimetric-bridge: MILLIMETRIC_HOST: names no host")

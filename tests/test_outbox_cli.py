@@ -108,5 +108,7 @@ def test_a_broken_database_url_is_one_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         main, ["outbox", "status"], env={"BRIDGE_DATABASE_URL": "mysql://x"}
     )
-    assert result.exit_code == 1
-    assert "BRIDGE_DATABASE_URL" in result.output
+    assert result.exit_code == 2  # bad configuration, as for serve
+    assert result.output.splitlines() == [
+        "millimetric-bridge: BRIDGE_DATABASE_URL: must be sqlite:///PATH or postgresql://..."
+    ]
