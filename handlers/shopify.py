@@ -41,7 +41,7 @@ from typing import Any, Final
 
 import msgspec
 
-from bridge import Forget, Identify, Output, PayloadInvalid, Purge, Track
+from bridge import About, Forget, Identify, Output, PayloadInvalid, Purge, Track
 from bridge.money import to_minor_units
 from bridge.plugin import Sample, SourceOptions, WebhookRequest
 from bridge.signatures import HmacScheme
@@ -290,7 +290,11 @@ class ShopifyHandler:
     ) -> list[Output]:
         topic, shop, body = payload.topic, payload.shop, payload.body
         if isinstance(body, Order):
-            return _order_calls(topic, shop, body, options)
+            # Named whatever the order becomes (an unpaid or test order becomes no call):
+            # its raw payload holds the customer's e-mail, name and address, which their
+            # customers/redact must reach.
+            about = [About(identifier=user_id_for(shop, body.customer.id))] if body.customer else []
+            return [*about, *_order_calls(topic, shop, body, options)]
         if isinstance(body, Refund):
             return _refund_calls(shop, body, options)
         if isinstance(body, Customer):  # customers/create, customers/update
@@ -308,8 +312,10 @@ class ShopifyHandler:
             # The app was uninstalled 48 hours ago: drop the shop's data.
             return [Purge(deliveries=f"{shop}:", users=_users_of(shop))]
         # customers/data_request: acknowledged; the inbox keeps it and the intake logs it
-        # as an ignored delivery, for the operator to answer. Every other topic: ignored.
-        return []
+        # as an ignored delivery, for the operator to answer (a later customers/redact
+        # erases it). Every other topic: ignored.
+        customer = body.customer.id if isinstance(body, PrivacyRequest) and body.customer else None
+        return [] if customer is None else [About(identifier=user_id_for(shop, customer))]
 
     def samples(self) -> Mapping[str, Sample]:
         folder = resources.files("handlers").joinpath("samples", "shopify")

@@ -23,11 +23,11 @@ import pytest
 from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.errors import PayloadInvalid, SignatureInvalid
-from bridge.events import Forget, Identify, Purge, Track
+from bridge.events import About, Forget, Identify, Purge, Track
 from bridge.plugin import Sample, WebhookRequest
 from bridge.registry import check_handler, load_sources
 from bridge.store import Delivery, open_store
-from bridge.testing import TEST_SECRET, run_handler, signed_request
+from bridge.testing import TEST_SECRET, Translated, run_handler, signed_request
 from handlers.shopify import handler
 from tests.conftest import RunningSink, ServerThread
 
@@ -89,9 +89,23 @@ def headers(
     return found
 
 
-def run(topic: str, body: dict[str, Any] | bytes, **options: Any) -> list[Any]:
+def outputs(topic: str, body: dict[str, Any] | bytes, **options: Any) -> list[Any]:
     raw = body if isinstance(body, bytes) else msgspec.json.encode(body)
     return run_handler(handler, raw, headers=headers(topic), **options).calls
+
+
+def run(topic: str, body: dict[str, Any] | bytes, **options: Any) -> list[Any]:
+    """What the delivery becomes, less the customer it names for erasure (`about`)."""
+    raw = body if isinstance(body, bytes) else msgspec.json.encode(body)
+    return sent(run_handler(handler, raw, headers=headers(topic), **options))
+
+
+def sent(translated: Translated) -> list[Any]:
+    return [o for o in translated.calls if not isinstance(o, About)]
+
+
+def about(topic: str, body: dict[str, Any] | bytes, **options: Any) -> list[str]:
+    return [o.identifier for o in outputs(topic, body, **options) if isinstance(o, About)]
 
 
 def request(body: bytes, found: dict[str, str]) -> WebhookRequest:
@@ -357,6 +371,19 @@ def test_privacy_topics() -> None:
     assert run("customers/redact", fixture("customers_redact", customer=None)) == []
     # Acknowledged: recorded in the inbox and the log for the operator.
     assert run("customers/data_request", fixture("customers_data_request")) == []
+
+
+def test_every_delivery_about_a_customer_names_them_for_erasure() -> None:
+    """customers/redact forgets `shopify:<shop>:<id>`, a string no Shopify body holds: the
+    orders (paid or not, test or not) and data requests that carry the customer's e-mail,
+    name and address are reached through the customer they name."""
+    for topic in ("orders/paid", "orders/create"):
+        for variant in (order(), order(test=True), order(financial_status="pending")):
+            assert about(topic, variant, include_test_events=False) == [USER], (topic, variant)
+    assert about("orders/paid", order(customer=None)) == []
+    request = fixture("customers_data_request", customer={"id": CUSTOMER_ID})
+    assert about("customers/data_request", request) == [USER]
+    assert about("refunds/create", refund()) == []  # a refund names no customer
     # The shop's deliveries and customers, by the prefixes their ids start with.
     assert run("shop/redact", fixture("shop_redact")) == [
         Purge(deliveries=f"{SHOP}:", users=f"shopify:{SHOP}:")
@@ -416,7 +443,7 @@ def test_the_privacy_topics_act_on_the_shop_their_body_names(topic: str, name: s
         run(topic, fixture(name, shop_domain=None))
     # The same domain in other letters is the same shop.
     loud = msgspec.json.encode(fixture(name, shop_domain="Example.MyShopify.COM"))
-    assert run_handler(handler, loud, headers=headers(topic)).calls == run(topic, fixture(name))
+    assert sent(run_handler(handler, loud, headers=headers(topic))) == run(topic, fixture(name))
     # Another shop's own request, with its own header, acts on that shop.
     other = msgspec.json.encode(fixture(name, shop_domain=OTHER_SHOP))
     calls = run_handler(handler, other, headers=headers(topic, shop=OTHER_SHOP)).calls
@@ -439,12 +466,12 @@ def test_ids_come_from_the_body_and_the_shop_header_only_names_the_shop() -> Non
     """An order names no shop, so the header still says whose customer it is (see the
     docs: only a shop sharing the app's secret can be named); every id is the body's."""
     body = msgspec.json.encode(order())
-    (here,) = run_handler(handler, body, headers=headers("orders/paid")).calls
+    (here,) = sent(run_handler(handler, body, headers=headers("orders/paid")))
     moved = {
         **headers("orders/paid", delivery="fresh", shop=OTHER_SHOP),
         "x-shopify-event-id": "e9",
     }
-    (there,) = run_handler(handler, body, headers=moved).calls
+    (there,) = sent(run_handler(handler, body, headers=moved))
     assert here.event_id == there.event_id == f"purchase:shopify:{ORDER_ID}"
     assert (here.user_id, there.user_id) == (USER, f"shopify:{OTHER_SHOP}:{CUSTOMER_ID}")
     assert here.properties["order_id"] == there.properties["order_id"] == str(ORDER_ID)
@@ -488,7 +515,7 @@ def test_missing_or_malformed_headers_are_invalid(
 def test_the_shop_domain_is_read_in_lower_case() -> None:
     body = msgspec.json.encode(order())
     loud = {**headers("orders/paid"), "x-shopify-shop-domain": "Example.MyShopify.com"}
-    (call,) = run_handler(handler, body, headers=loud).calls
+    (call,) = sent(run_handler(handler, body, headers=loud))
     assert call.user_id == USER
 
 
@@ -517,7 +544,7 @@ def test_it_keeps_the_handler_protocol_and_its_samples_translate() -> None:
         again = run_handler(handler, sample.body, headers=sample.headers)
         assert first.delivery_id == again.delivery_id  # a redelivery is recognisable
         assert first.calls == again.calls  # and becomes the same calls
-        events[topic] = [getattr(c, "event", type(c).__name__) for c in first.calls]
+        events[topic] = [getattr(c, "event", type(c).__name__) for c in sent(first)]
     assert events == {
         "orders/create": ["order_placed"],
         "orders/paid": ["purchase"],
@@ -544,7 +571,7 @@ def test_freshen_makes_a_new_delivery_of_a_new_order() -> None:
     fresh = handler.freshen(sample)
     again = handler.freshen(sample)
     assert fresh.headers["x-shopify-webhook-id"] != again.headers["x-shopify-webhook-id"]
-    (purchase,) = run_handler(handler, fresh.body, headers=fresh.headers).calls
+    (purchase,) = sent(run_handler(handler, fresh.body, headers=fresh.headers))
     order_id = int(purchase.properties["order_id"])
     assert order_id > 2**53
     assert purchase.event_id == f"purchase:shopify:{order_id}"
@@ -847,3 +874,25 @@ async def test_shop_redact_purges_that_shop_and_nothing_else(tmp_path: Path) -> 
     orders = [c["properties"]["order_id"] for c in calls if c.get("event") == "purchase"]
     assert sorted(orders) == [str(ORDER_ID), str(ORDER_ID + 1)]
     assert all(c["user_id"] == f"shopify:{other}:{CUSTOMER_ID}" for c in calls)
+
+
+def test_customers_redact_erases_every_order_of_the_customer_paid_or_not(
+    bridge: Bridge,
+) -> None:
+    """The forget is of `shopify:<shop>:<id>`, which no order body holds; an unpaid order
+    becomes no call at all. Both raw payloads hold the customer's e-mail and address."""
+    mine = {"id": CUSTOMER_ID, "email": "redact.me@example.org"}
+    theirs = {"id": CUSTOMER_ID + 1, "email": "keep.me@example.org"}
+    pending = order(id=ORDER_ID + 1, financial_status="pending", customer=mine)
+    assert bridge.post("orders/create", order(customer=mine), "c1").status_code == 200
+    assert bridge.post("orders/paid", pending, "p0").json()["result"] == "ignored"
+    assert bridge.post("orders/paid", order(customer=mine), "p1").status_code == 200
+    other = bridge.post("orders/paid", order(id=ORDER_ID + 2, customer=theirs), "p2")
+    assert other.json()["result"] == "accepted"
+    assert [kept for _, kept in bridge.inbox()] == [True] * 4
+    redact = fixture("customers_redact", customer={"id": CUSTOMER_ID})
+    assert bridge.post("customers/redact", redact, "r1").status_code == 200
+    with closing(sqlite3.connect(f"file:{bridge.database}?mode=ro", uri=True)) as db:
+        raw = [body for (body,) in db.execute("SELECT raw_body FROM inbox") if body]
+    assert len(raw) == 1
+    assert b"keep.me@example.org" in raw[0]
