@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import select
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -383,3 +384,83 @@ def test_admin_replay_refuses_ids_sqlite_cannot_hold(bridge: Bridge) -> None:
         answer = bridge.post("/admin/replay", json.dumps({"ids": ids}).encode(), auth)
         assert answer.status_code == 400, ids
     assert bridge.post("/admin/replay", b'{"ids": [1]}', auth).json() == {"count": 0}
+
+
+# -- a body that never finishes ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """A bridge whose webhook bodies must arrive within half a second."""
+    tmp = tmp_path_factory.mktemp("impatient")
+    env = {
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": "http://127.0.0.1:9",  # nothing is forwarded here
+        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp}/bridge.db",
+        "BRIDGE_BODY_TIMEOUT_SECONDS": "0.5",
+        "STRIPE_WEBHOOK_SECRET": TEST_SECRET,
+    }
+    with ServerThread(create_app(load_settings(env))) as server:
+        yield server
+
+
+def answer_after(s: socket.socket, trickle: bytes = b"", every: float = 0.05) -> bytes:
+    """Everything the server sends until it closes, sending `trickle` a byte at a time
+    (one each `every` seconds) until it answers."""
+    received = b""
+    for byte in trickle:
+        if select.select([s], [], [], every)[0]:
+            break
+        s.sendall(bytes([byte]))
+    while chunk := s.recv(65536):
+        received += chunk
+    return received
+
+
+def head(port: int, rest: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    body = subscription("never")
+    headers = "".join(f"{k}: {v}\r\n" for k, v in signed(body).items())
+    s.sendall(f"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n{headers}".encode() + rest)
+    return s
+
+
+@pytest.mark.parametrize(
+    ("what", "rest", "trickle"),
+    [
+        ("headers, then silence", b"Content-Length: 100\r\n\r\n", b""),
+        ("part of the body, then silence", b"Content-Length: 100\r\n\r\n" + b"{" * 10, b""),
+        ("a chunk, then silence", b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n", b""),
+        ("a byte every 50 ms", b"Content-Length: 1000\r\n\r\n", b" " * 1000),
+    ],
+)
+def test_a_body_that_never_finishes_is_cut_off_with_408(
+    impatient: ServerThread, what: str, rest: bytes, trickle: bytes
+) -> None:
+    before = metrics_text(impatient.url)
+    started = time.monotonic()
+    with capture_logs() as lines, head(impatient.port, rest) as s:
+        received = answer_after(s, trickle)
+    took = time.monotonic() - started
+    assert received.startswith(b"HTTP/1.1 408 "), received[:100]
+    assert b"\r\nconnection: close\r\n" in received.lower()
+    assert 0.5 <= took < 2.5  # the deadline (0.5 s) is for the whole body, not each byte
+    (line,) = [line for line in lines if line["event"] == "webhook"]
+    assert (line["result"], line["reason"]) == ("rejected", "body_timeout")
+    after = metrics_text(impatient.url)
+    series = 'bridge_http_requests_total{app_name="millimetric_bridge",method="POST",'
+    series += 'path="/webhooks/{source}",status_code="408"}'
+    assert metric(after, series) == metric(before, series) + 1
+    # Others are served all along, and after.
+    body = subscription(f"beside-{what}")
+    assert httpx.post(f"{impatient.url}/webhooks/stripe", content=body, headers=signed(body))
+
+
+def metrics_text(url: str) -> str:
+    return httpx.get(f"{url}/metrics").text
+
+
+def metric(text: str, series: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series)
+    )
