@@ -10,18 +10,24 @@ from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import httpx
+import structlog
 from litestar import Litestar, Request, get
+from litestar.exceptions import HTTPException
+from litestar.exceptions.responses import create_exception_response
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusController
 from litestar.response import Response
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from bridge import metrics
 from bridge.admin import admin_router
 from bridge.client import MillimetricClient, build_http_client
 from bridge.config import Settings
 from bridge.errors import (
     BridgeError,
     EventInvalid,
+    HandlerFailed,
     PayloadInvalid,
     SignatureInvalid,
     StoreUnavailable,
@@ -32,7 +38,9 @@ from bridge.intake import intake_route
 from bridge.registry import Source, load_handlers, load_sources
 from bridge.store import Store, open_store
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "error_response"]
+
+log = structlog.get_logger("bridge.app")
 
 _READY_TIMEOUT = 2.0
 
@@ -41,20 +49,47 @@ _STATUS: Final[dict[type[BridgeError], tuple[int, str]]] = {
     SignatureInvalid: (401, "invalid_signature"),
     PayloadInvalid: (400, "invalid_payload"),
     EventInvalid: (400, "invalid_payload"),
+    HandlerFailed: (503, "handler_failed"),
     StoreUnavailable: (503, "store_unavailable"),
 }
 
 
-def bridge_error(_request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
-    """The one place where the error tree becomes HTTP statuses."""
-    status, code = next(
-        (v for k, v in _STATUS.items() if isinstance(error, k)), (500, "internal_error")
+def error_response(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """The one place where an exception becomes an answer: the error tree by `_STATUS`,
+    Litestar's own HTTP exceptions as Litestar answers them, and anything else (a bug) by
+    the last resort, never as a bare 500."""
+    mapped = next((v for k, v in _STATUS.items() if isinstance(error, k)), None)
+    if mapped is not None:
+        return _answer(*mapped, str(error)[:300])
+    if isinstance(error, HTTPException) and error.status_code != HTTP_500_INTERNAL_SERVER_ERROR:
+        return create_exception_response(request, error)
+    return _last_resort(request, error)
+
+
+def _last_resort(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """An exception no code expected. 503 rather than 500: the caller (a provider, above
+    all) retries, and once the bug is fixed nothing is lost. The log line and the metric
+    name the exception's type, never its message or traceback, which may quote a payload
+    or a secret; the route's template stands for the path, which the client chose."""
+    path = request.scope.get("path_template") or "unmatched"
+    failed = type(error).__name__
+    cause = error.__cause__ or error.__context__
+    metrics.unexpected(path, failed)
+    log.error(
+        "unexpected_error",
+        method=request.scope.get("method"),
+        path=path,
+        error=failed,
+        cause=type(cause).__name__ if cause is not None else None,
     )
-    headers = {"retry-after": "5"} if status == 503 else None
+    return _answer(503, "internal_error", f"unexpected {failed}")
+
+
+def _answer(status: int, code: str, reason: str) -> Response[Any]:
     return Response(
-        {"ok": False, "error": code, "reason": str(error)[:300]},
+        {"ok": False, "error": code, "reason": reason},
         status_code=status,
-        headers=headers,
+        headers={"retry-after": "5"} if status == 503 else None,
     )
 
 
@@ -150,7 +185,9 @@ def create_app(
     handlers: list[Any] = [
         healthz,
         readyz,
-        intake_route(sources, settings.max_body_bytes),
+        intake_route(
+            sources, settings.max_body_bytes, error_response, body_timeout=settings.body_timeout
+        ),
         PrometheusController,
     ]
     if settings.admin_token:
@@ -170,7 +207,12 @@ def create_app(
             ),
         ),
         lifespan=[lifespan],
-        exception_handlers={BridgeError: bridge_error},
+        # The error tree, Litestar's 500 (its InternalServerException) and, by Litestar's
+        # rule for a 500 handler, every exception outside the HTTP ones: all one mapping.
+        exception_handlers={
+            BridgeError: error_response,
+            HTTP_500_INTERNAL_SERVER_ERROR: error_response,
+        },
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
     )

@@ -258,7 +258,9 @@ def send_test(source: str, event: str, url: str) -> None:
         sample = freshen(sample)
     secret = (found.secrets or (DEV_SECRET,))[0]
     body = sample.body
-    headers = {**sample.headers, **found.handler.scheme.sign(body, secret, int(time.time()))}
+    signed = {**sample.headers, **found.handler.scheme.sign(body, secret, int(time.time()))}
+    # As UTF-8 bytes: httpx refuses a non-ASCII text value (an Auth0 token may have one).
+    headers = {name.encode(): value.encode() for name, value in signed.items()}
     try:
         answer = httpx.post(f"{url}/webhooks/{source}", content=body, headers=headers, timeout=10)
     except httpx.TransportError as error:

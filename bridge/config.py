@@ -45,6 +45,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ready_max_lag: float = 900.0  # /readyz says degraded when the oldest pending is older
     shutdown_grace: float = 10.0
     max_body_bytes: int = 1024 * 1024
+    body_timeout: float = 30.0  # seconds a webhook's whole body may take to arrive (408)
     env: Mapping[str, str] = msgspec.field(default_factory=dict)  # source secrets are read here
 
     @property
@@ -189,5 +190,6 @@ def load_settings(
         forwarder=_forwarder(env),
         ready_max_lag=_number(env, "BRIDGE_READY_MAX_LAG_SECONDS", 900.0),
         max_body_bytes=int(_number(env, "BRIDGE_MAX_BODY_BYTES", 1024 * 1024, minimum=1023)),
+        body_timeout=_number(env, "BRIDGE_BODY_TIMEOUT_SECONDS", 30.0),
         env=dict(env),
     )

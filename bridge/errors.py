@@ -8,7 +8,11 @@ maps them to status codes and exit codes in one place each::
     ├── EventInvalid         a Track/Identify/Forget breaks the ingest field reference
     ├── SignatureInvalid     a webhook's signature is bad, missing or stale (401)
     ├── PayloadInvalid       a verified body cannot be understood (400)
+    ├── HandlerFailed        a handler's code raised what it should not have (503)
     └── StoreUnavailable     the store cannot take or give data right now (503)
+
+Anything else that escapes a request (a bug) is answered 503 by the app's last-resort
+handler, which logs the exception's type and counts it: never a bare 500.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ __all__ = [
     "BridgeError",
     "ConfigError",
     "EventInvalid",
+    "HandlerFailed",
     "PayloadInvalid",
     "SignatureInvalid",
     "StoreUnavailable",
@@ -55,6 +60,16 @@ class SignatureInvalid(BridgeError):
 
 class PayloadInvalid(BridgeError):
     """A verified webhook body that is not what the handler can read."""
+
+
+class HandlerFailed(BridgeError):
+    """A handler (its scheme, `parse`, `delivery_id` or `translate`) raised an exception
+    outside the error tree: a bug in the plugin, not in the delivery. The message names
+    the exception's type only, never its text, which may quote the payload."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error_type = type(error).__name__
+        super().__init__(f"handler failed: {self.error_type}")
 
 
 class StoreUnavailable(BridgeError):

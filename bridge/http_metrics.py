@@ -61,7 +61,11 @@ class HttpMetrics:
         method: str = scope["method"]
         key = (method, scope.get("path_template") or scope["path"])
         started = time.perf_counter()
-        status = 200
+        # The status sent, read from the response as it goes out. Should an exception pass
+        # through here unanswered (Litestar answers a route's own exceptions inside its
+        # middleware, and the intake answers its refusals itself, so only a middleware's
+        # bug does), it is counted as the server error it is, never as a 200.
+        status = 500
 
         async def counted(message: Message) -> None:
             nonlocal status

@@ -2,7 +2,9 @@
 
 The raw bytes are verified before anything parses them. A 200 means the delivery (or the
 decision to ignore it) is committed; every refusal raises from the error tree, and the
-app maps it to a status in one place (`bridge.app`).
+app maps it to a status in one place (`bridge.app`), which the intake's raw route calls
+itself, so that what it answers passes through the app's middleware (the HTTP metrics
+see the status actually sent).
 """
 
 from __future__ import annotations
@@ -13,27 +15,24 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Mapping
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, TypeVar
 
 import msgspec
 import structlog
 from litestar import Litestar, Request, post
-from litestar.exceptions import (
-    ClientException,
-    HTTPException,
-    InternalServerException,
-    NotFoundException,
-)
+from litestar.exceptions import ClientException, HTTPException, NotFoundException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.response import Response
 from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
 
 from bridge import metrics
 from bridge.errors import (
     BridgeError,
     EventInvalid,
+    HandlerFailed,
     PayloadInvalid,
     SignatureInvalid,
     StoreUnavailable,
@@ -42,18 +41,27 @@ from bridge.events import About, Forget, Identify, Track
 from bridge.forwarder import Forwarder
 from bridge.plugin import WebhookRequest
 from bridge.registry import Source
-from bridge.store import AcceptResult, Delivery, Store, route_of
+from bridge.store import Delivery, Store, route_of
 
-__all__ = ["intake_route"]
+__all__ = ["BODY_TIMEOUT", "intake_route"]
 
 log = structlog.get_logger("bridge.intake")
+
+T = TypeVar("T")
+#: The app's one mapping of an exception to its answer (`bridge.app.error_response`).
+ErrorResponse = Callable[[Request[Any, Any, Any], Exception], Response[Any]]
 
 #: Longest a delivery waits for the store before the provider is told to retry (503).
 #: A store that hangs (a stalled disk, a lock held by a stuck transaction) would otherwise
 #: hold every request and its connection for as long as it hangs. A delivery committed
 #: after its 503 is stored all the same: the provider's retry is then a duplicate.
 ACCEPT_TIMEOUT: Final = 10.0
-#: How often deliveries waiting on the store are checked against ACCEPT_TIMEOUT.
+#: Longest the whole body may take to arrive once the headers have. A client that sends
+#: its headers and then trickles the body, or never finishes it, would otherwise hold a
+#: request, its connection and its buffer for as long as it likes; it is answered 408 and
+#: the connection closed. Providers send a webhook's body in one go, in milliseconds.
+BODY_TIMEOUT: Final = 30.0
+#: How often requests waiting on a deadline are checked against it.
 _SWEEP_EVERY: Final = 0.25
 
 
@@ -99,38 +107,39 @@ class _Waiter:
 
 
 class _Deadline:
-    """Holds `store.accept` to ACCEPT_TIMEOUT, with one timer for every delivery waiting
-    rather than one each: `asyncio.timeout` around each accept cost about 5 us of CPU a
-    delivery (7% of intake, measured A/B with bench/intake.py's load). Tasks past their
-    due time are cancelled, as `asyncio.timeout` does, and their cancellation becomes
-    `StoreUnavailable`, a 503. One per route, so one per event loop."""
+    """Holds awaited work to `timeout`, with one timer for every request waiting rather
+    than one each: `asyncio.timeout` around each accept cost about 5 us of CPU a delivery
+    (7% of intake, measured A/B with bench/intake.py's load). Tasks past their due time
+    are cancelled, as `asyncio.timeout` does, and their cancellation becomes `expired()`'s
+    error. One per route and limit, so one per event loop; every wait on one has the same
+    timeout, so the waiting are in order of due time."""
 
-    __slots__ = ("_loop", "_waiting")
+    __slots__ = ("_expired", "_loop", "_waiting", "timeout")
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float, expired: Callable[[float], Exception]) -> None:
+        self.timeout = timeout
+        self._expired = expired  # the error for a wait cut off at `timeout`
         self._waiting: deque[_Waiter] = deque()  # in order of arrival, so of due time
         self._loop: asyncio.AbstractEventLoop | None = None  # where a sweep is scheduled
 
-    async def accept(self, store: Store, delivery: Delivery) -> AcceptResult:
+    async def run(self, work: Awaitable[T]) -> T:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None  # a request is always served by a task
         cancelling = task.cancelling()
         if self._loop is not loop:  # no sweep scheduled here yet
             if self._loop is not None and self._loop.is_running():
-                return await store.accept(delivery)  # served from two loops at once
+                return await work  # served from two loops at once
             self._waiting = deque()  # a loop gone with its sweep: what it left is moot
             self._loop = loop
             loop.call_later(_SWEEP_EVERY, self._sweep, loop)
-        waiter = _Waiter(loop.time() + ACCEPT_TIMEOUT, task)
+        waiter = _Waiter(loop.time() + self.timeout, task)
         self._waiting.append(waiter)
         try:
-            return await store.accept(delivery)
+            return await work
         except asyncio.CancelledError:
             if waiter.expired and task.uncancel() <= cancelling:
-                raise StoreUnavailable(
-                    f"the store did not answer within {ACCEPT_TIMEOUT:g}s"
-                ) from None
+                raise self._expired(self.timeout) from None
             raise
         finally:
             waiter.task = None
@@ -151,13 +160,42 @@ class _Deadline:
             self._loop = None
 
 
+def _accept_deadline() -> _Deadline:
+    """`store.accept` held to ACCEPT_TIMEOUT: past it, 503 and the provider retries."""
+    return _Deadline(
+        ACCEPT_TIMEOUT,
+        lambda timeout: StoreUnavailable(f"the store did not answer within {timeout:g}s"),
+    )
+
+
+def _body_deadline(timeout: float) -> _Deadline:
+    """The body's arrival held to `timeout`: past it, 408, and `Connection: close` makes
+    the server drop the connection rather than read the rest as a next request."""
+    return _Deadline(
+        timeout,
+        lambda timeout: ClientException(
+            f"the body did not arrive within {timeout:g}s",
+            status_code=408,
+            headers={"connection": "close"},
+        ),
+    )
+
+
+_PATH: Final = "/webhooks/{source:str}"
+_TEMPLATE: Final = "/webhooks/{source}"  # the route as Litestar names it (`path_template`)
 _BODIES: Final = {
     result: msgspec.json.encode(Answer(ok=True, result=result))
     for result in ("accepted", "duplicate", "ignored")
 }
 
 
-def intake_route(sources: Mapping[str, Source], max_body: int) -> HTTPRouteHandler:
+def intake_route(
+    sources: Mapping[str, Source],
+    max_body: int,
+    error_response: ErrorResponse,
+    *,
+    body_timeout: float = BODY_TIMEOUT,
+) -> HTTPRouteHandler:
     """`POST /webhooks/{source}`, declared as a Litestar route (routing, path parameter,
     OpenAPI, the app's middleware and exception handlers) and served at the ASGI level by
     its own middleware, which answers without calling the handler.
@@ -166,21 +204,31 @@ def intake_route(sources: Mapping[str, Source], max_body: int) -> HTTPRouteHandl
     and turns what it returns into a response; measured with bench/intake.py, that is half
     of what a bare Litestar POST costs, and a delivery needs none of it. The handler does
     the same work by the same code, should the middleware ever be taken off. Errors raise
-    from the error tree either way, and the app's exception handlers answer them.
+    from the error tree either way, and `error_response` (the app's exception handler)
+    answers them.
     """
     mounted = {name: s for name, s in sources.items() if s.configured}
-    deadline = _Deadline()
+    deadlines = (_body_deadline(body_timeout), _accept_deadline())
 
     def serve_raw(app: ASGIApp) -> ASGIApp:  # `app`: the handler, which it never calls
         async def serve(scope: Scope, receive: Receive, send: Send) -> None:
             http: HTTPScope = scope  # type: ignore[assignment]  # the route takes POST only
-            answer = await _intake(mounted, deadline, http, receive, max_body)
+            answer: ASGIApp
+            try:
+                answer = await _intake(mounted, deadlines, http, receive, max_body)
+            except Exception as error:
+                # Answered here rather than raised: Litestar's exception handler for a
+                # route sits inside the route's middleware, so what this middleware raises
+                # would be answered outside the app's middleware too, and the HTTP metrics
+                # would count every refusal as the 200 they never saw sent.
+                request: Request[Any, Any, Any] = Request(scope, receive)
+                answer = error_response(request, error).to_asgi_response(app=None, request=request)
             await answer(scope, receive, send)
 
         return serve
 
     @post(
-        "/webhooks/{source:str}",
+        _PATH,
         status_code=200,
         summary="Receive a provider webhook",
         responses={200: ResponseSpec(Answer, description="Stored, or knowingly ignored")},
@@ -190,14 +238,14 @@ def intake_route(sources: Mapping[str, Source], max_body: int) -> HTTPRouteHandl
         """Verify, translate and durably store one delivery. 200 once stored (or knowingly
         ignored); 401 bad signature; 400 malformed body; 404 unknown source; 413 too large;
         503 when the store cannot take it."""
-        return await _intake(mounted, deadline, request.scope, request.receive, max_body)
+        return await _intake(mounted, deadlines, request.scope, request.receive, max_body)
 
     return webhook
 
 
 async def _intake(
     mounted: Mapping[str, Source],
-    deadline: _Deadline,
+    deadlines: tuple[_Deadline, _Deadline],
     scope: HTTPScope,
     receive: Receive,
     max_body: int,
@@ -209,7 +257,7 @@ async def _intake(
     request_id = _request_id(headers)
     app = Litestar.from_scope(scope)
     result = await _receive(
-        mounted.get(source), source, app, deadline, receive, headers, request_id, max_body
+        mounted.get(source), source, app, deadlines, receive, headers, request_id, max_body
     )
     return _Answered(_BODIES[result], request_id)
 
@@ -260,14 +308,15 @@ async def _body(receive: Receive, headers: Mapping[str, str], limit: int) -> byt
             if not event.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         elif event["type"] == "http.disconnect":
-            raise InternalServerException("client disconnected prematurely")
+            # Nobody is left to read the answer; a 4xx keeps it out of the server errors.
+            raise ClientException("client disconnected before the body was complete")
 
 
 async def _receive(
     found: Source | None,
     source: str,
     app: Litestar,
-    deadline: _Deadline,
+    deadlines: tuple[_Deadline, _Deadline],
     receive: Receive,
     headers: dict[str, str],
     request_id: str,
@@ -277,7 +326,7 @@ async def _receive(
 
     def done(result: str, reason: str = "", **fields: Any) -> None:
         metrics.webhook(source if found else "unknown", result, reason)
-        log.info(
+        (log.error if result == "failed" else log.info)(
             "webhook",
             source=source,
             result=result,
@@ -290,19 +339,25 @@ async def _receive(
     if found is None:
         done("rejected", "unknown_source")
         raise NotFoundException("no configured source by that name")
+    body_deadline, accept_deadline = deadlines
     try:
-        body = await _body(receive, headers, max_body)
-    except HTTPException as error:  # 413 from the body-size limit
-        done("rejected", "too_large" if error.status_code == 413 else "body")
+        body = await body_deadline.run(_body(receive, headers, max_body))
+    except HTTPException as error:  # 413 over the size limit, 408 past the body deadline
+        done("rejected", _BODY_REASONS.get(error.status_code, "body"))
         raise
     incoming = WebhookRequest(source=source, headers=headers, body=body, received_at=time.time())
     handler = found.handler
     store: Store = app.state.store
+    stage = "verify"  # where an unexpected exception came from, for its log line
     try:
         handler.scheme.verify(incoming, found.secrets, found.options.tolerance)
+        stage = "parse"
         payload = handler.parse(incoming)
+        stage = "delivery_id"
         delivery_id = handler.delivery_id(incoming, payload)
+        stage = "translate"
         calls = handler.translate(incoming, payload, found.options)
+        stage = "store"
         delivery = Delivery(
             source=source,
             provider_event_id=delivery_id,
@@ -311,13 +366,26 @@ async def _receive(
             calls=calls,
             headers={h: headers[h] for h in handler.scheme.headers if h in headers},
         )
-        result = await deadline.accept(store, delivery)
+        result = await accept_deadline.run(store.accept(delivery))
     except BridgeError as error:
         done("rejected", _REASONS.get(type(error), type(error).__name__))
         raise
     except RecursionError:  # msgspec's answer to JSON nested past its depth limit
         done("rejected", "payload")
         raise PayloadInvalid("the JSON body nests too deeply") from None
+    except Exception as error:
+        # A bug, most likely in the handler's code (its scheme, parse, delivery_id or
+        # translate), not in the delivery. 503 rather than 400: the provider retries, so
+        # once the handler is fixed the delivery arrives again and nothing is lost; a 4xx
+        # would blame the sender. The log line and the message name the exception's type
+        # only: its text and traceback may quote the payload or a secret.
+        failed = type(error).__name__
+        metrics.unexpected(_TEMPLATE, failed)
+        if stage == "store":  # a store that raised outside the tree cannot take it now
+            done("failed", "store_failed", error=failed)
+            raise StoreUnavailable(f"the store failed: {failed}") from None
+        done("failed", "handler_failed", stage=stage, error=failed)
+        raise HandlerFailed(error) from None
     sent = [c for c in calls if isinstance(c, Track | Identify | Forget)]
     # Ignored: nothing to send and nothing for the store to do but to remember whom it is
     # about (a Purge is not ignored).
@@ -331,6 +399,7 @@ async def _receive(
     return outcome
 
 
+_BODY_REASONS: Final = {413: "too_large", 408: "body_timeout"}
 _REASONS: Final[dict[type[BridgeError], str]] = {
     SignatureInvalid: "signature",
     PayloadInvalid: "payload",

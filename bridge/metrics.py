@@ -19,14 +19,22 @@ __all__ = [
     "OUTBOX_PENDING",
     "PAUSED",
     "RETRY_WAIT",
+    "UNEXPECTED",
     "WEBHOOKS",
+    "unexpected",
     "webhook",
 ]
 
 WEBHOOKS: Final = Counter(
     "bridge_webhooks",
-    "Webhook deliveries by source and result (accepted, duplicate, ignored, rejected).",
+    "Webhook deliveries by source and result (accepted, duplicate, ignored, rejected, failed).",
     ["source", "result", "reason"],
+)
+UNEXPECTED: Final = Counter(
+    "bridge_unexpected_errors",
+    "Exceptions no code expected (a bug), answered 503 by the last resort, by route template "
+    "and exception type.",
+    ["path", "error"],
 )
 FORWARDED: Final = Counter(
     "bridge_forwarded_calls", "Calls Millimetric accepted, by route.", ["route"]
@@ -65,3 +73,9 @@ def webhook(source: str, result: str, reason: str) -> None:
     if child is None:
         child = _webhooks[key] = WEBHOOKS.labels(source, result, reason)
     child.inc()
+
+
+def unexpected(path: str, error: str) -> None:
+    """Count one exception that reached the last resort: `path` is a route template, never
+    the path as requested, and `error` the exception's type name, never its message."""
+    UNEXPECTED.labels(path, error).inc()

@@ -25,7 +25,11 @@ __all__ = ["Handler", "Sample", "SignatureScheme", "SourceOptions", "WebhookRequ
 
 
 class WebhookRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """One delivery as it arrived: header names are lower-case, the body untouched."""
+    """One delivery as it arrived: header names are lower-case, the body untouched.
+
+    Header values are the bytes sent, decoded as latin-1 (as ASGI servers and Litestar
+    decode them): `value.encode("latin-1")` gives the bytes back, and a non-ASCII value
+    sent as UTF-8 reads as its UTF-8 bytes, one character each."""
 
     source: str
     headers: Mapping[str, str]

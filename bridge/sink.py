@@ -9,9 +9,10 @@ batch, the published per-key rate limits (429 with `Retry-After`) and idempotenc
 
 Beyond the contract, under `/_sink/`: what it received (`events`), counters (`stats`),
 fault knobs (`knobs`: fail for the first N seconds, error rate, added latency, dropped
-connections, limits off, the accepted keys) and `reset`. A `rk_` key, read-only at
-Millimetric, gets 403 `read_only_key` on ingest routes: the contract names no code for that
-case.
+connections, limits off, the accepted keys) and `reset`. Those two change the sink, so
+they refuse what a web page could send them from another site (see `_foreign`). A `rk_`
+key, read-only at Millimetric, gets 403 `read_only_key` on ingest routes: the contract
+names no code for that case.
 """
 
 from __future__ import annotations
@@ -229,6 +230,21 @@ async def _ingest(state: SinkState, route: str, request: Request[Any, Any, Any])
     return _ok()
 
 
+def _foreign(request: Request[Any, Any, Any], *, json_body: bool) -> Response[bytes] | None:
+    """A refusal for a request that a page on another site could have made, None for
+    one from a script or a tool. The sink listens on loopback, which a browser visiting
+    any site can reach: without this, a form posted from that site would revoke keys or
+    start an outage. A browser says where the page came from in `Origin` (403 when that is
+    not the sink itself), and it cannot send `application/json` to another origin without
+    asking first, which the sink never allows (415 for any other body type)."""
+    origin = request.headers.get("origin")
+    if origin is not None and origin != f"{request.url.scheme}://{request.headers.get('host')}":
+        return _error(403, "cross_site", "the sink takes changes from scripts, not web pages")
+    if json_body and request.content_type[0].lower() != "application/json":
+        return _error(415, "unsupported_media_type", "send the knobs as application/json")
+    return None
+
+
 async def _cut_off() -> AsyncIterator[bytes]:
     """A body that fails before its first byte: uvicorn closes the connection, so the
     client sees it dropped, as when a proxy in between gives up."""
@@ -279,6 +295,9 @@ def create_sink_app(state: SinkState | None = None) -> Litestar:
 
     @post("/_sink/knobs", status_code=200)
     async def set_knobs(request: Request[Any, Any, Any]) -> Response[bytes]:
+        refused = _foreign(request, json_body=True)
+        if refused is not None:
+            return refused
         try:
             changes = msgspec.json.decode(await request.body(), type=dict[str, Any])
             knobs = msgspec.convert({**msgspec.to_builtins(sink.knobs), **changes}, SinkKnobs)
@@ -288,9 +307,12 @@ def create_sink_app(state: SinkState | None = None) -> Litestar:
         return Response(_encoder.encode(knobs), media_type="application/json")
 
     @post("/_sink/reset", status_code=200)
-    async def reset() -> dict[str, bool]:
+    async def reset(request: Request[Any, Any, Any]) -> Response[bytes]:
+        refused = _foreign(request, json_body=False)
+        if refused is not None:
+            return refused
         sink.reset()
-        return {"ok": True}
+        return Response(_encoder.encode({"ok": True}), media_type="application/json")
 
     @get("/healthz")
     async def healthz() -> dict[str, str]:

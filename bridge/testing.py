@@ -40,11 +40,12 @@ def signed_request(
     source: str | None = None,
 ) -> WebhookRequest:
     """A request as the intake builds it, signed for `handler`; `headers` add to (or
-    override) the signature headers, e.g. a provider's topic header."""
+    override) the signature headers, e.g. a provider's topic header. Values are sent as
+    UTF-8 and read as the intake reads them (latin-1, see `WebhookRequest`)."""
     all_headers = {**sign(handler, body, secret, timestamp), **(headers or {})}
     return WebhookRequest(
         source=source or handler.name,
-        headers={k.lower(): v for k, v in all_headers.items()},
+        headers={k.lower(): v.encode().decode("latin-1") for k, v in all_headers.items()},
         body=body,
         received_at=time.time(),
     )

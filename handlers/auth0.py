@@ -50,20 +50,41 @@ class AuthorizationScheme:
     signs_body = False
 
     def verify(self, request: WebhookRequest, secrets: Sequence[str], tolerance: int) -> None:
-        given = request.headers.get("authorization", "").strip()
+        # Only HTTP's own whitespace: str.strip() would also take "\xa0" and "\x85", which
+        # here are bytes of a UTF-8 character (the last byte of "à" is 0xA0).
+        given = request.headers.get("authorization", "").strip(" \t")
         if not given:
             raise SignatureInvalid("missing Authorization header")
-        presented = given.encode("utf-8", "surrogatepass")
+        presented = _sent_bytes(given)
         matched = False
         for secret in secrets:  # every token is compared, so timing does not tell which
-            matched |= hmac.compare_digest(
-                secret.strip().encode("utf-8", "surrogatepass"), presented
-            )
+            matched |= hmac.compare_digest(_token_bytes(secret.strip()), presented)
         if not matched:
             raise SignatureInvalid("Authorization does not match any configured token")
 
     def sign(self, body: bytes, secret: str, timestamp: int) -> dict[str, str]:
         return {"authorization": secret, "content-type": "application/json"}
+
+
+def _sent_bytes(value: str) -> bytes:
+    """The header's bytes as they were sent. Header values reach a handler decoded as
+    latin-1 (the ASGI convention, which `WebhookRequest` keeps), so encoding them back as
+    latin-1 gives the sender's bytes: UTF-8 for a token with non-ASCII characters, to be
+    compared with the configured token's UTF-8. A value no wire could give (a character
+    past U+00FF, from a caller that built the request from text) is taken as text."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
+
+
+def _token_bytes(token: str) -> bytes:
+    """A configured token as UTF-8. An environment variable holding bytes that are not
+    UTF-8 reaches Python with them escaped as surrogates; they go back to those bytes."""
+    try:
+        return token.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no byte stands for
+        return token.encode("utf-8", "surrogatepass")
 
 
 class Auth0Options(SourceOptions, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -20,7 +20,7 @@ from bridge.errors import PayloadInvalid, SignatureInvalid
 from bridge.events import Forget, Identify, Track, encode
 from bridge.plugin import WebhookRequest
 from bridge.registry import load_sources
-from bridge.testing import TEST_SECRET, run_handler
+from bridge.testing import TEST_SECRET, run_handler, signed_request
 from handlers import auth0
 from handlers.auth0 import Auth0Options, AuthorizationScheme, handler
 from tests.conftest import RunningSink, ServerThread
@@ -372,3 +372,53 @@ def test_every_sample_sent_as_send_test_does_is_taken(bridge: Bridge) -> None:
         headers = {**fresh.headers, **handler.scheme.sign(fresh.body, TOKEN, int(time.time()))}
         answer = httpx.post(f"{bridge.url}/webhooks/auth0", content=fresh.body, headers=headers)
         assert answer.json() == {"ok": True, "result": "accepted"}, event
+
+
+# A token with characters outside ASCII, one of them "à", whose last UTF-8 byte (0xA0)
+# reads as a no-break space in latin-1: a strip() of the header's text would cut it off.
+WIDE_TOKEN = "Bearer jeton-secret-à-clé-€-✓-à"
+
+
+def test_a_non_ascii_token_is_compared_as_the_utf8_bytes_sent() -> None:
+    scheme = AuthorizationScheme()
+    body = (FIXTURES / "log_stream_batch.json").read_bytes()
+    # As the intake reads the header: the UTF-8 bytes sent, decoded as latin-1.
+    sent = WIDE_TOKEN.encode().decode("latin-1")
+    scheme.verify(request(body, sent), [WIDE_TOKEN], 300)
+    scheme.verify(signed_request(handler, body, secret=WIDE_TOKEN), [WIDE_TOKEN], 300)
+    # Text that no wire gives (a character past U+00FF) is taken as the text it is.
+    scheme.verify(request(body, WIDE_TOKEN), [WIDE_TOKEN], 300)
+    for wrong in (
+        WIDE_TOKEN.encode("utf-16-le").decode("latin-1"),
+        sent[:-1],  # the token less its last byte, 0xA0
+        sent + "\xa0",
+        "Bearer jeton-secret-a-cle---a",
+    ):
+        with pytest.raises(SignatureInvalid, match="does not match"):
+            scheme.verify(request(body, wrong), [WIDE_TOKEN], 300)
+    # Within latin-1, a header's text is the bytes sent: "é" is the one byte 0xE9 there,
+    # not the token's two.
+    with pytest.raises(SignatureInvalid, match="does not match"):
+        scheme.verify(request(body, "Bearer clé"), ["Bearer clé"], 300)
+
+
+def test_a_non_ascii_token_end_to_end(sink: RunningSink, tmp_path: Path) -> None:
+    env = {
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": sink.url,
+        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
+        "AUTH0_WEBHOOK_TOKEN": WIDE_TOKEN,
+    }
+    sources = load_sources(env, {"auth0": auth0.handler})
+    body = (FIXTURES / "log_stream_batch.json").read_bytes()
+    with ServerThread(create_app(load_settings(env), sources=sources)) as server:
+        url = f"{server.url}/webhooks/auth0"
+
+        def post(token: bytes) -> httpx.Response:
+            return httpx.post(url, content=body, headers={b"authorization": token})
+
+        assert post(WIDE_TOKEN.encode()).json() == {"ok": True, "result": "accepted"}
+        assert post(WIDE_TOKEN.encode("latin-1", "replace")).status_code == 401
+        assert post(WIDE_TOKEN.encode()[:-1]).status_code == 401
+        assert post(WIDE_TOKEN.encode() + b"\xa0").status_code == 401
+        assert len(sink.arrived(3)) == 3

@@ -267,19 +267,19 @@ async def test_the_deadline_tells_its_own_expiry_from_a_cancelled_request(
     await store.open()
     try:
         with write_lock_held(tmp_path / "bridge.db"):
-            deadline = intake._Deadline()
-            cancelled = asyncio.create_task(deadline.accept(store, stored("evt_cancelled")))
+            deadline = intake._accept_deadline()
+            cancelled = asyncio.create_task(deadline.run(store.accept(stored("evt_cancelled"))))
             await asyncio.sleep(0.1)
             cancelled.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
             with pytest.raises(StoreUnavailable, match=r"did not answer within 0\.5s"):
-                await deadline.accept(store, stored("evt_expired"))
+                await deadline.run(store.accept(stored("evt_expired")))
             current = asyncio.current_task()
             assert current is not None
             assert current.cancelling() == 0  # the expiry's cancellation taken back
         # Answered in time, a request lives on past the deadline without being cancelled.
-        assert await deadline.accept(store, stored("evt_in_time")) == "accepted"
+        assert await deadline.run(store.accept(stored("evt_in_time"))) == "accepted"
         await asyncio.sleep(0.5 + 2 * intake._SWEEP_EVERY)
     finally:
         await store.close()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import select
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+import stripe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.contextvars import merge_contextvars
@@ -27,6 +30,8 @@ from structlog.testing import capture_logs
 
 from bridge.app import create_app
 from bridge.config import load_settings
+from bridge.errors import SignatureInvalid
+from bridge.plugin import WebhookRequest
 from bridge.registry import load_handlers
 from bridge.sink import SinkState, create_sink_app
 from bridge.testing import TEST_SECRET, sign
@@ -94,6 +99,17 @@ def signed(body: bytes, timestamp: int | None = None, secret: str = TEST_SECRET)
     return sign(STRIPE, body, secret, timestamp)
 
 
+def spelled(body: bytes, timestamp: int, header: str) -> dict[str, str]:
+    """A Stripe-Signature signed for `timestamp` and written as `header`, whose `{t}` is
+    the time as signed and `{v1}` the signature: `t=+{t},v1={v1}`."""
+    v1 = signed(body, timestamp)["stripe-signature"].split("v1=")[1]
+    return {"stripe-signature": header.format(t=timestamp, v1=v1)}
+
+
+def underscored(number: int) -> str:
+    return f"{number:_}"  # 1_767_225_600: what int() reads as the same time
+
+
 GOOD = subscription("hostile")
 NOW = int(time.time())
 DEEP = b'{"id":"evt_deep","data":' * 20_000
@@ -112,6 +128,50 @@ CASES: list[tuple[str, str, Callable[[], dict[str, str]], bytes, int]] = [
     ("wrong secret", "/webhooks/stripe", lambda: signed(GOOD, secret="whsec_other"), GOOD, 401),
     ("stale", "/webhooks/stripe", lambda: signed(GOOD, NOW - 3600), GOOD, 401),
     ("future", "/webhooks/stripe", lambda: signed(GOOD, NOW + 3600), GOOD, 401),
+    # Once a 500 with nothing logged: int() raised past the handler on 5,000 digits.
+    (
+        "t= of thousands of digits",
+        "/webhooks/stripe",
+        lambda: {"stripe-signature": f"t={'9' * 5000},v1={'ab' * 32}"},
+        GOOD,
+        401,
+    ),
+    (
+        "t= just within int()'s digits",
+        "/webhooks/stripe",
+        lambda: {"stripe-signature": f"t={'9' * 4000},v1={'ab' * 32}"},
+        GOOD,
+        401,
+    ),
+    # A time ahead, spelled so that only a second reading of the header missed it.
+    (
+        "future as t=+N",
+        "/webhooks/stripe",
+        lambda: spelled(GOOD, NOW + 3600, "t=+{t},v1={v1}"),
+        GOOD,
+        401,
+    ),
+    (
+        "future as t=1_000",
+        "/webhooks/stripe",
+        lambda: spelled(GOOD, NOW + 3600, f"t={underscored(NOW + 3600)},v1={{v1}}"),
+        GOOD,
+        401,
+    ),
+    (
+        "future first of several t=",
+        "/webhooks/stripe",
+        lambda: spelled(GOOD, NOW + 3600, f"t=+{{t}},t={NOW},v1={{v1}}"),
+        GOOD,
+        401,
+    ),
+    (
+        "future with spaces",
+        "/webhooks/stripe",
+        lambda: spelled(GOOD, NOW + 3600, "t= {t} ,v1={v1}"),
+        GOOD,
+        401,
+    ),
     ("another body", "/webhooks/stripe", lambda: signed(GOOD), GOOD.replace(b"sub_", b"sUb_"), 401),
     ("truncated", "/webhooks/stripe", lambda: signed(GOOD), GOOD[:-20], 401),
     ("signed truncated", "/webhooks/stripe", lambda: signed(GOOD[:30]), GOOD[:30], 400),
@@ -383,3 +443,224 @@ def test_admin_replay_refuses_ids_sqlite_cannot_hold(bridge: Bridge) -> None:
         answer = bridge.post("/admin/replay", json.dumps({"ids": ids}).encode(), auth)
         assert answer.status_code == 400, ids
     assert bridge.post("/admin/replay", b'{"ids": [1]}', auth).json() == {"count": 0}
+
+
+# -- one reading of the Stripe-Signature header ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["t={t},v1={v1}", "t=+{t},v1={v1}", "t= {t} ,v1={v1}", "v1={v1},t={t},t=1", "t=0{t},v1={v1}"],
+)
+def test_the_signed_time_is_read_once_as_stripe_reads_it(bridge: Bridge, header: str) -> None:
+    # Spellings stripe's int() reads as the signed time verify like the plain one, and the
+    # same spellings of a time ahead are refused as ahead: one reading for both checks.
+    body = subscription(f"spelled-{header}")
+    assert bridge.post("/webhooks/stripe", body, spelled(body, NOW, header)).status_code == 200
+    ahead = bridge.post("/webhooks/stripe", body, spelled(body, NOW + 3600, header))
+    assert ahead.status_code == 401
+    assert "ahead" in ahead.json()["reason"]
+    underscores = header.replace("{t}", underscored(NOW))
+    assert bridge.post("/webhooks/stripe", body, spelled(body, NOW, underscores)).status_code == 200
+
+
+SPELLINGS = st.sampled_from(["{}", "+{}", " {}", "{} ", "0{}", "-{}", "{}x", "", "{}{}"])
+TIMES = st.sampled_from([NOW, NOW - 1000, NOW + 1000, 0]) | st.integers(-(10**12), 10**12)
+
+
+@st.composite
+def stripe_headers(draw: st.DrawFn) -> tuple[str, list[int]]:
+    """A Stripe-Signature of shuffled parts: `t=` times spelled every way int() reads (or
+    does not), `v1=` signatures made for some of them or not at all, and noise."""
+    times = draw(st.lists(TIMES, min_size=1, max_size=3))
+    parts = []
+    for when in times:
+        spelling = draw(SPELLINGS)
+        number = underscored(when) if draw(st.booleans()) and when >= 0 else str(when)
+        parts.append("t=" + spelling.format(number, number))
+        if draw(st.booleans()):
+            parts.append("v1=" + signed(GOOD, when)["stripe-signature"].split("v1=")[1])
+    parts += draw(
+        st.lists(
+            st.sampled_from(["v1=" + "ab" * 32, "v0=00", "t", "v1", " t=1", "x=y=z", "", "t=="]),
+            max_size=3,
+        )
+    )
+    return ",".join(draw(st.permutations(parts))), times
+
+
+@settings(max_examples=300, deadline=None)
+@given(drawn=stripe_headers())
+def test_stripe_signatures_verify_exactly_as_the_stripe_package_verifies_them(
+    drawn: tuple[str, list[int]],
+) -> None:
+    # The stripe package is the reference; the bridge refuses, beyond it, a time ahead of
+    # the tolerance, read from the header as stripe reads it.
+    header, _ = drawn
+    request = WebhookRequest(
+        source="stripe", headers={"stripe-signature": header}, body=GOOD, received_at=time.time()
+    )
+    try:
+        stripe.WebhookSignature.verify_header(GOOD, header, TEST_SECRET, tolerance=300)
+    except stripe.SignatureVerificationError:
+        reference = False
+    else:
+        reference = True
+    if reference:
+        signed_at, _ = stripe.WebhookSignature._get_timestamp_and_signatures(header, "v1")
+        reference = signed_at <= time.time() + 300
+    try:
+        STRIPE.scheme.verify(request, [TEST_SECRET], 300)
+    except SignatureInvalid:
+        verified = False
+    else:
+        verified = True
+    assert verified == reference, header
+
+
+# -- every built-in scheme's signature headers, mangled -----------------------------------------
+
+
+def mangle(value: str, how: str, data: st.DataObject) -> str:
+    digits = re.compile(r"[0-9]+")
+    if how == "digits":  # a number of thousands of digits
+        times = data.draw(st.integers(2, 1500))
+        return digits.sub(lambda m: (m.group() * times)[:5000], value, count=1)
+    if how == "plus":
+        return digits.sub(lambda m: "+" + m.group(), value)
+    if how == "underscore":
+        return digits.sub(lambda m: "_".join(m.group()), value, count=1)
+    if how == "twice":
+        return value + data.draw(st.sampled_from([",", ";", " ", ", "])) + value
+    if how == "cut":
+        return value[: data.draw(st.integers(0, len(value)))]
+    if how == "case":
+        return value.swapcase()
+    if how == "unicode":  # sent as UTF-8, read as latin-1 by the server
+        return value + data.draw(st.sampled_from(["é", "\u0663", "\u00a0", "✓"]))
+    if how == "insert":
+        at = data.draw(st.integers(0, len(value)))
+        return (
+            value[:at] + data.draw(st.sampled_from(["=", ",", ";", "v1,", "t=", " "])) + value[at:]
+        )
+    return data.draw(HEADER_VALUES)  # "replace"
+
+
+MANGLINGS = st.sampled_from(
+    ["digits", "plus", "underscore", "twice", "cut", "case", "unicode", "insert", "replace", "drop"]
+)
+
+
+@QUICK
+@given(source=SOURCES, offset=st.sampled_from([0, 0, -3600, 3600]), data=st.data())
+def test_mangled_signature_headers_of_every_scheme_are_refused_never_a_5xx(
+    bridge: Bridge, source: str, offset: int, data: st.DataObject
+) -> None:
+    # A validly signed sample whose signature headers are then mangled, as a forger or a
+    # broken proxy would: the answer is a 200 (still valid), or a 401 that stores nothing;
+    # never anything else, and never a 200 for a time outside the tolerance.
+    handler = HANDLERS[source]
+    sample = handler.samples()[sorted(handler.samples())[0]]
+    headers = {
+        **sample.headers,
+        **sign(handler, sample.body, TEST_SECRET, NOW + offset),
+    }
+    names = sorted(set(headers) - set(sample.headers) - {"content-type"})
+    for _ in range(data.draw(st.integers(1, 3))):
+        name = data.draw(st.sampled_from(names))
+        how = data.draw(MANGLINGS)
+        if how == "drop":
+            headers.pop(name, None)
+        else:
+            headers[name] = mangle(headers.get(name, ""), how, data).strip(" \t")
+    before = bridge.inbox()
+    answer = bridge.http.post(
+        f"{bridge.url}/webhooks/{source}",
+        content=sample.body,
+        headers=[(k.encode(), v.encode()) for k, v in headers.items()],
+    )
+    assert answer.status_code in (200, 401), answer.text
+    if answer.status_code != 200:
+        assert bridge.inbox() == before
+    if offset and handler.scheme.signs_timestamp:
+        assert answer.status_code == 401, headers
+
+
+# -- a body that never finishes ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """A bridge whose webhook bodies must arrive within half a second."""
+    tmp = tmp_path_factory.mktemp("impatient")
+    env = {
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": "http://127.0.0.1:9",  # nothing is forwarded here
+        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp}/bridge.db",
+        "BRIDGE_BODY_TIMEOUT_SECONDS": "0.5",
+        "STRIPE_WEBHOOK_SECRET": TEST_SECRET,
+    }
+    with ServerThread(create_app(load_settings(env))) as server:
+        yield server
+
+
+def answer_after(s: socket.socket, trickle: bytes = b"", every: float = 0.05) -> bytes:
+    """Everything the server sends until it closes, sending `trickle` a byte at a time
+    (one each `every` seconds) until it answers."""
+    received = b""
+    for byte in trickle:
+        if select.select([s], [], [], every)[0]:
+            break
+        s.sendall(bytes([byte]))
+    while chunk := s.recv(65536):
+        received += chunk
+    return received
+
+
+def head(port: int, rest: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    body = subscription("never")
+    headers = "".join(f"{k}: {v}\r\n" for k, v in signed(body).items())
+    s.sendall(f"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n{headers}".encode() + rest)
+    return s
+
+
+@pytest.mark.parametrize(
+    ("what", "rest", "trickle"),
+    [
+        ("headers, then silence", b"Content-Length: 100\r\n\r\n", b""),
+        ("part of the body, then silence", b"Content-Length: 100\r\n\r\n" + b"{" * 10, b""),
+        ("a chunk, then silence", b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n", b""),
+        ("a byte every 50 ms", b"Content-Length: 1000\r\n\r\n", b" " * 1000),
+    ],
+)
+def test_a_body_that_never_finishes_is_cut_off_with_408(
+    impatient: ServerThread, what: str, rest: bytes, trickle: bytes
+) -> None:
+    before = metrics_text(impatient.url)
+    started = time.monotonic()
+    with capture_logs() as lines, head(impatient.port, rest) as s:
+        received = answer_after(s, trickle)
+    took = time.monotonic() - started
+    assert received.startswith(b"HTTP/1.1 408 "), received[:100]
+    assert b"\r\nconnection: close\r\n" in received.lower()
+    assert 0.5 <= took < 2.5  # the deadline (0.5 s) is for the whole body, not each byte
+    (line,) = [line for line in lines if line["event"] == "webhook"]
+    assert (line["result"], line["reason"]) == ("rejected", "body_timeout")
+    after = metrics_text(impatient.url)
+    series = 'bridge_http_requests_total{app_name="millimetric_bridge",method="POST",'
+    series += 'path="/webhooks/{source}",status_code="408"}'
+    assert metric(after, series) == metric(before, series) + 1
+    # Others are served all along, and after.
+    body = subscription(f"beside-{what}")
+    assert httpx.post(f"{impatient.url}/webhooks/stripe", content=body, headers=signed(body))
+
+
+def metrics_text(url: str) -> str:
+    return httpx.get(f"{url}/metrics").text
+
+
+def metric(text: str, series: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series)
+    )

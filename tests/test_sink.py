@@ -145,3 +145,41 @@ def test_track_without_event_id_gets_one(sink: RunningSink) -> None:
     answer = post(sink, "track", b'{"event":"x"}').json()
     assert answer["ok"] is True
     assert len(answer["event_id"]) == 32
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"],
+)
+def test_knobs_take_json_only(sink: RunningSink, content_type: str | None) -> None:
+    # A web page can post these three types to any origin without asking first; a body of
+    # any of them changing the sink would let any site a developer visits start an outage.
+    headers = {"content-type": content_type} if content_type else {}
+    answer = httpx.post(
+        f"{sink.url}/_sink/knobs", content=b'{"fail_for_seconds": 60}', headers=headers
+    )
+    assert answer.status_code == 415
+    assert answer.json()["error"] == "unsupported_media_type"
+    assert httpx.get(f"{sink.url}/_sink/knobs").json()["fail_for_seconds"] == 0
+    charset = {"content-type": "Application/JSON; charset=utf-8"}
+    taken = httpx.post(f"{sink.url}/_sink/knobs", content=b'{"latency_ms": 1}', headers=charset)
+    assert taken.json()["latency_ms"] == 1
+
+
+@pytest.mark.parametrize(
+    "origin", ["https://evil.example", "null", "http://localhost", "http://127.0.0.1:1"]
+)
+def test_knobs_and_reset_refuse_another_sites_pages(sink: RunningSink, origin: str) -> None:
+    post(sink, "identify", b'{"user_id":"u1"}')
+    foreign = {"origin": origin}
+    knobs = httpx.post(f"{sink.url}/_sink/knobs", json={"keys": []}, headers=foreign)
+    assert knobs.status_code == 403
+    assert knobs.json()["error"] == "cross_site"
+    assert httpx.post(f"{sink.url}/_sink/reset", headers=foreign).status_code == 403
+    assert httpx.get(f"{sink.url}/_sink/knobs").json()["keys"] != []
+    assert len(httpx.get(f"{sink.url}/_sink/events").json()["events"]) == 1
+    # The sink's own origin, and tools that send none, are taken.
+    own = {"origin": sink.url}
+    assert httpx.post(f"{sink.url}/_sink/knobs", json={"limits": True}, headers=own).is_success
+    assert httpx.post(f"{sink.url}/_sink/reset", headers=own).json() == {"ok": True}
+    assert httpx.get(f"{sink.url}/_sink/events").json() == {"events": []}

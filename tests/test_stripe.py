@@ -413,8 +413,8 @@ def test_the_route_handler_serves_intake_alone_as_well(
     import bridge.app
     from bridge.intake import intake_route
 
-    def without_middleware(*args: Any) -> Any:
-        route = intake_route(*args)
+    def without_middleware(*args: Any, **kwargs: Any) -> Any:
+        route = intake_route(*args, **kwargs)
         route.middleware = []
         return route
 
