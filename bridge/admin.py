@@ -33,13 +33,21 @@ class OutboxStatus(msgspec.Struct, frozen=True, kw_only=True):
     inbox: int
     raw_payloads: int
     paused: str | None
+    untranslated: int
+    oldest_untranslated_age: float | None
+    quarantined: int
 
 
 class DeadLetterView(msgspec.Struct, frozen=True, kw_only=True):
+    """A call (`kind` "call": `id` an outbox row) or a quarantined delivery (`kind`
+    "delivery": `id` an inbox row, `route` null, `provider_event_id` the provider's id)."""
+
+    kind: str
     id: int
-    route: str
+    route: str | None
     source: str | None
     event_id: str | None
+    provider_event_id: str | None
     reason: str
     attempts: int
     created_at: float
@@ -53,6 +61,15 @@ class ReplayRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     since: float | None = None  # unix seconds
     all: bool = False
     include_delivered: bool = False
+
+
+class RetranslateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Which stored deliveries to translate again; with nothing named, `all` must be true."""
+
+    ids: list[Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]] = []  # inbox ids
+    source: str | None = None
+    since: float | None = None  # unix seconds, by arrival
+    all: bool = False
 
 
 class ForgetRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -93,20 +110,28 @@ def admin_router(token: str) -> Router:
             inbox=stats.inbox,
             raw_payloads=stats.raw_payloads,
             paused=stats.paused,
+            untranslated=stats.untranslated,
+            oldest_untranslated_age=(
+                now - stats.oldest_untranslated_at if stats.oldest_untranslated_at else None
+            ),
+            quarantined=stats.quarantined,
         )
 
     @get("/dead", summary="Dead letters")
     async def dead(
         request: Request[Any, Any, Any], limit: FromQuery[int] = 100
     ) -> list[DeadLetterView]:
-        """Calls Millimetric refused or that failed past the maximum age, with the reason."""
+        """Calls Millimetric refused or that failed past the maximum age, and deliveries
+        their handler could not translate (quarantined), each with the reason."""
         letters = await store_of(request).dead_letters(max(1, min(limit, 1000)))
         return [
             DeadLetterView(
+                kind=d.kind,
                 id=d.id,
                 route=d.route,
                 source=d.source,
                 event_id=d.event_id,
+                provider_event_id=d.provider_event_id,
                 reason=d.reason,
                 attempts=d.attempts,
                 created_at=d.created_at,
@@ -131,6 +156,22 @@ def admin_router(token: str) -> Router:
         request.app.state.forwarder.wake("track")
         return Count(count)
 
+    @post("/retranslate", status_code=200, summary="Translate stored deliveries again")
+    async def retranslate(
+        request: Request[Any, Any, Any], data: JSONBody[RetranslateRequest]
+    ) -> Count:
+        """Run the current handler and options again over the selected stored deliveries
+        (quarantined, or translated while their raw body is kept); only calls not already
+        queued or sent are queued."""
+        if not (data.ids or data.source or data.since is not None or data.all):
+            from litestar.exceptions import ValidationException
+
+            raise ValidationException("name ids, a source, since, or set all: true")
+        selection = Selection(deliveries=data.ids, source=data.source, since=data.since)
+        count = await store_of(request).retranslate(selection)
+        request.app.state.translator.wake()
+        return Count(count)
+
     @post("/forget", status_code=202, summary="Erase a user")
     async def forget(request: Request[Any, Any, Any], data: JSONBody[ForgetRequest]) -> Count:
         """Purge the user's pending calls at once and queue Millimetric's forget."""
@@ -149,7 +190,7 @@ def admin_router(token: str) -> Router:
 
     return Router(
         "/admin",
-        route_handlers=[status, dead, replay, forget],
+        route_handlers=[status, dead, replay, retranslate, forget],
         guards=[guard],
         tags=["admin"],
         security=[{"BearerToken": []}],

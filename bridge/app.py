@@ -37,6 +37,7 @@ from bridge.http_metrics import HttpMetrics
 from bridge.intake import intake_route
 from bridge.registry import Source, load_handlers, load_sources
 from bridge.store import Store, open_store
+from bridge.translate import Translator
 
 __all__ = ["create_app", "error_response"]
 
@@ -126,12 +127,15 @@ def create_app(
             if http is None:
                 await client.aclose()
             raise
+        translator = Translator(outbox, sources)
         forwarder = Forwarder(
             outbox,
             MillimetricClient(client, key=settings.millimetric_key, host=settings.millimetric_host),
             settings.forwarder,
+            translator=translator,
         )
         app.state.store = outbox
+        app.state.translator = translator
         app.state.forwarder = forwarder
         forwarder.start()
         try:
@@ -151,7 +155,8 @@ def create_app(
     @get("/readyz")
     async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         """Readiness: the store answers and the forwarder runs. `degraded` (still 200) when
-        forwarding is paused on a refused key or the oldest pending call is too old.
+        forwarding is paused on a refused key, or the oldest pending call or the oldest
+        delivery waiting for translation is too old.
         `forwarding` says whether this instance is the store's one forwarder (`leader`) or
         stands by (`standby`: it takes webhooks all the same)."""
         forwarder: Forwarder = request.app.state.forwarder
@@ -172,12 +177,19 @@ def create_app(
         lag = now - backlog.oldest_pending_at if backlog.oldest_pending_at else 0.0
         if lag > settings.ready_max_lag:
             reasons.append(f"oldest pending call is {lag:.0f}s old")
+        waiting = backlog.oldest_untranslated_at
+        translate_lag = now - waiting if waiting else 0.0
+        if translate_lag > settings.ready_max_lag:
+            reasons.append(f"oldest untranslated delivery is {translate_lag:.0f}s old")
         body = {
             "status": "degraded" if reasons else "ready",
             "reasons": reasons,
             "pending": backlog.pending,
             "dead": backlog.dead,
             "oldest_pending_age": lag,
+            "untranslated": backlog.untranslated,
+            "oldest_untranslated_age": translate_lag,
+            "quarantined": backlog.quarantined,
             "forwarding": "leader" if forwarder.leading else "standby",
         }
         return Response(body)

@@ -52,6 +52,7 @@ from bridge.errors import StoreUnavailable
 from bridge.events import BATCH_MAX_BYTES, BATCH_MAX_EVENTS, Forget
 from bridge.ratelimit import BATCH_LIMIT, TRACK_LIMIT, RateLimit, TokenBucket
 from bridge.store import ROUTES, OutboxRow, Retention, Route, Store
+from bridge.translate import Translator
 
 __all__ = ["Forwarder", "ForwarderConfig"]
 
@@ -100,8 +101,13 @@ class Forwarder:
         client: MillimetricClient,
         config: ForwarderConfig | None = None,
         clock: Callable[[], float] = time.time,
+        translator: Translator | None = None,
     ) -> None:
         self.store = store
+        # The translate stage runs where the forwarding does: one instance per store.
+        self.translator = translator
+        if translator is not None:
+            translator.on_queued = self.wake
         self.client = client
         self.config = config or ForwarderConfig()
         self.clock = clock
@@ -188,6 +194,10 @@ class Forwarder:
                 asyncio.create_task(self._lane(route), name=f"forward-{route}") for route in ROUTES
             ]
             self._lanes.append(asyncio.create_task(self._janitor(), name="outbox-cleanup"))
+            if self.translator is not None:
+                self._lanes.append(
+                    asyncio.create_task(self.translator.run(self._stopping), name="translate")
+                )
             self._set_leading(True)
             log.info("this instance forwards", released_claims=released)
             await self._unless_closing(self.store.lost())
@@ -469,6 +479,10 @@ class Forwarder:
                 metrics.OUTBOX_DEAD.set(backlog.dead)
                 oldest = backlog.oldest_pending_at
                 metrics.OUTBOX_OLDEST_AGE.set(self.clock() - oldest if oldest else 0)
+                metrics.UNTRANSLATED.set(backlog.untranslated)
+                waiting = backlog.oldest_untranslated_at
+                metrics.UNTRANSLATED_OLDEST_AGE.set(self.clock() - waiting if waiting else 0)
+                metrics.QUARANTINED.set(backlog.quarantined)
             except Exception:
                 log.exception("outbox gauges failed; trying again later")
             await self._wait_closing(self.config.gauges_every)

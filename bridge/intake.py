@@ -1,10 +1,12 @@
-"""`POST /webhooks/{source}`: verify, translate, store durably, then answer.
+"""`POST /webhooks/{source}`: verify, read the delivery id, store durably, then answer.
 
-The raw bytes are verified before anything parses them. A 200 means the delivery (or the
-decision to ignore it) is committed; every refusal raises from the error tree, and the
-app maps it to a status in one place (`bridge.app`), which the intake's raw route calls
-itself, so that what it answers passes through the app's middleware (the HTTP metrics
-see the status actually sent).
+The raw bytes are verified before anything parses them; nothing else runs before the
+answer. A 200 means the verified delivery is committed, untranslated: the translate stage
+(`bridge.translate`) runs its handler after, and quarantines what the handler cannot
+translate instead of refusing it to the provider. Every refusal raises from the error
+tree, and the app maps it to a status in one place (`bridge.app`), which the intake's raw
+route calls itself, so that what it answers passes through the app's middleware (the HTTP
+metrics see the status actually sent).
 """
 
 from __future__ import annotations
@@ -37,11 +39,10 @@ from bridge.errors import (
     SignatureInvalid,
     StoreUnavailable,
 )
-from bridge.events import About, Forget, Identify, Track
-from bridge.forwarder import Forwarder
-from bridge.plugin import WebhookRequest
+from bridge.plugin import WebhookRequest, kept_headers
 from bridge.registry import Source
-from bridge.store import Delivery, Store, route_of
+from bridge.store import Delivery, Store
+from bridge.translate import Translator
 
 __all__ = ["BODY_TIMEOUT", "intake_route"]
 
@@ -66,7 +67,7 @@ _SWEEP_EVERY: Final = 0.25
 
 
 class Answer(msgspec.Struct, frozen=True):
-    """What a stored (or knowingly ignored) delivery is answered with."""
+    """What a stored delivery is answered with."""
 
     ok: bool
     result: str
@@ -185,7 +186,7 @@ _PATH: Final = "/webhooks/{source:str}"
 _TEMPLATE: Final = "/webhooks/{source}"  # the route as Litestar names it (`path_template`)
 _BODIES: Final = {
     result: msgspec.json.encode(Answer(ok=True, result=result))
-    for result in ("accepted", "duplicate", "ignored")
+    for result in ("accepted", "duplicate")
 }
 
 
@@ -231,13 +232,16 @@ def intake_route(
         _PATH,
         status_code=200,
         summary="Receive a provider webhook",
-        responses={200: ResponseSpec(Answer, description="Stored, or knowingly ignored")},
+        responses={200: ResponseSpec(Answer, description="Stored (or stored before)")},
         middleware=[serve_raw],
     )
     async def webhook(request: Request[Any, Any, Any]) -> _Answered:
-        """Verify, translate and durably store one delivery. 200 once stored (or knowingly
-        ignored); 401 bad signature; 400 malformed body; 404 unknown source; 413 too large;
-        503 when the store cannot take it."""
+        """Verify and durably store one delivery; its handler translates it after the 200
+        (what it cannot translate is quarantined, never refused). 200 once stored
+        (`accepted`, or `duplicate` for a redelivery); 401 bad or missing signature; 400
+        only when not even the delivery's id can be read; 404 unknown or unconfigured
+        source; 408 body too slow; 413 too large; 503 when the store cannot take it (the
+        provider retries)."""
         return await _intake(mounted, deadlines, request.scope, request.receive, max_body)
 
     return webhook
@@ -351,22 +355,17 @@ async def _receive(
     stage = "verify"  # where an unexpected exception came from, for its log line
     try:
         handler.scheme.verify(incoming, found.secrets, found.options.tolerance)
-        stage = "parse"
-        payload = handler.parse(incoming)
         stage = "delivery_id"
-        delivery_id = handler.delivery_id(incoming, payload)
-        stage = "translate"
-        calls = handler.translate(incoming, payload, found.options)
+        delivery_id = handler.delivery_id(incoming)
         stage = "store"
         delivery = Delivery(
             source=source,
             provider_event_id=delivery_id,
             received_at=incoming.received_at,
             raw_body=body,
-            calls=calls,
-            headers={h: headers[h] for h in handler.scheme.headers if h in headers},
+            headers={h: headers[h] for h in kept_headers(handler) if h in headers},
         )
-        result = await accept_deadline.run(store.accept(delivery))
+        result = await accept_deadline.run(store.append(delivery))
     except BridgeError as error:
         done("rejected", _REASONS.get(type(error), type(error).__name__))
         raise
@@ -374,8 +373,8 @@ async def _receive(
         done("rejected", "payload")
         raise PayloadInvalid("the JSON body nests too deeply") from None
     except Exception as error:
-        # A bug, most likely in the handler's code (its scheme, parse, delivery_id or
-        # translate), not in the delivery. 503 rather than 400: the provider retries, so
+        # A bug, most likely in the handler's code (its scheme or delivery_id), not in
+        # the delivery. 503 rather than 400: the provider retries, so
         # once the handler is fixed the delivery arrives again and nothing is lost; a 4xx
         # would blame the sender. The log line and the message name the exception's type
         # only: its text and traceback may quote the payload or a secret.
@@ -386,17 +385,11 @@ async def _receive(
             raise StoreUnavailable(f"the store failed: {failed}") from None
         done("failed", "handler_failed", stage=stage, error=failed)
         raise HandlerFailed(error) from None
-    sent = [c for c in calls if isinstance(c, Track | Identify | Forget)]
-    # Ignored: nothing to send and nothing for the store to do but to remember whom it is
-    # about (a Purge is not ignored).
-    acted = any(not isinstance(c, About) for c in calls)
-    outcome = "ignored" if result == "accepted" and not acted else result
-    if outcome == "accepted":
-        forwarder: Forwarder = app.state.forwarder
-        for route in {route_of(c) for c in sent}:
-            forwarder.wake(route)
-    done(outcome, delivery=delivery_id, calls=len(sent))
-    return outcome
+    if result == "accepted":
+        translator: Translator = app.state.translator
+        translator.wake()
+    done(result, delivery=delivery_id)
+    return result
 
 
 _BODY_REASONS: Final = {413: "too_large", 408: "body_timeout"}

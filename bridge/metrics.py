@@ -18,8 +18,13 @@ __all__ = [
     "OUTBOX_OLDEST_AGE",
     "OUTBOX_PENDING",
     "PAUSED",
+    "QUARANTINED",
     "RETRY_WAIT",
+    "TRANSLATED",
+    "TRANSLATE_FAILURES",
     "UNEXPECTED",
+    "UNTRANSLATED",
+    "UNTRANSLATED_OLDEST_AGE",
     "WEBHOOKS",
     "unexpected",
     "webhook",
@@ -59,6 +64,25 @@ OUTBOX_PENDING: Final = Gauge("bridge_outbox_pending", "Calls waiting to be sent
 OUTBOX_DEAD: Final = Gauge("bridge_outbox_dead", "Calls in dead letters.")
 OUTBOX_OLDEST_AGE: Final = Gauge(
     "bridge_outbox_oldest_pending_seconds", "Age of the oldest pending call (0 when none)."
+)
+
+
+TRANSLATED: Final = Counter(
+    "bridge_translated_deliveries", "Stored deliveries the translate stage translated.", ["source"]
+)
+TRANSLATE_FAILURES: Final = Counter(
+    "bridge_translate_failures",
+    "Stored deliveries their handler could not translate (quarantined), by source and reason "
+    "(payload, event, handler).",
+    ["source", "reason"],
+)
+UNTRANSLATED: Final = Gauge("bridge_inbox_untranslated", "Deliveries waiting to be translated.")
+UNTRANSLATED_OLDEST_AGE: Final = Gauge(
+    "bridge_inbox_oldest_untranslated_seconds",
+    "Age of the oldest delivery waiting to be translated (0 when none).",
+)
+QUARANTINED: Final = Gauge(
+    "bridge_inbox_quarantined", "Deliveries their handler could not translate, kept."
 )
 
 

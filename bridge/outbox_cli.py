@@ -81,10 +81,17 @@ def _selection(
     since: float | None,
     every: bool,
     include_delivered: bool = False,
+    deliveries: tuple[int, ...] = (),
 ) -> Selection:
-    if not (ids or source or since is not None or every):
-        raise click.UsageError("say which rows: --id, --source, --since, or --all")
-    return Selection(ids=ids, source=source, since=since, include_delivered=include_delivered)
+    if not (ids or deliveries or source or since is not None or every):
+        raise click.UsageError("say which rows: --id, --delivery, --source, --since, or --all")
+    return Selection(
+        ids=ids,
+        deliveries=deliveries,
+        source=source,
+        since=since,
+        include_delivered=include_delivered,
+    )
 
 
 _select = [
@@ -93,6 +100,13 @@ _select = [
     click.option("--since", callback=_parse_since, help="Rows created since: 2h, 3d or a time."),
     click.option("--all", "every", is_flag=True, help="Every dead letter."),
 ]
+_delivery = click.option(
+    "--delivery",
+    "deliveries",
+    type=int,
+    multiple=True,
+    help="A quarantined delivery's id, as `outbox dead` lists it (repeatable).",
+)
 
 
 def _selecting(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -113,26 +127,37 @@ def status() -> None:
     now = time.time()
     stats = _with_store(lambda store: store.stats(now))
     oldest = _age(now - stats.oldest_pending_at) if stats.oldest_pending_at else "-"
+    waiting = stats.oldest_untranslated_at
     click.echo(
-        f"pending     {stats.pending}\n"
-        f"delivered   {stats.delivered}\n"
-        f"dead        {stats.dead}\n"
-        f"oldest      {oldest}\n"
-        f"inbox       {stats.inbox} deliveries, {stats.raw_payloads} raw payloads kept\n"
-        f"forwarding  {'PAUSED: ' + stats.paused if stats.paused else 'not paused'}"
+        f"untranslated {stats.untranslated} (oldest {_age(now - waiting) if waiting else '-'})\n"
+        f"quarantined  {stats.quarantined}\n"
+        f"pending      {stats.pending}\n"
+        f"delivered    {stats.delivered}\n"
+        f"dead         {stats.dead}\n"
+        f"oldest       {oldest}\n"
+        f"inbox        {stats.inbox} deliveries, {stats.raw_payloads} raw payloads kept\n"
+        f"forwarding   {'PAUSED: ' + stats.paused if stats.paused else 'not paused'}"
     )
 
 
 @outbox.command()
 @click.option("--limit", default=100, show_default=True, help="At most this many.")
 def dead(limit: int) -> None:
-    """Dead letters with Millimetric's reason; replay them once the cause is fixed."""
+    """Dead letters with Millimetric's reason (replay them once the cause is fixed), and
+    deliveries their handler could not translate, quarantined with the reason (retranslate
+    them once the handler or its options are fixed)."""
     letters = _with_store(lambda store: store.dead_letters(limit))
     if not letters:
-        click.echo("no dead letters")
+        click.echo("no dead letters, no quarantined deliveries")
     for d in letters:
+        if d.kind == "delivery":
+            click.echo(
+                f"{d.id:>8}  {'delivery':8} {d.source or '-':12} "
+                f"{d.provider_event_id or '-':34} quarantined  {d.reason}"
+            )
+            continue
         click.echo(
-            f"{d.id:>8}  {d.route:8} {d.source or '-':12} {d.event_id or '-':34} "
+            f"{d.id:>8}  {d.route or '-':8} {d.source or '-':12} {d.event_id or '-':34} "
             f"attempts={d.attempts}  {d.reason}"
         )
 
@@ -159,12 +184,42 @@ def replay(
 
 @outbox.command()
 @_selecting
+@_delivery
 @click.confirmation_option(prompt="Delete these dead letters for good?")
-def purge(ids: tuple[int, ...], source: str | None, since: float | None, every: bool) -> None:
-    """Delete selected dead letters for good."""
-    selection = _selection(ids, source, since, every)
+def purge(
+    ids: tuple[int, ...],
+    source: str | None,
+    since: float | None,
+    every: bool,
+    deliveries: tuple[int, ...],
+) -> None:
+    """Delete selected dead letters, and the raw payloads of selected quarantined
+    deliveries, for good."""
+    selection = _selection(ids, source, since, every, deliveries=deliveries)
     count = _with_store(lambda store: store.purge(selection))
     click.echo(f"{count} dead letters deleted")
+
+
+@outbox.command()
+@click.option("--id", "ids", type=int, multiple=True, help="A stored delivery's id (repeatable).")
+@click.option("--source", help="Deliveries of one source, e.g. stripe.")
+@click.option("--since", callback=_parse_since, help="Deliveries received since: 2h, 3d, a time.")
+@click.option("--all", "every", is_flag=True, help="Every stored delivery whose body is kept.")
+def retranslate(ids: tuple[int, ...], source: str | None, since: float | None, every: bool) -> None:
+    """Run the current handler and bridge.toml options again over stored deliveries.
+
+    Quarantined deliveries, and translated ones whose raw body is still kept
+    (BRIDGE_RAW_RETENTION_DAYS), go through the translate stage again; only calls not
+    already queued or sent are queued. This is how to recover after fixing a handler or
+    turning an option on (such as include_test_events).
+    """
+    if not (ids or source or since is not None or every):
+        raise click.UsageError("say which deliveries: --id, --source, --since, or --all")
+    selection = Selection(deliveries=ids, source=source, since=since)
+    count = _with_store(lambda store: store.retranslate(selection))
+    click.echo(
+        f"{count} deliveries are waiting for translation; the running bridge translates them"
+    )
 
 
 @click.command()

@@ -70,11 +70,16 @@ from bridge.store import (
     Retention,
     Route,
     Selection,
+    StoredDelivery,
+    Translation,
+    backlog_of,
     declared,
     hash_subject,
     links,
+    quarantined_letter,
     route_of,
     settle,
+    stored_delivery,
     subject_of,
     visitor_of,
     with_event_id,
@@ -363,8 +368,19 @@ class PostgresStore:
         return await self._run(_erase_linked, hash_subject(user_id), time.time())
 
     async def accept(self, delivery: Delivery) -> AcceptResult:
-        if not _simple(delivery):
-            return await self._run(_accept, delivery)
+        return await self._run(_accept, delivery)
+
+    async def untranslated(self, limit: int) -> list[StoredDelivery]:
+        return await self._run(_untranslated, limit)
+
+    async def record(self, translations: Sequence[Translation]) -> None:
+        if translations:
+            await self._run(_record, translations, time.time())
+
+    async def retranslate(self, selection: Selection) -> int:
+        return await self._run(_retranslate, selection)
+
+    async def append(self, delivery: Delivery) -> AcceptResult:
         if self._pool is None:
             raise StoreUnavailable("the store is not open")
         future: asyncio.Future[AcceptResult] = asyncio.get_running_loop().create_future()
@@ -395,7 +411,7 @@ class PostgresStore:
     ) -> None:
         """Commit one group and answer each of its callers."""
         try:
-            outcomes = await self._run(_accept_group, [delivery for delivery, _ in group])
+            outcomes = await self._run(_append_group, [delivery for delivery, _ in group])
         except StoreUnavailable as failure:
             if _unreachable(failure):
                 # Every caller waiting hears it now, rather than after a wait of its own.
@@ -420,7 +436,7 @@ class PostgresStore:
 
     async def _accept_alone(self, delivery: Delivery, future: asyncio.Future[AcceptResult]) -> None:
         try:
-            settle(future, await self._run(_accept, delivery))
+            settle(future, await self._run(_append_one, delivery))
         except Exception as error:
             settle(future, None, error)
         finally:
@@ -545,33 +561,130 @@ async def _release_all_claims(cur: Cursor, now: float) -> int:
     return cur.rowcount
 
 
-async def _accept(cur: Cursor, delivery: Delivery) -> AcceptResult:
-    inbox_id = await _one(
+async def _append(cur: Cursor, delivery: Delivery, state: str) -> int | None:
+    """The delivery's inbox row; its id, or None for a redelivery."""
+    found = await _one(
         cur,
-        "INSERT INTO inbox (source, provider_event_id, received_at, raw_body, headers, calls)"
-        " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (source, provider_event_id) DO NOTHING"
-        " RETURNING id",
+        "INSERT INTO inbox (source, provider_event_id, received_at, raw_body, headers, calls,"
+        " state) VALUES (%s, %s, %s, %s, %s, 0, %s)"
+        " ON CONFLICT (source, provider_event_id) DO NOTHING RETURNING id",
         (
             delivery.source,
             delivery.provider_event_id,
             delivery.received_at,
             delivery.raw_body,
             _encoder.encode(delivery.headers),
-            len(delivery.calls),
+            state,
         ),
     )
+    return None if found is None else int(found)
+
+
+async def _append_one(cur: Cursor, delivery: Delivery) -> AcceptResult:
+    return "duplicate" if await _append(cur, delivery, "untranslated") is None else "accepted"
+
+
+async def _accept(cur: Cursor, delivery: Delivery) -> AcceptResult:
+    inbox_id = await _append(cur, delivery, "translated")
     if inbox_id is None:
         return "duplicate"
-    now = delivery.received_at
-    resolved = [await _resolve(cur, delivery.source, item, now) for item in delivery.calls]
-    await _link(cur, [(inbox_id, links([*delivery.calls, *resolved]))])
+    await _write_calls(cur, inbox_id, delivery, delivery.calls, delivery.received_at)
+    return "accepted"
+
+
+async def _untranslated(cur: Cursor, limit: int) -> list[StoredDelivery]:
+    # By state, not by a cursor over ids: groups of several instances commit out of id order.
+    await cur.execute(
+        "SELECT id, source, provider_event_id, received_at, raw_body, headers FROM inbox"
+        " WHERE state = 'untranslated' ORDER BY id LIMIT %s",
+        (limit,),
+    )
+    return [stored_delivery(row) for row in await cur.fetchall()]
+
+
+async def _record(cur: Cursor, translations: Sequence[Translation], now: float) -> None:
+    """Mark every delivery of the batch at once (a delivery another translator took in the
+    meantime is left to it), then write the calls of those marked translated, the simple
+    ones in groups (`_simple`), the others one by one, in the batch's order."""
+    await cur.execute(
+        "UPDATE inbox SET state = given.state, reason = given.reason, calls = given.calls"
+        " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::int[])"
+        " AS given (id, state, reason, calls)"
+        " WHERE inbox.id = given.id AND inbox.state = 'untranslated' RETURNING inbox.id",
+        (
+            [t.delivery.id for t in translations],
+            ["translated" if t.failure is None else "quarantined" for t in translations],
+            [t.failure for t in translations],
+            [len(t.outputs) for t in translations],
+        ),
+    )
+    claimed = {found for (found,) in await cur.fetchall()}
+    run: list[Translation] = []
+    for translation in translations:
+        if translation.delivery.id not in claimed or translation.failure is not None:
+            continue
+        if _simple(translation.outputs):
+            run.append(translation)
+            continue
+        await _write_group(cur, run, now)
+        run = []
+        stored = translation.delivery
+        await _write_calls(cur, stored.id, _as_delivery(translation), translation.outputs, now)
+    await _write_group(cur, run, now)
+
+
+def _as_delivery(translation: Translation) -> Delivery:
+    stored = translation.delivery
+    return Delivery(
+        source=stored.source,
+        provider_event_id=stored.provider_event_id,
+        received_at=stored.received_at,
+        calls=translation.outputs,
+    )
+
+
+async def _retranslate(cur: Cursor, selection: Selection) -> int:
+    where, params = _deliveries(selection, ["translated", "quarantined"])
+    await cur.execute(
+        "UPDATE inbox SET state = 'untranslated', reason = NULL WHERE raw_body IS NOT NULL"
+        f" AND {where}",
+        params,
+    )
+    return cur.rowcount
+
+
+def _deliveries(selection: Selection, states: list[str]) -> tuple[str, list[Any]]:
+    """The inbox rows a selection names, in `states` (as the SQLite backend's)."""
+    clauses = ["state = ANY(%s)"]
+    params: list[Any] = [states]
+    if selection.ids and not selection.deliveries:
+        clauses.append("FALSE")  # calls were named, and no delivery
+    if selection.deliveries:
+        clauses.append("id = ANY(%s)")
+        params.append(list(selection.deliveries))
+    if selection.source is not None:
+        clauses.append("source = %s")
+        params.append(selection.source)
+    if selection.since is not None:
+        clauses.append("received_at >= %s")
+        params.append(selection.since)
+    return " AND ".join(clauses), params
+
+
+async def _write_calls(
+    cur: Cursor, inbox_id: int, delivery: Delivery, outputs: Sequence[Output], now: float
+) -> None:
+    """Carry out a stored delivery's instructions and queue its calls, with what is known
+    about their users."""
+    resolved = [await _resolve(cur, delivery.source, item, now) for item in outputs]
+    await _link(cur, [(inbox_id, links([*outputs, *resolved]))])
     identified = {(c.anonymous_id, c.user_id) for c in resolved if isinstance(c, Identify)}
     for index, given in enumerate(resolved):
         call: Call | None = given
         if given is None:  # an instruction, carried out
             continue
         if isinstance(given, Forget):
-            await _forget(cur, given.user_id, declared(delivery.calls), now)
+            await _forget(cur, given.user_id, declared(outputs), now)
         else:
             # One round trip for both questions: per-statement cost is most of an accept.
             await cur.execute(
@@ -593,7 +706,6 @@ async def _accept(cur: Cursor, delivery: Delivery) -> AcceptResult:
             continue
         call, event_id = with_event_id(call, delivery.source, delivery.provider_event_id, index)
         await _insert(cur, inbox_id, call, event_id, now)
-    return "accepted"
 
 
 def _unreachable(failure: StoreUnavailable) -> bool:
@@ -606,57 +718,68 @@ def _unreachable(failure: StoreUnavailable) -> bool:
     )
 
 
-def _simple(delivery: Delivery) -> bool:
+def _simple(outputs: Sequence[Output]) -> bool:
     """Whether a delivery only reads what is known about its users: tracks and identifies
     of a user id, and tracks of a visitor (anonymous id) alone, such as a purchase by a
-    provider's customer. These are accepted in groups (`_accept_group`); a call that
-    links a visitor to a user, forgets or aliases, changes what later ones read."""
+    provider's customer. These are written in groups (`_write_group`); a call that links
+    a visitor to a user, forgets or aliases, changes what later ones read."""
     return all(
         isinstance(call, About)
         or (
             isinstance(call, Track | Identify)
             and (not call.anonymous_id or (isinstance(call, Track) and call.user_id is None))
         )
-        for call in delivery.calls
+        for call in outputs
     )
 
 
-async def _accept_group(cur: Cursor, deliveries: Sequence[Delivery]) -> list[AcceptResult]:
-    """`_accept` of many simple deliveries in a few statements: their inbox rows, what is
-    known of their visitors (alias and user), which of their users are forgotten, their
-    outbox rows. Inbox rows go in key order, so two instances' groups take the unique
-    keys in one order and cannot deadlock on them."""
+async def _append_group(cur: Cursor, deliveries: Sequence[Delivery]) -> list[AcceptResult]:
+    """Many deliveries' inbox rows in one statement. They go in key order, so two
+    instances' groups take the unique keys in one order and cannot deadlock on them."""
     by_key = sorted(deliveries, key=lambda d: (d.source, d.provider_event_id))
-    # `_simple` let only tracks and identifies in.
+    # A twin's key held by another transaction (another instance mid-commit, or one that
+    # vanished) would hold up the whole group: past this, it goes one at a time.
+    await cur.execute(f"SET LOCAL lock_timeout = '{GROUP_LOCK_TIMEOUT_MS}ms'")
+    await cur.execute(
+        "INSERT INTO inbox (source, provider_event_id, received_at, raw_body, headers,"
+        " calls, state) SELECT source, provider_event_id, received_at, raw_body, headers, 0,"
+        " 'untranslated' FROM unnest(%s::text[], %s::text[], %s::float8[], %s::bytea[],"
+        " %s::bytea[]) WITH ORDINALITY AS given (source, provider_event_id, received_at,"
+        " raw_body, headers, position) ORDER BY position"
+        " ON CONFLICT (source, provider_event_id) DO NOTHING"
+        " RETURNING source, provider_event_id",
+        (
+            [d.source for d in by_key],
+            [d.provider_event_id for d in by_key],
+            [float(d.received_at) for d in by_key],
+            [d.raw_body for d in by_key],
+            [_encoder.encode(d.headers) for d in by_key],
+        ),
+    )
+    inserted = {(source, event_id) for source, event_id in await cur.fetchall()}
+    results: list[AcceptResult] = []
+    for delivery in deliveries:
+        key = (delivery.source, delivery.provider_event_id)
+        results.append("accepted" if key in inserted else "duplicate")
+        inserted.discard(key)  # a twin in the same group: the first is the one inserted
+    return results
+
+
+async def _write_group(cur: Cursor, run: Sequence[Translation], now: float) -> None:
+    """The calls of many simple deliveries in a few statements: what is known of their
+    visitors (alias and user) and which of their users are forgotten, read at once, then
+    their outbox rows."""
+    if not run:
+        return
+    deliveries = [_as_delivery(t) for t in run]
+    # `_simple` let only tracks, identifies and Abouts in.
     calls = [[c for c in d.calls if isinstance(c, Track | Identify)] for d in deliveries]
     visitors = sorted({c.anonymous_id for cs in calls for c in cs if c.anonymous_id})
     subjects = sorted({s for cs in calls for c in cs if (s := subject_of(c)) is not None})
     conn = cur.connection
-    # Pipelined: three round trips to the server instead of seven (the statements up to
-    # here, the outbox rows, COMMIT). Each waits on the network to a remote server, and
-    # under load for a turn of the busy event loop. A/B with bench/intake.py's load on a
-    # local server: 3-4% more requests a second, p99 18.4 and 22.0 ms against 19.2, 38.4.
-    async with conn.pipeline(), conn.cursor() as inbox, conn.cursor() as aliased:
-        # A twin's key held by another transaction (another instance mid-commit, or one
-        # that vanished) would hold up the whole group: past this, it goes one at a time.
-        await cur.execute(f"SET LOCAL lock_timeout = '{GROUP_LOCK_TIMEOUT_MS}ms'")
-        await inbox.execute(
-            "INSERT INTO inbox (source, provider_event_id, received_at, raw_body, headers,"
-            " calls) SELECT source, provider_event_id, received_at, raw_body, headers, calls"
-            " FROM unnest(%s::text[], %s::text[], %s::float8[], %s::bytea[], %s::bytea[],"
-            " %s::int[]) WITH ORDINALITY AS given (source, provider_event_id, received_at,"
-            " raw_body, headers, calls, position) ORDER BY position"
-            " ON CONFLICT (source, provider_event_id) DO NOTHING"
-            " RETURNING id, source, provider_event_id",
-            (
-                [d.source for d in by_key],
-                [d.provider_event_id for d in by_key],
-                [float(d.received_at) for d in by_key],
-                [d.raw_body for d in by_key],
-                [_encoder.encode(d.headers) for d in by_key],
-                [len(d.calls) for d in by_key],
-            ),
-        )
+    # Pipelined: one round trip for both lookups. Each waits on the network to a remote
+    # server, and under load for a turn of the busy event loop.
+    async with conn.pipeline(), conn.cursor() as aliased:
         if visitors:
             await aliased.execute(
                 "SELECT given, COALESCE(a.anonymous_id, given), i.user_id"
@@ -667,36 +790,27 @@ async def _accept_group(cur: Cursor, deliveries: Sequence[Delivery]) -> list[Acc
             )
         if subjects:
             await cur.execute("SELECT subject FROM forgotten WHERE subject = ANY(%s)", (subjects,))
-        # Fetching syncs the pipeline: the statements above go in one round trip.
-        inserted = {(source, event_id): id_ for id_, source, event_id in await inbox.fetchall()}
         known: dict[str, tuple[str, str | None]] = {}  # visitor: the id it goes as, its user
         if visitors:
             known = {given: (target, user) for given, target, user in await aliased.fetchall()}
         forgotten = {subject for (subject,) in await cur.fetchall()} if subjects else set()
-        return await _group_rows(cur, deliveries, calls, inserted, known, forgotten)
+    rows = [(t.delivery.id, d, c) for t, d, c in zip(run, deliveries, calls, strict=True)]
+    await _group_rows(cur, rows, known, forgotten, now)
 
 
 async def _group_rows(
     cur: Cursor,
-    deliveries: Sequence[Delivery],
-    calls: list[list[Track | Identify]],
-    inserted: dict[tuple[str, str], int],
+    run: Sequence[tuple[int, Delivery, list[Track | Identify]]],
     known: dict[str, tuple[str, str | None]],
     forgotten: set[str],
-) -> list[AcceptResult]:
-    """The group's answers, and its outbox rows written (raw bodies of forgotten users'
-    deliveries dropped), given what `_accept_group` learned."""
-    results: list[AcceptResult] = []
-    rows: list[tuple[int, Call, str | None, str | None, float]] = []
+    now: float,
+) -> None:
+    """The outbox rows of a group of stored deliveries, and their links, written (raw
+    bodies of forgotten users' deliveries dropped), given what `_write_group` learned."""
+    rows: list[tuple[int, Call, str | None, str | None]] = []
     emptied: list[int] = []
     linked: list[tuple[int, set[str]]] = []
-    for delivery, its_calls in zip(deliveries, calls, strict=True):
-        # A twin in the same group: the first of them is the one inserted.
-        inbox_id = inserted.pop((delivery.source, delivery.provider_event_id), None)
-        if inbox_id is None:
-            results.append("duplicate")
-            continue
-        results.append("accepted")
+    for inbox_id, delivery, its_calls in run:
         its_links = links(delivery.calls)
         linked.append((inbox_id, its_links))
         for index, given in enumerate(its_calls):
@@ -711,31 +825,32 @@ async def _group_rows(
                 subject = subject_of(call)
                 its_links |= links([call])
             call, event_id = with_event_id(call, delivery.source, delivery.provider_event_id, index)
-            rows.append((inbox_id, call, subject, event_id, delivery.received_at))
+            rows.append((inbox_id, call, subject, event_id))
     await _link(cur, linked)
     if rows:
         await cur.execute(
+            # A call already queued or sent under its key is not queued again.
             "INSERT INTO outbox (inbox_id, route, subject, visitor, event_id, body, created_at,"
-            " next_at) SELECT inbox_id, route, subject, visitor, event_id, body, at, at"
+            " next_at) SELECT inbox_id, route, subject, visitor, event_id, body, %s, %s"
             " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],"
-            " %s::bytea[], %s::float8[]) WITH ORDINALITY"
-            " AS given (inbox_id, route, subject, visitor, event_id, body, at, position)"
-            " ORDER BY position",
+            " %s::bytea[]) WITH ORDINALITY"
+            " AS given (inbox_id, route, subject, visitor, event_id, body, position)"
+            " ORDER BY position ON CONFLICT DO NOTHING",
             (
-                [inbox_id for inbox_id, _, _, _, _ in rows],
-                [route_of(call) for _, call, _, _, _ in rows],
-                [subject for _, _, subject, _, _ in rows],
-                [visitor_of(call) for _, call, _, _, _ in rows],
-                [event_id for _, _, _, event_id, _ in rows],
-                [_encoder.encode(call) for _, call, _, _, _ in rows],
-                [float(at) for _, _, _, _, at in rows],
+                now,
+                now,
+                [inbox_id for inbox_id, _, _, _ in rows],
+                [route_of(call) for _, call, _, _ in rows],
+                [subject for _, _, subject, _ in rows],
+                [visitor_of(call) for _, call, _, _ in rows],
+                [event_id for _, _, _, event_id in rows],
+                [_encoder.encode(call) for _, call, _, _ in rows],
             ),
         )
     if emptied:
         await cur.execute(
             "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ANY(%s)", (emptied,)
         )
-    return results
 
 
 async def _resolve(cur: Cursor, source: str, item: Output, now: float) -> Call | None:
@@ -781,8 +896,9 @@ async def _insert(
     cur: Cursor, inbox_id: int | None, call: Call, event_id: str | None, now: float
 ) -> None:
     await cur.execute(
+        # A call already queued or sent under its key is not queued again.
         "INSERT INTO outbox (inbox_id, route, subject, visitor, event_id, body, created_at,"
-        " next_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        " next_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
         (
             inbox_id,
             route_of(call),
@@ -1011,8 +1127,7 @@ async def _dead_letter(cur: Cursor, ids: list[int], reason: str, now: float) -> 
 
 async def _backlog(cur: Cursor) -> Backlog:
     await cur.execute(BACKLOG_SQL)
-    pending, dead, oldest = await cur.fetchone() or (0, 0, None)
-    return Backlog(pending=pending, dead=dead, oldest_pending_at=oldest)
+    return backlog_of(await cur.fetchone() or (0, 0, None, 0, None, 0))
 
 
 async def _stats(cur: Cursor) -> OutboxStats:
@@ -1030,6 +1145,9 @@ async def _stats(cur: Cursor) -> OutboxStats:
         inbox=inbox,
         raw_payloads=raw,
         paused=paused,
+        untranslated=backlog.untranslated,
+        oldest_untranslated_at=backlog.oldest_untranslated_at,
+        quarantined=backlog.quarantined,
     )
 
 
@@ -1040,7 +1158,7 @@ async def _dead_letters(cur: Cursor, limit: int) -> list[DeadLetter]:
         " WHERE o.state = 'dead' ORDER BY o.id LIMIT %s",
         (limit,),
     )
-    return [
+    calls = [
         DeadLetter(
             id=r[0],
             route=r[1],
@@ -1053,12 +1171,20 @@ async def _dead_letters(cur: Cursor, limit: int) -> list[DeadLetter]:
         )
         for r in await cur.fetchall()
     ]
+    await cur.execute(
+        "SELECT id, source, provider_event_id, reason, received_at, raw_body FROM inbox"
+        " WHERE state = 'quarantined' ORDER BY id LIMIT %s",
+        (limit,),
+    )
+    return [*calls, *map(quarantined_letter, await cur.fetchall())]
 
 
 def _where(selection: Selection) -> tuple[str, list[Any]]:
     states = "('dead', 'delivered')" if selection.include_delivered else "('dead')"
     clauses: list[str] = [f"state IN {states}"]
     params: list[Any] = []
+    if selection.deliveries and not selection.ids:
+        clauses.append("FALSE")  # deliveries were named, and no call
     if selection.ids:
         clauses.append("id = ANY(%s)")
         params.append(list(selection.ids))
@@ -1085,19 +1211,28 @@ async def _replay(cur: Cursor, selection: Selection, now: float) -> int:
 async def _purge(cur: Cursor, selection: Selection) -> int:
     where, params = _where(msgspec.structs.replace(selection, include_delivered=False))
     await cur.execute(f"DELETE FROM outbox WHERE {where}", params)
-    return cur.rowcount
+    calls = cur.rowcount
+    # As on SQLite: a quarantined delivery loses its payload, its inbox row stays.
+    where, params = _deliveries(selection, ["quarantined"])
+    await cur.execute(
+        f"UPDATE inbox SET state = 'dropped', raw_body = NULL, headers = NULL WHERE {where}",
+        params,
+    )
+    return calls + cur.rowcount
 
 
 _CLEAN_DELIVERED: Final = (
     "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
     " WHERE state = 'delivered' AND done_at < %s LIMIT %s)"
 )
+# As on SQLite, retention leaves untranslated and quarantined deliveries alone.
 _CLEAN_RAW: Final = (
     "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id IN (SELECT id FROM inbox"
-    " WHERE raw_body IS NOT NULL AND received_at < %s LIMIT %s)"
+    " WHERE raw_body IS NOT NULL AND received_at < %s AND state = 'translated' LIMIT %s)"
 )
 _CLEAN_INBOX: Final = (
     "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE received_at < %s"
+    " AND state IN ('translated', 'dropped')"
     " AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.inbox_id = inbox.id) LIMIT %s)"
 )
 

@@ -43,11 +43,16 @@ from bridge.store import (
     Retention,
     Route,
     Selection,
+    StoredDelivery,
+    Translation,
+    backlog_of,
     declared,
     hash_subject,
     links,
+    quarantined_letter,
     route_of,
     settle,
+    stored_delivery,
     subject_of,
     visitor_of,
     with_event_id,
@@ -420,16 +425,35 @@ class SQLiteStore:
         await self._call(_checkpoint)
         return erased
 
+    async def append(self, delivery: Delivery) -> AcceptResult:
+        return await self._submit(_appended, (delivery,), grouped=True)
+
+    async def untranslated(self, limit: int) -> list[StoredDelivery]:
+        return await self._read(_untranslated, limit)
+
+    async def record(self, translations: Sequence[Translation]) -> None:
+        purges = any(isinstance(o, Purge) for t in translations for o in t.outputs)
+        await self._then_checkpoint(self._submit(_record, (translations, time.time())), purges)
+
+    async def retranslate(self, selection: Selection) -> int:
+        return await self._call(_retranslate, selection)
+
     async def accept(self, delivery: Delivery) -> AcceptResult:
         accepted = self._submit(_accept, (delivery,), grouped=True)
-        if not any(isinstance(c, Purge) for c in delivery.calls):
-            return await accepted
+        return await self._then_checkpoint(
+            accepted, any(isinstance(c, Purge) for c in delivery.calls)
+        )
+
+    async def _then_checkpoint(self, done: asyncio.Future[T], purged: bool) -> T:
+        """`done`'s result, once a purge it carried out is gone from the WAL too."""
+        if not purged:
+            return await done
         # The WAL's old frames still hold what the purge erased (as after `erase`). Queued
-        # behind the accept now, so it runs even if the caller goes away; awaited, so that
+        # behind the work now, so it runs even if the caller goes away; awaited, so that
         # the answer means gone; its failure is logged, not the caller's (the purge is in).
         checkpoint = self._submit(_checkpoint, ())
         checkpoint.add_done_callback(_checkpoint_failed)
-        result = await accepted
+        result = await done
         await asyncio.wait([checkpoint])
         return result
 
@@ -532,27 +556,72 @@ def _release_all_claims(conn: sqlite3.Connection, now: float) -> int:
     ).rowcount
 
 
-def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
+def _append(
+    conn: sqlite3.Connection, delivery: Delivery, state: str = "untranslated"
+) -> int | None:
+    """The delivery's inbox row; its id, or None for a redelivery."""
     cursor = conn.execute(
-        "INSERT INTO inbox (source, provider_event_id, received_at, raw_body, headers, calls)"
-        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source, provider_event_id) DO NOTHING",
+        "INSERT INTO inbox (source, provider_event_id, received_at, raw_body, headers, calls,"
+        " state) VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT (source, provider_event_id) DO NOTHING",
         (
             delivery.source,
             delivery.provider_event_id,
             delivery.received_at,
             delivery.raw_body,
             _encoder.encode(delivery.headers),
-            len(delivery.calls),
+            state,
         ),
     )
-    if cursor.rowcount == 0:
+    return cursor.lastrowid if cursor.rowcount else None
+
+
+def _appended(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
+    return "duplicate" if _append(conn, delivery) is None else "accepted"
+
+
+def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
+    inbox_id = _append(conn, delivery, "translated")
+    if inbox_id is None:
         return "duplicate"
-    inbox_id = cursor.lastrowid
-    now = delivery.received_at
-    resolved = [_resolve(conn, delivery.source, item, now) for item in delivery.calls]
+    _write_calls(conn, inbox_id, delivery, delivery.calls, delivery.received_at)
+    return "accepted"
+
+
+def _record(conn: sqlite3.Connection, translations: Sequence[Translation], now: float) -> None:
+    for translation in translations:
+        stored = translation.delivery
+        claimed = conn.execute(
+            "UPDATE inbox SET state = ?, reason = ?, calls = ?"
+            " WHERE id = ? AND state = 'untranslated'",
+            (
+                "translated" if translation.failure is None else "quarantined",
+                translation.failure,
+                len(translation.outputs),
+                stored.id,
+            ),
+        ).rowcount
+        if claimed and translation.failure is None:
+            delivery = Delivery(
+                source=stored.source,
+                provider_event_id=stored.provider_event_id,
+                received_at=stored.received_at,
+            )
+            _write_calls(conn, stored.id, delivery, translation.outputs, now)
+
+
+def _write_calls(
+    conn: sqlite3.Connection,
+    inbox_id: int,
+    delivery: Delivery,
+    outputs: Sequence[Output],
+    now: float,
+) -> None:
+    """Carry out a stored delivery's instructions and queue its calls, with what is known
+    about their users."""
+    resolved = [_resolve(conn, delivery.source, item, now) for item in outputs]
     conn.executemany(
         "INSERT OR IGNORE INTO inbox_subjects (subject, inbox_id) VALUES (?, ?)",
-        [(subject, inbox_id) for subject in links([*delivery.calls, *resolved])],
+        [(subject, inbox_id) for subject in links([*outputs, *resolved])],
     )
     identified = {(c.anonymous_id, c.user_id) for c in resolved if isinstance(c, Identify)}
     for index, given in enumerate(resolved):
@@ -560,7 +629,7 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
         if given is None:  # an instruction, carried out
             continue
         if isinstance(given, Forget):
-            _forget(conn, given.user_id, declared(delivery.calls), now)
+            _forget(conn, given.user_id, declared(outputs), now)
         elif _is_forgotten(conn, subject_of(given)):
             # About a forgotten user: never stored, never sent, and its raw body not kept.
             conn.execute(
@@ -575,7 +644,6 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
             continue
         call, event_id = with_event_id(call, delivery.source, delivery.provider_event_id, index)
         _insert(conn, inbox_id, call, event_id, now)
-    return "accepted"
 
 
 def _resolve(conn: sqlite3.Connection, source: str, item: Output, now: float) -> Call | None:
@@ -631,8 +699,9 @@ def _insert(
     conn: sqlite3.Connection, inbox_id: int | None, call: Call, event_id: str | None, now: float
 ) -> None:
     conn.execute(
+        # A call already queued or sent under its key is not queued again.
         "INSERT INTO outbox (inbox_id, route, subject, visitor, event_id, body, created_at,"
-        " next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        " next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         (
             inbox_id,
             route_of(call),
@@ -874,8 +943,45 @@ def _nothing(_conn: sqlite3.Connection) -> None:
 
 
 def _backlog(conn: sqlite3.Connection) -> Backlog:
-    pending, dead, oldest = conn.execute(BACKLOG_SQL).fetchone()
-    return Backlog(pending=pending, dead=dead, oldest_pending_at=oldest)
+    return backlog_of(conn.execute(BACKLOG_SQL).fetchone())
+
+
+def _untranslated(conn: sqlite3.Connection, limit: int) -> list[StoredDelivery]:
+    return [
+        stored_delivery(row)
+        for row in conn.execute(
+            "SELECT id, source, provider_event_id, received_at, raw_body, headers FROM inbox"
+            " WHERE state = 'untranslated' ORDER BY id LIMIT ?",
+            (limit,),
+        )
+    ]
+
+
+def _retranslate(conn: sqlite3.Connection, selection: Selection) -> int:
+    where, params = _deliveries(selection, ("translated", "quarantined"))
+    return conn.execute(
+        f"UPDATE inbox SET state = 'untranslated', reason = NULL WHERE raw_body IS NOT NULL"
+        f" AND {where}",
+        params,
+    ).rowcount
+
+
+def _deliveries(selection: Selection, states: Sequence[str]) -> tuple[str, list[Any]]:
+    """The inbox rows a selection names, in `states`."""
+    clauses = [f"state IN ({_marks(states)})"]
+    params: list[Any] = list(states)
+    if selection.ids and not selection.deliveries:
+        clauses.append("0")  # calls were named, and no delivery
+    if selection.deliveries:
+        clauses.append(f"id IN ({_marks(selection.deliveries)})")
+        params.extend(selection.deliveries)
+    if selection.source is not None:
+        clauses.append("source = ?")
+        params.append(selection.source)
+    if selection.since is not None:
+        clauses.append("received_at >= ?")
+        params.append(selection.since)
+    return " AND ".join(clauses), params
 
 
 def _stats(conn: sqlite3.Connection) -> OutboxStats:
@@ -892,6 +998,9 @@ def _stats(conn: sqlite3.Connection) -> OutboxStats:
         inbox=inbox,
         raw_payloads=raw,
         paused=paused[0] if paused else None,
+        untranslated=backlog.untranslated,
+        oldest_untranslated_at=backlog.oldest_untranslated_at,
+        quarantined=backlog.quarantined,
     )
 
 
@@ -902,7 +1011,7 @@ def _dead_letters(conn: sqlite3.Connection, limit: int) -> list[DeadLetter]:
         " WHERE o.state = 'dead' ORDER BY o.id LIMIT ?",
         (limit,),
     )
-    return [
+    calls = [
         DeadLetter(
             id=r[0],
             route=r[1],
@@ -915,12 +1024,20 @@ def _dead_letters(conn: sqlite3.Connection, limit: int) -> list[DeadLetter]:
         )
         for r in rows
     ]
+    quarantined = conn.execute(
+        "SELECT id, source, provider_event_id, reason, received_at, raw_body FROM inbox"
+        " WHERE state = 'quarantined' ORDER BY id LIMIT ?",
+        (limit,),
+    )
+    return [*calls, *map(quarantined_letter, quarantined)]
 
 
 def _where(selection: Selection) -> tuple[str, list[Any]]:
     states = "('dead', 'delivered')" if selection.include_delivered else "('dead')"
     clauses: list[str] = [f"state IN {states}"]
     params: list[Any] = []
+    if selection.deliveries and not selection.ids:
+        clauses.append("0")  # deliveries were named, and no call
     if selection.ids:
         clauses.append(f"id IN ({_marks(selection.ids)})")
         params.extend(selection.ids)
@@ -945,19 +1062,32 @@ def _replay(conn: sqlite3.Connection, selection: Selection, now: float) -> int:
 
 def _purge(conn: sqlite3.Connection, selection: Selection) -> int:
     where, params = _where(msgspec.structs.replace(selection, include_delivered=False))
-    return conn.execute(f"DELETE FROM outbox WHERE {where}", params).rowcount
+    calls = conn.execute(f"DELETE FROM outbox WHERE {where}", params).rowcount
+    # Quarantined deliveries lose their raw payload; the inbox row stays, so that a
+    # redelivery of one is still recognised.
+    where, params = _deliveries(selection, ("quarantined",))
+    return (
+        calls
+        + conn.execute(
+            f"UPDATE inbox SET state = 'dropped', raw_body = NULL, headers = NULL WHERE {where}",
+            params,
+        ).rowcount
+    )
 
 
 _CLEAN_DELIVERED: Final = (
     "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
     " WHERE state = 'delivered' AND done_at < ? LIMIT ?)"
 )
+# Retention leaves untranslated and quarantined deliveries alone: their raw payload is all
+# there is of them until they are translated or purged.
 _CLEAN_RAW: Final = (
     "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id IN (SELECT id FROM inbox"
-    " WHERE raw_body IS NOT NULL AND received_at < ? LIMIT ?)"
+    " WHERE raw_body IS NOT NULL AND received_at < ? AND state = 'translated' LIMIT ?)"
 )
 _CLEAN_INBOX: Final = (
     "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE received_at < ?"
+    " AND state IN ('translated', 'dropped')"
     " AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.inbox_id = inbox.id) LIMIT ?)"
 )
 

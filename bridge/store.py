@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import Final, Literal, Protocol, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import msgspec
 
@@ -47,13 +47,18 @@ __all__ = [
     "Route",
     "Selection",
     "Store",
+    "StoredDelivery",
+    "Translation",
+    "backlog_of",
     "declared",
     "derived_event_id",
     "hash_subject",
     "links",
     "open_store",
+    "quarantined_letter",
     "route_of",
     "settle",
+    "stored_delivery",
     "subject_of",
     "visitor_of",
     "with_event_id",
@@ -84,15 +89,41 @@ class OutboxRow(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int
 
 
-class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+class StoredDelivery(msgspec.Struct, frozen=True, kw_only=True):
+    """A delivery as the inbox keeps it, for the translate stage."""
+
     id: int
-    route: Route
+    source: str
+    provider_event_id: str
+    received_at: float
+    raw_body: bytes | None  # None: erased before it was translated (a purge)
+    headers: dict[str, str]
+
+
+class Translation(msgspec.Struct, frozen=True, kw_only=True):
+    """What the translate stage made of a stored delivery: its calls and instructions, or
+    why its handler could not translate it (the delivery is then quarantined)."""
+
+    delivery: StoredDelivery
+    outputs: list[Output] = []
+    failure: str | None = None
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A call Millimetric refused or that failed for too long (`kind` "call"), or a
+    delivery its handler could not translate, quarantined (`kind` "delivery": `route` is
+    None, `id` is the inbox's, `body` the raw payload)."""
+
+    id: int
+    route: Route | None
     source: str | None
     event_id: str | None
     reason: str
     created_at: float
     attempts: int
     body: bytes
+    kind: Literal["call", "delivery"] = "call"
+    provider_event_id: str | None = None
 
 
 class Backlog(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,15 +133,66 @@ class Backlog(msgspec.Struct, frozen=True, kw_only=True):
     pending: int
     dead: int
     oldest_pending_at: float | None
+    untranslated: int = 0  # deliveries stored, waiting for the translate stage
+    oldest_untranslated_at: float | None = None
+    quarantined: int = 0  # deliveries their handler could not translate
 
 
-#: The backlog's two counts, each read from a partial index alone (on SQLite, `dead`
-#: reaches `outbox_done` only when the query repeats its `state != 'pending'`).
+#: The backlog's counts, each read from a partial index alone (on SQLite, `dead` reaches
+#: `outbox_done` only when the query repeats its `state != 'pending'`).
 BACKLOG_SQL: Final = (
     "SELECT (SELECT COUNT(*) FROM outbox WHERE state = 'pending'),"
     " (SELECT COUNT(*) FROM outbox WHERE state != 'pending' AND state = 'dead'),"
-    " (SELECT created_at FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1)"
+    " (SELECT created_at FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1),"
+    " (SELECT COUNT(*) FROM inbox WHERE state = 'untranslated'),"
+    " (SELECT received_at FROM inbox WHERE state = 'untranslated' ORDER BY id LIMIT 1),"
+    " (SELECT COUNT(*) FROM inbox WHERE state = 'quarantined')"
 )
+
+
+def stored_delivery(row: Sequence[Any]) -> StoredDelivery:
+    """A row of `id, source, provider_event_id, received_at, raw_body, headers`."""
+    return StoredDelivery(
+        id=row[0],
+        source=row[1],
+        provider_event_id=row[2],
+        received_at=row[3],
+        raw_body=None if row[4] is None else bytes(row[4]),
+        headers=_headers.decode(row[5]) if row[5] else {},
+    )
+
+
+def quarantined_letter(row: Sequence[Any]) -> DeadLetter:
+    """A row of `id, source, provider_event_id, reason, received_at, raw_body`."""
+    return DeadLetter(
+        kind="delivery",
+        id=row[0],
+        route=None,
+        source=row[1],
+        provider_event_id=row[2],
+        event_id=None,
+        reason=row[3] or "",
+        created_at=row[4],
+        attempts=1,
+        body=b"" if row[5] is None else bytes(row[5]),
+    )
+
+
+_headers: Final = msgspec.json.Decoder(dict[str, str])
+
+
+def backlog_of(row: Sequence[Any]) -> Backlog:
+    pending, dead, oldest, untranslated, oldest_untranslated, quarantined = row
+    return Backlog(
+        pending=pending,
+        dead=dead,
+        oldest_pending_at=oldest,
+        untranslated=untranslated,
+        oldest_untranslated_at=oldest_untranslated,
+        quarantined=quarantined,
+    )
+
+
 #: `stats` adds the delivered rows to the backlog, through the same index as `dead`.
 DELIVERED_SQL: Final = (
     "SELECT COUNT(*) FROM outbox WHERE state != 'pending' AND state = 'delivered'"
@@ -125,12 +207,19 @@ class OutboxStats(msgspec.Struct, frozen=True, kw_only=True):
     inbox: int
     raw_payloads: int
     paused: str | None  # why forwarding is paused, as the forwarder last said
+    untranslated: int = 0
+    oldest_untranslated_at: float | None = None
+    quarantined: int = 0
 
 
 class Selection(msgspec.Struct, frozen=True, kw_only=True):
-    """Which rows `replay` or `purge` act on; empty means every dead letter."""
+    """Which rows `replay`, `purge` or `retranslate` act on; empty means every dead letter
+    and quarantined delivery (every stored delivery, for `retranslate`). `ids` name calls
+    (outbox rows), `deliveries` stored deliveries (inbox rows); naming either limits the
+    selection to what it names."""
 
     ids: Sequence[int] = ()
+    deliveries: Sequence[int] = ()
     source: str | None = None
     since: float | None = None
     include_delivered: bool = False
@@ -173,9 +262,26 @@ class Store(Protocol):
         sending the forget, for what was in flight when the forget was accepted. Return
         how many were erased."""
 
+    async def append(self, delivery: Delivery) -> AcceptResult:
+        """Store a verified delivery durably, untranslated (its `calls` are ignored); a
+        second delivery with the same source and provider event id adds nothing and says
+        `duplicate`. Deliveries appended together share a commit."""
+
+    async def untranslated(self, limit: int) -> list[StoredDelivery]:
+        """The oldest deliveries waiting for the translate stage, in arrival order."""
+
+    async def record(self, translations: Sequence[Translation]) -> None:
+        """In one transaction: each delivery's calls written and its instructions carried
+        out, or the delivery quarantined with its failure; a delivery already translated
+        (by another instance, or twice in one batch) is left as it is."""
+
+    async def retranslate(self, selection: Selection) -> int:
+        """Make selected stored deliveries (translated or quarantined, raw body kept)
+        untranslated again, so that the stage runs their handler once more; how many."""
+
     async def accept(self, delivery: Delivery) -> AcceptResult:
-        """Store the delivery and its calls durably, in one transaction; a second delivery
-        with the same source and provider event id adds nothing and says `duplicate`."""
+        """`append` and `record` of a delivery and its calls in one transaction (for calls
+        the bridge makes itself, such as an operator's forget)."""
 
     async def claim(self, route: Route, limit: int, max_bytes: int, now: float) -> list[OutboxRow]:
         """Take due rows of `route` in order, at most `limit` and `max_bytes` of bodies
@@ -291,10 +397,11 @@ def settle(future: asyncio.Future[T], result: T | None, error: BaseException | N
 def with_event_id(
     call: Call, source: str, provider_event_id: str, index: int
 ) -> tuple[Call, str | None]:
-    """The call as stored, and its event_id: a track's own, else derived from its place in
-    the delivery; other calls have none."""
+    """The call as stored, and its key (unique in the outbox): a track's own event_id, else
+    one derived from its place in the delivery; other calls are keyed by that place alone,
+    so that translating a delivery again queues nothing twice."""
     if not isinstance(call, Track):
-        return call, None
+        return call, derived_event_id(source, provider_event_id, index)
     if call.event_id is None:
         event_id = derived_event_id(source, provider_event_id, index)
         call = msgspec.structs.replace(call, event_id=event_id)

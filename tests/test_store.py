@@ -22,6 +22,7 @@ from bridge.store import (
     Retention,
     Selection,
     Store,
+    Translation,
     derived_event_id,
     open_store,
 )
@@ -573,3 +574,126 @@ async def test_forgetting_an_unknown_visitor_drops_what_is_stored_about_them(
     assert await kept_raw(store) == [raw("cus_2")]
     assert await store.claim("forget", 10, 1 << 20, NOW) == []  # nobody to forget there
     assert len(await pending_users(store)) == 2  # anonymous calls are not the store's to drop
+
+
+# -- the pipeline: append, translate (record), quarantine, retranslate -----------------------
+
+
+def raw_delivery(event_id: str, body: bytes = b'{"id":"x"}', source: str = "stripe") -> Delivery:
+    return Delivery(
+        source=source,
+        provider_event_id=event_id,
+        received_at=NOW,
+        raw_body=body,
+        headers={"stripe-signature": "t=1,v1=00", "x-topic": "orders/paid"},
+    )
+
+
+async def test_appended_deliveries_wait_untranslated_in_arrival_order(store: Store) -> None:
+    # Deliveries arriving together share a commit (their order among them is the
+    # server's); those arriving one after the other wait in that order.
+    results = await asyncio.gather(*(store.append(raw_delivery(f"e{i}")) for i in range(30)))
+    assert results == ["accepted"] * 30
+    for n in range(30, 35):
+        assert await store.append(raw_delivery(f"e{n}")) == "accepted"
+    assert await store.append(raw_delivery("e3")) == "duplicate"
+    waiting = await store.untranslated(100)
+    names = [d.provider_event_id for d in waiting]
+    assert sorted(names[:30]) == sorted(f"e{i}" for i in range(30))
+    assert names[30:] == [f"e{n}" for n in range(30, 35)]
+    assert waiting[0].headers == {"stripe-signature": "t=1,v1=00", "x-topic": "orders/paid"}
+    assert waiting[0].raw_body == b'{"id":"x"}'
+    backlog = await store.backlog()
+    assert (backlog.untranslated, backlog.oldest_untranslated_at, backlog.pending) == (35, NOW, 0)
+    assert [d.id for d in await store.untranslated(2)] == [d.id for d in waiting[:2]]
+
+
+async def test_recorded_translations_queue_calls_once(store: Store) -> None:
+    for name in ("e1", "e2", "e3"):
+        await store.append(raw_delivery(name))
+    first, second, third = await store.untranslated(10)
+    purchase = Track(event="purchase", event_id="purchase:in_1", user_id="u1")
+    await store.record(
+        [
+            Translation(delivery=first, outputs=[purchase]),
+            # The same payment named by a second event: one call, never two.
+            Translation(delivery=second, outputs=[purchase, Identify(user_id="u1")]),
+            Translation(delivery=third, failure="payload: not a Stripe event"),
+        ]
+    )
+    # Recorded again (another translator, or a retry): nothing more.
+    await store.record([Translation(delivery=first, outputs=[purchase])])
+    assert await store.untranslated(10) == []
+    rows = await store.claim("track", 10, 1 << 20, NOW)
+    assert [msgspec.json.decode(r.body)["event_id"] for r in rows] == ["purchase:in_1"]
+    assert len(await store.claim("identify", 10, 1 << 20, NOW)) == 1
+    stats = await store.stats(NOW)
+    assert (stats.untranslated, stats.quarantined, stats.raw_payloads) == (0, 1, 3)
+    (letter,) = await store.dead_letters()
+    assert (letter.kind, letter.id, letter.source, letter.provider_event_id) == (
+        "delivery",
+        third.id,
+        "stripe",
+        "e3",
+    )
+    assert letter.reason == "payload: not a Stripe event"
+    assert letter.body == b'{"id":"x"}'
+
+
+async def test_retranslating_queues_only_what_is_not_queued_or_sent(store: Store) -> None:
+    for name in ("e1", "e2"):
+        await store.append(raw_delivery(name))
+    good, bad = await store.untranslated(10)
+    track = Track(event="purchase", event_id="purchase:1", user_id="u1")
+    await store.record(
+        [
+            Translation(delivery=good, outputs=[track, Identify(user_id="u1", traits={"a": 1})]),
+            Translation(delivery=bad, failure="handler: KeyError"),
+        ]
+    )
+    sent = await store.claim("track", 10, 1 << 20, NOW)
+    await store.delivered([r.id for r in sent], NOW)
+    assert await store.retranslate(Selection(deliveries=[bad.id])) == 1
+    assert await store.retranslate(Selection(source="stripe")) == 1  # the translated one
+    again = await store.untranslated(10)
+    assert [d.id for d in again] == [good.id, bad.id]
+    fixed = Track(event="purchase", event_id="purchase:2", user_id="u2")
+    await store.record(
+        [
+            Translation(
+                delivery=again[0], outputs=[track, Identify(user_id="u1", traits={"a": 1})]
+            ),
+            Translation(delivery=again[1], outputs=[fixed]),
+        ]
+    )
+    rows = await store.claim("track", 10, 1 << 20, NOW)
+    assert [msgspec.json.decode(r.body)["event_id"] for r in rows] == ["purchase:2"]
+    assert len(await store.claim("identify", 10, 1 << 20, NOW)) == 1  # queued once in all
+    assert (await store.stats(NOW)).quarantined == 0
+    assert await store.dead_letters() == []
+
+
+async def test_a_quarantined_delivery_is_kept_past_retention_until_purged(store: Store) -> None:
+    day = 86400.0
+    await store.append(raw_delivery("old"))
+    (stored,) = await store.untranslated(10)
+    await store.record([Translation(delivery=stored, failure="event: properties too large")])
+    await store.cleanup(Retention(), NOW + 60 * day)
+    assert (await store.stats(NOW)).raw_payloads == 1
+    assert await store.purge(Selection(ids=[stored.id])) == 0  # an outbox id names no delivery
+    assert await store.purge(Selection(deliveries=[stored.id])) == 1
+    stats = await store.stats(NOW)
+    assert (stats.quarantined, stats.raw_payloads, stats.inbox) == (0, 0, 1)
+    assert await store.append(raw_delivery("old")) == "duplicate"  # still recognised
+    assert await store.retranslate(Selection(deliveries=[stored.id])) == 0  # nothing left
+
+
+async def test_a_forget_reaches_deliveries_translated_after_it(store: Store) -> None:
+    """Erasure wins over the pipeline: a delivery about the user that arrived before the
+    forget but is translated after it is neither queued nor kept."""
+    await store.append(raw_delivery("e1", b'{"email":"u1@example.org"}'))
+    await store.accept(delivery("f1", Forget(user_id="u1"), raw=None))
+    (stored,) = await store.untranslated(10)
+    await store.record([Translation(delivery=stored, outputs=[Track(event="x", user_id="u1")])])
+    assert await store.claim("track", 10, 1 << 20, NOW) == []
+    assert (await store.stats(NOW)).raw_payloads == 0

@@ -1,0 +1,175 @@
+"""The translate stage: stored deliveries, in arrival order, through their handlers into
+outbox calls.
+
+Intake only verifies a delivery and appends it; this stage rebuilds the request from the
+stored body and kept headers, runs the handler's `parse` and `translate`, and hands the
+store a batch at a time (`Store.record`: the calls written, instructions carried out and
+each delivery marked translated, in one transaction). A delivery its handler cannot read
+or translate, whatever the handler raises, is quarantined with its reason instead of
+holding back the deliveries after it; `outbox retranslate` runs it again once the handler
+or its options are fixed.
+
+It runs on the instance that forwards (one per store), as one of the lanes of the
+forwarder's leadership, so that two instances never translate at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final
+
+import msgspec
+import structlog
+
+from bridge import metrics
+from bridge.errors import EventInvalid, PayloadInvalid, StoreUnavailable
+from bridge.events import About, Alias, Forget, ForgetVisitor, Identify, Purge, Track
+from bridge.plugin import WebhookRequest
+from bridge.registry import Source
+from bridge.store import Route, Store, StoredDelivery, Translation, route_of
+
+__all__ = ["Translator", "TranslatorConfig", "translate_one"]
+
+log = structlog.get_logger("bridge.translate")
+
+_OUTPUTS: Final = (Track, Identify, Forget, Alias, ForgetVisitor, Purge, About)
+#: Longest reason kept for a quarantined delivery (an exception's message can be long).
+_REASON_MAX: Final = 500
+
+
+class TranslatorConfig(msgspec.Struct, frozen=True, kw_only=True):
+    batch: int = 500  # deliveries a transaction; bounds what one record holds up
+    idle_poll: float = 0.5  # a missed wake-up (another instance's intake) costs at most this
+    error_pause: float = 1.0
+
+
+def translate_one(stored: StoredDelivery, sources: Mapping[str, Source]) -> Translation:
+    """What the stored delivery's handler makes of it now, or why it cannot: never raises,
+    whatever the plugin code does (the reason's first word is its metric label)."""
+    if stored.raw_body is None:  # erased before it was translated (a purge): nothing left
+        return Translation(delivery=stored)
+    source = sources.get(stored.source)
+    if source is None:
+        return Translation(delivery=stored, failure=f"source: no source {stored.source!r} now")
+    request = WebhookRequest(
+        source=stored.source,
+        headers=stored.headers,
+        body=stored.raw_body,
+        received_at=stored.received_at,
+    )
+    handler = source.handler
+    try:
+        payload = handler.parse(request)
+        outputs = handler.translate(request, payload, source.options)
+    except PayloadInvalid as error:
+        return Translation(delivery=stored, failure=_reason("payload", str(error)))
+    except EventInvalid as error:  # a call over Millimetric's field limits
+        return Translation(delivery=stored, failure=_reason("event", str(error)))
+    except RecursionError:  # msgspec's answer to JSON nested past its depth limit
+        return Translation(delivery=stored, failure="payload: the JSON body nests too deeply")
+    except Exception as error:  # a bug in plugin code: kept, to translate once it is fixed
+        return Translation(delivery=stored, failure=_reason("handler", _described(error)))
+    if not isinstance(outputs, list) or not all(isinstance(o, _OUTPUTS) for o in outputs):
+        return Translation(
+            delivery=stored,
+            failure="handler: translate returned something other than a list"
+            " of Track, Identify, Forget, Alias, ForgetVisitor, Purge or About",
+        )
+    return Translation(delivery=stored, outputs=outputs)
+
+
+def _described(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _reason(kind: str, detail: str) -> str:
+    return f"{kind}: {detail}"[:_REASON_MAX]
+
+
+class Translator:
+    """The stage's loop. `wake()` after an append shortens its wait; `on_queued` hears
+    which routes got new calls (the forwarder's lanes)."""
+
+    def __init__(
+        self,
+        store: Store,
+        sources: Mapping[str, Source],
+        config: TranslatorConfig | None = None,
+    ) -> None:
+        self.store = store
+        self.sources = sources
+        self.config = config or TranslatorConfig()
+        self.on_queued: Callable[[Route], None] = lambda route: None
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Translate until `stopping` is set (this instance stops leading, or shuts down)."""
+        while not stopping.is_set():
+            self._wake.clear()
+            try:
+                done = await self.step()
+            except StoreUnavailable as error:
+                log.error("store unavailable; translation waits", error=str(error))
+                await _wait(stopping, self.config.error_pause)
+                continue
+            except Exception:  # our own bug: logged, and the loop carries on
+                log.exception("translate stage error; carrying on")
+                await _wait(stopping, self.config.error_pause)
+                continue
+            if done < self.config.batch:
+                waiter = asyncio.ensure_future(self._wake.wait())
+                stopper = asyncio.ensure_future(stopping.wait())
+                try:
+                    await asyncio.wait(
+                        {waiter, stopper},
+                        timeout=self.config.idle_poll,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    waiter.cancel()
+                    stopper.cancel()
+
+    async def step(self) -> int:
+        """Translate the oldest waiting deliveries, one batch; how many."""
+        stored = await self.store.untranslated(self.config.batch)
+        if not stored:
+            return 0
+        translations = [translate_one(delivery, self.sources) for delivery in stored]
+        await self.store.record(translations)
+        self._report(translations)
+        return len(stored)
+
+    def _report(self, translations: Sequence[Translation]) -> None:
+        routes: set[Route] = set()
+        for translation in translations:
+            source = translation.delivery.source
+            if translation.failure is None:
+                metrics.TRANSLATED.labels(source).inc()
+                routes.update(
+                    route_of(o)
+                    for o in translation.outputs
+                    if isinstance(o, Track | Identify | Forget)
+                )
+                continue
+            kind = translation.failure.partition(":")[0]
+            metrics.TRANSLATE_FAILURES.labels(source, kind).inc()
+            # The kind only: a reason can quote the payload, which never goes to the logs.
+            log.warning(
+                "delivery quarantined",
+                source=source,
+                delivery=translation.delivery.provider_event_id,
+                inbox_id=translation.delivery.id,
+                reason=kind,
+            )
+        for route in routes:
+            self.on_queued(route)
+
+
+async def _wait(stopping: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), seconds)
