@@ -5,9 +5,9 @@
         [--variants "full;no-forwarder;no-forwarder,no-log;no-forwarder,no-store"]
 
 Each variant is `millimetric-bridge serve` with some parts replaced by nothing:
-`no-forwarder` (nothing is sent), `no-log` (no line per webhook), `no-store` (accept
-answers at once, nothing is stored: NOT durable), `inbox-only` (SQLite: the inbox row
-alone, no outbox row or identity lookups), `no-translate` (the handler returns no calls).
+`no-translate` (the translate stage does not run: deliveries are only stored),
+`no-forwarder` (neither forwarding nor translation runs), `no-log` (no line per webhook),
+`no-store` (append answers at once, nothing is stored: NOT durable).
 They run in turn with a bare Litestar POST (bench/bare_app.py) in every round, under the
 same wrk load as bench/intake.py, and the script prints each variant's median ratio to
 the bare POST of its round and the server's CPU per request. A diagnostic: none of these
@@ -28,7 +28,7 @@ from typing import Any
 
 import intake as bench
 
-PARTS = ("no-forwarder", "no-log", "no-store", "inbox-only", "no-translate")
+PARTS = ("no-forwarder", "no-translate", "no-log", "no-store")
 
 
 def serve_without(parts: set[str]) -> None:
@@ -37,37 +37,20 @@ def serve_without(parts: set[str]) -> None:
         from bridge.forwarder import Forwarder
 
         Forwarder.start = lambda self: None  # type: ignore[method-assign]
+    if "no-translate" in parts:
+        from bridge.translate import Translator
+
+        async def idle(self: Any, stopping: Any) -> None:
+            await stopping.wait()
+
+        Translator.run = idle  # type: ignore[method-assign]
     if "no-store" in parts:
         from bridge.sqlite_store import SQLiteStore
 
-        async def accept(self: Any, delivery: Any) -> str:
+        async def append(self: Any, delivery: Any) -> str:
             return "accepted"
 
-        SQLiteStore.accept = accept  # type: ignore[method-assign,assignment]
-    if "inbox-only" in parts:
-        import bridge.sqlite_store as sqlite_store
-
-        def inbox_only(conn: Any, delivery: Any) -> str:
-            cursor = conn.execute(
-                "INSERT INTO inbox (source, provider_event_id, received_at, raw_body, headers,"
-                " calls) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (
-                    delivery.source,
-                    delivery.provider_event_id,
-                    delivery.received_at,
-                    delivery.raw_body,
-                    sqlite_store._encoder.encode(delivery.headers),
-                    len(delivery.calls),
-                ),
-            )
-            return "accepted" if cursor.rowcount else "duplicate"
-
-        sqlite_store._accept = inbox_only  # type: ignore[assignment]
-    if "no-translate" in parts:
-        from bridge.registry import load_handlers
-
-        for handler in load_handlers().values():
-            type(handler).translate = lambda self, *args: []  # type: ignore[method-assign]
+        SQLiteStore.append = append  # type: ignore[method-assign,assignment]
     if "no-log" in parts:
         os.environ["BRIDGE_LOG_LEVEL"] = "warning"
     from bridge.cli import main
@@ -87,8 +70,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
         "--variants",
-        default="full;no-forwarder;no-forwarder,no-log;no-forwarder,inbox-only;"
-        "no-forwarder,no-store;no-forwarder,no-store,no-translate,no-log",
+        default="full;no-translate;no-forwarder;no-forwarder,no-log;no-forwarder,no-store,no-log",
         help="';'-separated; each a ','-separated set of parts to switch off, or 'full'",
     )
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # the bridge's own process

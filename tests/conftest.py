@@ -225,3 +225,21 @@ async def table_rows(store: Store, query: str) -> list[tuple[Any, ...]]:
     async with await psycopg.AsyncConnection.connect(store.url) as conn:
         cursor = await conn.execute(query.encode())
         return await cursor.fetchall()
+
+
+def translated(
+    database: Path, provider_event_id: str, within: float = 10
+) -> tuple[str, str | None]:
+    """Wait until the translate stage has taken a stored delivery (SQLite file): its state
+    (`translated` or `quarantined`) and the quarantine's reason."""
+    deadline = time.monotonic() + within
+    while True:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            found = db.execute(
+                "SELECT state, reason FROM inbox WHERE provider_event_id = ?",
+                (provider_event_id,),
+            ).fetchone()
+        if found is not None and found[0] != "untranslated":
+            return str(found[0]), found[1]
+        assert time.monotonic() < deadline, f"{provider_event_id} not translated in time"
+        time.sleep(0.02)

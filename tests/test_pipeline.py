@@ -1,0 +1,207 @@
+"""The pipeline through real HTTP, on SQLite and PostgreSQL: intake stores and answers,
+the translate stage runs the handler after; what a handler cannot translate is quarantined,
+listed, and sent once retranslated; one payment named by two events is one call."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from bridge.app import create_app
+from bridge.config import load_settings
+from bridge.events import Output
+from bridge.plugin import WebhookRequest
+from bridge.registry import load_sources
+from bridge.testing import sign
+from handlers.stripe import StripeHandler, StripeOptions
+from handlers.stripe import handler as stripe
+from tests.conftest import RunningSink, ServerThread
+
+SECRET = "whsec_pipeline_secret"
+TOKEN = "pipeline-admin-token-0123456789"
+FIXTURES = Path(__file__).parent / "fixtures" / "stripe"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
+
+
+class FlakyStripe(StripeHandler):
+    """A plugin with a bug: its translate raises until `fixed` is set (a new release)."""
+
+    name = "flaky"
+    secret_variable = "FLAKY_WEBHOOK_SECRET"
+    fixed = False
+
+    def translate(
+        self, request: WebhookRequest, payload: Any, options: StripeOptions
+    ) -> list[Output]:
+        if not self.fixed:
+            raise RuntimeError("a bug in the plugin")
+        return super().translate(request, payload, options)
+
+
+class Bridge:
+    def __init__(self, server: ServerThread, sink: RunningSink) -> None:
+        self.url = server.url
+        self.sink = sink
+
+    def post(self, event: dict[str, Any], source: str = "stripe") -> httpx.Response:
+        body = msgspec.json.encode(event)
+        headers = sign(stripe, body, SECRET)
+        return httpx.post(f"{self.url}/webhooks/{source}", content=body, headers=headers)
+
+    def admin(self, path: str, **body: Any) -> Any:
+        if body:
+            answer = httpx.post(f"{self.url}/admin/{path}", json=body, headers=AUTH)
+        else:
+            answer = httpx.get(f"{self.url}/admin/{path}", headers=AUTH)
+        answer.raise_for_status()
+        return answer.json()
+
+    def quarantined(self, within: float = 10) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + within
+        while not (found := [d for d in self.admin("dead") if d["kind"] == "delivery"]):
+            assert time.monotonic() < deadline, "nothing quarantined in time"
+            time.sleep(0.05)
+        return found
+
+    def purchases(self) -> list[dict[str, Any]]:
+        events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
+        return [e["body"] for e in events if e["body"].get("event") == "purchase"]
+
+    def settled(self, within: float = 10) -> None:
+        """Until nothing waits for translation or forwarding (and a moment more)."""
+        deadline = time.monotonic() + within
+        while (status := self.admin("outbox"))["untranslated"] or status["pending"]:
+            assert time.monotonic() < deadline, f"not settled: {status}"
+            time.sleep(0.05)
+        time.sleep(0.3)
+
+
+def start(sink: RunningSink, database_url: str, tmp_path: Path, toml: str = "") -> ServerThread:
+    (tmp_path / "bridge.toml").write_text(toml)
+    env = {
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": sink.url,
+        "BRIDGE_DATABASE_URL": database_url,
+        "BRIDGE_CONFIG": str(tmp_path / "bridge.toml"),
+        "STRIPE_WEBHOOK_SECRET": SECRET,
+        "FLAKY_WEBHOOK_SECRET": SECRET,
+        "BRIDGE_ADMIN_TOKEN": TOKEN,
+    }
+    sources = load_sources(env, {"stripe": stripe, "flaky": FlakyStripe()})
+    return ServerThread(create_app(load_settings(env), sources=sources))
+
+
+@pytest.fixture
+def bridge(sink: RunningSink, database_url: str, tmp_path: Path) -> Iterator[Bridge]:
+    with start(sink, database_url, tmp_path) as server:
+        yield Bridge(server, sink)
+
+
+def event(name: str, n: str, *, live: bool = True, **changes: Any) -> dict[str, Any]:
+    found: dict[str, Any] = msgspec.json.decode((FIXTURES / f"{name}.json").read_bytes())
+    found["id"], found["livemode"], found["created"] = f"evt_pipe_{n}", live, int(time.time())
+    found["data"]["object"].update(changes)
+    return found
+
+
+def paid_checkout(n: str, *, live: bool = True, **changes: Any) -> dict[str, Any]:
+    return event(
+        "checkout.session.completed",
+        n,
+        live=live,
+        **{
+            "id": f"cs_{n}",
+            "mode": "payment",
+            "payment_status": "paid",
+            "payment_intent": f"pi_{n}",
+            "invoice": None,
+            "client_reference_id": f"usr_{n}",
+            **changes,
+        },
+    )
+
+
+def test_an_untranslatable_delivery_is_quarantined_and_holds_back_nothing(
+    bridge: Bridge,
+) -> None:
+    broken = event("invoice.paid", "broken")
+    broken["data"]["object"] = "not an invoice"
+    answer = bridge.post(broken)
+    assert answer.status_code == 200, answer.text  # genuine: stored, never refused
+    assert answer.json() == {"ok": True, "result": "accepted"}
+    assert bridge.post(paid_checkout("after")).status_code == 200
+    (letter,) = bridge.quarantined()
+    assert letter["source"] == "stripe"
+    assert letter["provider_event_id"] == "evt_pipe_broken"
+    assert letter["reason"].startswith("payload: unexpected invoice.paid object")
+    bridge.settled()
+    assert [p["event_id"] for p in bridge.purchases()] == ["purchase:pi_after"]
+    status = bridge.admin("outbox")
+    assert (status["quarantined"], status["untranslated"]) == (1, 0)
+    metrics = httpx.get(f"{bridge.url}/metrics").text
+    assert 'bridge_translate_failures_total{reason="payload",source="stripe"} 1.0' in metrics
+
+
+def test_a_plugin_that_raises_is_quarantined_then_sent_once_retranslated(
+    bridge: Bridge,
+) -> None:
+    FlakyStripe.fixed = False
+    try:
+        assert bridge.post(paid_checkout("flaky"), source="flaky").status_code == 200
+        (letter,) = bridge.quarantined()
+        assert letter["reason"] == "handler: RuntimeError: a bug in the plugin"
+        FlakyStripe.fixed = True  # the plugin's fix is deployed
+        assert bridge.admin("retranslate", ids=[letter["id"]]) == {"count": 1}
+        bridge.settled()
+        assert [p["event_id"] for p in bridge.purchases()] == ["purchase:pi_flaky"]
+        assert [d for d in bridge.admin("dead") if d["kind"] == "delivery"] == []
+        # Translated again: nothing is queued twice.
+        assert bridge.admin("retranslate", source="flaky", all=True) == {"count": 1}
+        bridge.settled()
+        assert len(bridge.purchases()) == 1
+    finally:
+        FlakyStripe.fixed = False
+
+
+def test_an_option_turned_on_later_is_picked_up_by_retranslate(
+    sink: RunningSink, database_url: str, tmp_path: Path
+) -> None:
+    """Test-mode events are left out by default; after `include_test_events = true` and a
+    restart, retranslating sends the ones already stored, once."""
+    with start(sink, database_url, tmp_path) as server:
+        bridge = Bridge(server, sink)
+        assert bridge.post(paid_checkout("testmode", live=False)).status_code == 200
+        bridge.settled()
+        assert bridge.purchases() == []
+    toml = "[sources.stripe]\ninclude_test_events = true\n"
+    with start(sink, database_url, tmp_path, toml) as server:
+        bridge = Bridge(server, sink)
+        assert bridge.admin("retranslate", source="stripe") == {"count": 1}
+        bridge.settled()
+        assert [p["event_id"] for p in bridge.purchases()] == ["purchase:pi_testmode"]
+        assert bridge.admin("retranslate", all=True) == {"count": 1}
+        bridge.settled()
+        assert len(bridge.purchases()) == 1
+
+
+def test_two_events_of_one_subscription_payment_are_one_call_at_the_sink(
+    bridge: Bridge, sink: RunningSink
+) -> None:
+    """Checkout's event and the invoice's event both name the first payment of a
+    subscription: one purchase reaches Millimetric, not two deduplicated there."""
+    checkout = paid_checkout("sub", mode="subscription", invoice="in_pipe_1")
+    invoice = event("invoice.paid", "inv", id="in_pipe_1", amount_paid=1900)
+    assert bridge.post(checkout).status_code == 200
+    assert bridge.post(invoice).status_code == 200
+    bridge.settled()
+    assert [p["event_id"] for p in bridge.purchases()] == ["purchase:in_pipe_1"]
+    stats = httpx.get(f"{sink.url}/_sink/stats").json()
+    assert stats["received"] == stats["unique_event_ids"] + 1  # the identify has no event_id
