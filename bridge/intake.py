@@ -354,7 +354,7 @@ async def _receive(
         stage = "parse"
         payload = handler.parse(incoming)
         stage = "delivery_id"
-        delivery_id = handler.delivery_id(incoming, payload)
+        delivery_id = handler.delivery_id(incoming)
         stage = "translate"
         calls = handler.translate(incoming, payload, found.options)
         stage = "store"
@@ -364,7 +364,8 @@ async def _receive(
             received_at=incoming.received_at,
             raw_body=body,
             calls=calls,
-            headers={h: headers[h] for h in handler.scheme.headers if h in headers},
+            # What translation may read again from the store (never a bearer token).
+            headers={h: headers[h] for h in found.kept_headers if h in headers},
         )
         result = await accept_deadline.run(store.accept(delivery))
     except BridgeError as error:
