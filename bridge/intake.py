@@ -231,13 +231,15 @@ def intake_route(
         _PATH,
         status_code=200,
         summary="Receive a provider webhook",
-        responses={200: ResponseSpec(Answer, description="Stored, or knowingly ignored")},
+        responses={200: ResponseSpec(Answer, description="Stored: accepted, or a duplicate")},
         middleware=[serve_raw],
     )
     async def webhook(request: Request[Any, Any, Any]) -> _Answered:
-        """Verify, translate and durably store one delivery. 200 once stored (or knowingly
-        ignored); 401 bad signature; 400 malformed body; 404 unknown source; 413 too large;
-        503 when the store cannot take it."""
+        """Verify one delivery, read its id and store it durably; it is translated
+        afterwards, from the store (a delivery its handler cannot read is quarantined). 200
+        once stored; 401 bad or missing signature; 400 only when not even the delivery's
+        id can be read; 404 unknown or unconfigured source; 413 too large; 503 when the
+        store cannot take it (the provider retries)."""
         return await _intake(mounted, deadlines, request.scope, request.receive, max_body)
 
     return webhook
