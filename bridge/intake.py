@@ -39,7 +39,7 @@ from bridge.errors import (
     SignatureInvalid,
     StoreUnavailable,
 )
-from bridge.plugin import WebhookRequest, kept_headers
+from bridge.plugin import WebhookRequest
 from bridge.registry import Source
 from bridge.store import Delivery, Store
 from bridge.translate import Translator
@@ -363,7 +363,8 @@ async def _receive(
             provider_event_id=delivery_id,
             received_at=incoming.received_at,
             raw_body=body,
-            headers={h: headers[h] for h in kept_headers(handler) if h in headers},
+            # What translation may read again from the store (never a bearer token).
+            headers={h: headers[h] for h in found.kept_headers if h in headers},
         )
         result = await accept_deadline.run(store.append(delivery))
     except BridgeError as error:

@@ -6,10 +6,17 @@ registered under the entry-point group `millimetric_bridge.handlers`::
     [project.entry-points."millimetric_bridge.handlers"]
     acme = "acme_bridge:handler"
 
-It says how deliveries are signed (`scheme`), how to read the verified body (`parse`),
-which id the provider gave the delivery (`delivery_id`), and what Millimetric calls it
-becomes (`translate`). The bridge does everything else: size limits, verification with
-every configured secret, deduplication, durable storage, forwarding.
+It says how deliveries are signed (`scheme`), which id the provider gave the delivery
+(`delivery_id`), which other headers it reads (`headers`), how to read the verified body
+(`parse`), and what Millimetric calls it becomes (`translate`). The bridge does everything
+else: size limits, verification with every configured secret, deduplication, durable
+storage, forwarding.
+
+Delivery runs in two stages. The intake verifies a request, reads its delivery id and
+stores the raw body with the headers `kept_headers` names, then answers 200; translation
+runs later, from the store, on a request rebuilt from that body and those headers alone.
+So `delivery_id` reads the request without parsing it, and `parse` and `translate` may
+read only the headers that `scheme.headers` and `headers` list.
 """
 
 from __future__ import annotations
@@ -21,7 +28,14 @@ import msgspec
 
 from bridge.events import Output
 
-__all__ = ["Handler", "Sample", "SignatureScheme", "SourceOptions", "WebhookRequest"]
+__all__ = [
+    "Handler",
+    "Sample",
+    "SignatureScheme",
+    "SourceOptions",
+    "WebhookRequest",
+    "kept_headers",
+]
 
 
 class WebhookRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,7 +76,9 @@ class SignatureScheme(Protocol):
     A scheme that authenticates the sender but not the body (a bearer token, as Auth0's log
     streams send) says so with a class attribute `signs_body = False`."""
 
-    headers: tuple[str, ...]  # what to keep to verify the delivery again later
+    # What to keep to verify the delivery again later (none is kept for a scheme that does
+    # not sign the body: see `kept_headers`).
+    headers: tuple[str, ...]
     signs_timestamp: bool
 
     def verify(self, request: WebhookRequest, secrets: Sequence[str], tolerance: int) -> None: ...
@@ -80,14 +96,24 @@ class Handler(Protocol):
     secret_variable: str  # the environment variable holding the default source's secrets
     scheme: SignatureScheme
     options_type: type[SourceOptions]
+    # The request headers (lower-case) the handler reads besides the scheme's: only these
+    # and the scheme's are stored with a delivery, so a header that `parse` or `translate`
+    # reads but that is not listed is missing when the delivery is translated from the
+    # store. Never a header that carries a secret (the registry refuses `authorization`
+    # and cookies).
+    headers: tuple[str, ...]
+
+    def delivery_id(self, request: WebhookRequest) -> str:
+        """The provider's own id for this delivery (redeliveries carry the same one), read
+        from the verified request alone: a header, or a decode of just the body's id field,
+        never the full parse, so that a body `parse` refuses is still stored (and
+        quarantined) rather than refused. `PayloadInvalid` only when not even the id can
+        be read."""
+        ...
 
     def parse(self, request: WebhookRequest) -> Any:
         """Decode the verified body into what `translate` needs; `PayloadInvalid` if it
         cannot be read."""
-        ...
-
-    def delivery_id(self, request: WebhookRequest, payload: Any) -> str:
-        """The provider's own id for this delivery: redeliveries carry the same one."""
         ...
 
     def translate(self, request: WebhookRequest, payload: Any, options: Any) -> list[Output]:
@@ -98,3 +124,15 @@ class Handler(Protocol):
     def samples(self) -> Mapping[str, Sample]:
         """Recorded samples by event type, for `send-test` and the contract test."""
         ...
+
+
+def kept_headers(handler: Handler) -> tuple[str, ...]:
+    """The request headers stored with each delivery, in order and once each: those the
+    scheme verifies with, then those the handler reads (`handler.headers`).
+
+    A scheme that does not sign the body (`signs_body = False`, a bearer token such as
+    Auth0's `Authorization`) contributes none: its header is the secret itself, and it
+    only authenticated the sender, so there is nothing to verify again later and nothing
+    of it belongs in the store."""
+    signed = handler.scheme.headers if getattr(handler.scheme, "signs_body", True) else ()
+    return tuple(dict.fromkeys((*signed, *handler.headers)))

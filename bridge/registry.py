@@ -7,10 +7,12 @@ A source is mounted at `/webhooks/<source>` only when its secret variable is set
 
 from __future__ import annotations
 
+import inspect
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, Final
@@ -18,13 +20,18 @@ from typing import Any, Final
 import msgspec
 
 from bridge.errors import ConfigError
-from bridge.plugin import Handler, SignatureScheme, SourceOptions
+from bridge.plugin import Handler, SignatureScheme, SourceOptions, kept_headers
 
 __all__ = ["HANDLER_GROUP", "Source", "check_handler", "load_handlers", "load_sources"]
 
 HANDLER_GROUP: Final = "millimetric_bridge.handlers"
 _NAME: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _VARIABLE: Final = re.compile(r"^[A-Z][A-Z0-9_]*$")
+# A header name as HTTP allows it (a token), lower-case as the intake names headers.
+_HEADER: Final = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+# Headers that carry credentials: a handler that lists one would have it stored next to
+# every raw body it receives.
+_SECRET_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie"})
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,12 @@ class Source:
     def configured(self) -> bool:
         return bool(self.secrets)
 
+    @cached_property
+    def kept_headers(self) -> tuple[str, ...]:
+        """What the intake stores with each delivery (`bridge.plugin.kept_headers`), worked
+        out once rather than per request."""
+        return kept_headers(self.handler)
+
 
 def check_handler(registered_as: str, handler: object) -> Handler:
     """The handler if it keeps the plugin protocol; otherwise a ConfigError naming it."""
@@ -53,6 +66,7 @@ def check_handler(registered_as: str, handler: object) -> Handler:
                 "secret_variable",
                 "scheme",
                 "options_type",
+                "headers",
                 "parse",
                 "delivery_id",
                 "translate",
@@ -78,10 +92,40 @@ def check_handler(registered_as: str, handler: object) -> Handler:
         isinstance(handler.options_type, type) and issubclass(handler.options_type, SourceOptions)
     ):
         raise ConfigError(where, "options_type must be a subclass of SourceOptions")
+    _check_headers(where, handler.headers)
     for method in ("parse", "delivery_id", "translate", "samples"):
         if not callable(getattr(handler, method)):
             raise ConfigError(where, f"{method} is not callable")
+    _check_delivery_id(where, handler)
     return handler
+
+
+def _check_headers(where: str, headers: object) -> None:
+    if not isinstance(headers, tuple) or not all(isinstance(h, str) for h in headers):
+        raise ConfigError(where, f"headers must be a tuple of header names, not {headers!r}")
+    for header in headers:
+        if not _HEADER.fullmatch(header):
+            raise ConfigError(where, f"headers: {header!r} is not a lower-case header name")
+        if header in _SECRET_HEADERS:
+            raise ConfigError(where, f"headers: {header!r} carries credentials and is never stored")
+
+
+def _check_delivery_id(where: str, handler: Handler) -> None:
+    """`delivery_id(request)` reads the request alone; a plugin written for the older
+    `delivery_id(request, payload)` is refused here rather than failing every delivery."""
+    try:
+        signature = inspect.signature(handler.delivery_id)
+    except (TypeError, ValueError):  # a callable Python cannot describe: trusted as it is
+        return
+    try:
+        signature.bind(None)
+    except TypeError:
+        taken = ", ".join(signature.parameters)
+        raise ConfigError(
+            where,
+            f"delivery_id({taken}) must take the request alone: "
+            "delivery_id(request), reading the id without the parsed payload",
+        ) from None
 
 
 def load_handlers(found: Iterable[EntryPoint] | None = None) -> dict[str, Handler]:

@@ -4,9 +4,12 @@
 
     calls = run_handler(handler, body)                     # what a delivery becomes
     request = signed_request(handler, body, secret="...")  # a request that verifies
+    later = stored_request(handler, request)               # as translation will see it
 
-`run_handler` goes through the same steps as the intake (verify with a fresh signature,
-parse, delivery id, translate) and validates every call against the ingest limits.
+`run_handler` goes through the same steps as the bridge: the intake's (verify with a fresh
+signature, delivery id), then translation's, from the request as it is rebuilt from the
+store (parse and translate seeing only the kept headers), and validates every call
+against the ingest limits.
 """
 
 from __future__ import annotations
@@ -16,9 +19,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from bridge.events import Output
-from bridge.plugin import Handler, SourceOptions, WebhookRequest
+from bridge.plugin import Handler, SourceOptions, WebhookRequest, kept_headers
 
-__all__ = ["TEST_SECRET", "Translated", "run_handler", "sign", "signed_request"]
+__all__ = [
+    "TEST_SECRET",
+    "Translated",
+    "run_handler",
+    "sign",
+    "signed_request",
+    "stored_request",
+]
 
 TEST_SECRET = "whsec_dGVzdCBzZWNyZXQgZm9yIGhhbmRsZXIgdGVzdHM="  # noqa: S105 (a test fixture)
 
@@ -51,6 +61,20 @@ def signed_request(
     )
 
 
+def stored_request(handler: Handler, request: WebhookRequest) -> WebhookRequest:
+    """`request` as translation sees it, rebuilt from the store after the intake answered:
+    the same body, source and arrival time, and only the headers the bridge keeps for
+    `handler` (`bridge.plugin.kept_headers`). A handler that reads a header it does not
+    list in `headers` finds it missing here, as it would in production."""
+    kept = kept_headers(handler)
+    return WebhookRequest(
+        source=request.source,
+        headers={h: v for h, v in request.headers.items() if h in kept},
+        body=request.body,
+        received_at=request.received_at,
+    )
+
+
 class Translated:
     """What one delivery became: the provider's delivery id and the calls."""
 
@@ -70,14 +94,14 @@ def run_handler(
     headers: Mapping[str, str] | None = None,
     **option_values: Any,
 ) -> Translated:
-    """Verify, parse and translate one body as the intake would; test-mode events are
+    """Verify one body and read its delivery id as the intake would, then parse and
+    translate it from the stored request as translation would; test-mode events are
     included unless the options say otherwise."""
     if options is None:
         option_values.setdefault("include_test_events", True)
         options = handler.options_type(**option_values)
     request = signed_request(handler, body, headers=headers)
     handler.scheme.verify(request, [TEST_SECRET], options.tolerance)
-    payload = handler.parse(request)
-    return Translated(
-        handler.delivery_id(request, payload), handler.translate(request, payload, options)
-    )
+    delivery_id = handler.delivery_id(request)
+    stored = stored_request(handler, request)
+    return Translated(delivery_id, handler.translate(stored, handler.parse(stored), options))

@@ -167,17 +167,21 @@ class Auth0Handler:
     secret_variable = "AUTH0_WEBHOOK_TOKEN"  # noqa: S105 (a variable's name, not a secret)
     scheme = AuthorizationScheme()
     options_type = Auth0Options
+    # None read: the records are in the body. `Authorization` (the scheme's token) is the
+    # secret itself and is never kept: a token scheme (`signs_body = False`) contributes no
+    # header to what the intake stores (`bridge.plugin.kept_headers`).
+    headers: tuple[str, ...] = ()
+
+    def delivery_id(self, request: WebhookRequest) -> str:
+        # A delivery holds many records and Auth0 gives it no id of its own; a retry of
+        # the same batch is the same bytes. Records are deduplicated by their log_id.
+        return "sha256:" + hashlib.sha256(request.body).hexdigest()
 
     def parse(self, request: WebhookRequest) -> LogBatch:
         texts = _split(request.body)
         read = [_read(text) for text in texts]
         records = tuple(r for r in read if r is not None)
         return LogBatch(records=records, skipped=len(read) - len(records))
-
-    def delivery_id(self, request: WebhookRequest, payload: LogBatch) -> str:
-        # A delivery holds many records and Auth0 gives it no id of its own; a retry of
-        # the same batch is the same bytes. Records are deduplicated by their log_id.
-        return "sha256:" + hashlib.sha256(request.body).hexdigest()
 
     def translate(
         self, request: WebhookRequest, payload: LogBatch, options: Auth0Options

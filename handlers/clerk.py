@@ -74,18 +74,21 @@ class ClerkHandler:
     # Typed as the protocol's members, so the handler type-checks as a `Handler`.
     scheme: SignatureScheme = StandardWebhooksScheme()
     options_type: type[SourceOptions] = ClerkOptions
+    # The message id is one of the scheme's headers (kept with every delivery); the rest is
+    # in the signed body.
+    headers: tuple[str, ...] = ()
+
+    def delivery_id(self, request: WebhookRequest) -> str:
+        found = message_id(request.headers)
+        if found is None:  # verification requires it, so only a caller skipping it gets here
+            raise PayloadInvalid("no webhook-id or svix-id header")
+        return found
 
     def parse(self, request: WebhookRequest) -> ClerkEvent:
         try:
             return _decoder.decode(request.body)
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
             raise PayloadInvalid(f"not a Clerk event: {error}") from None
-
-    def delivery_id(self, request: WebhookRequest, payload: ClerkEvent) -> str:
-        found = message_id(request.headers)
-        if found is None:  # verification requires it, so only a caller skipping it gets here
-            raise PayloadInvalid("no webhook-id or svix-id header")
-        return found
 
     def samples(self) -> Mapping[str, Sample]:
         folder = resources.files("handlers").joinpath("samples", "clerk")

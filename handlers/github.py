@@ -119,6 +119,15 @@ _marketplace_decoder: Final = msgspec.json.Decoder(MarketplacePurchaseEvent)
 TRANSLATED: Final = frozenset({"sponsorship", "marketplace_purchase"})
 
 
+def _guid(request: WebhookRequest) -> str:
+    """The delivery's GUID (`X-GitHub-Delivery`), the same on every redelivery."""
+    delivery = request.headers.get("x-github-delivery", "").strip()
+    # A GUID is 36 characters: the cap keeps an unsigned header from making a huge id.
+    if not delivery or len(delivery) > 100:
+        raise PayloadInvalid("missing or malformed X-GitHub-Delivery header")
+    return delivery
+
+
 def _json_payload(request: WebhookRequest) -> bytes:
     """The JSON payload: the body, or its `payload` field when the webhook was set up with
     the form content type (the signature covers the body either way)."""
@@ -139,15 +148,17 @@ class GitHubHandler:
     secret_variable = "GITHUB_WEBHOOK_SECRET"  # noqa: S105 (a variable's name, not a secret)
     scheme = HmacScheme("x-hub-signature-256", encoding="hex", prefix="sha256=")
     options_type = GitHubOptions
+    # `content-type` says whether the body is JSON or a form (`_json_payload`).
+    headers: tuple[str, ...] = ("x-github-event", "x-github-delivery", "content-type")
+
+    def delivery_id(self, request: WebhookRequest) -> str:
+        return _guid(request)
 
     def parse(self, request: WebhookRequest) -> GitHubDelivery:
         event = request.headers.get("x-github-event", "").strip()
-        delivery = request.headers.get("x-github-delivery", "").strip()
         if not event:
             raise PayloadInvalid("missing X-GitHub-Event header")
-        # The GUID becomes `purchase:github:<guid>`; the cap keeps that a valid event_id.
-        if not delivery or len(delivery) > 100:
-            raise PayloadInvalid("missing or malformed X-GitHub-Delivery header")
+        delivery = _guid(request)
         payload = _json_payload(request)
         try:
             envelope = _envelope_decoder.decode(payload)  # an object, whatever the event
@@ -163,9 +174,6 @@ class GitHubHandler:
             found = f"a {carried[0]}" if carried else f"no {event}"
             raise PayloadInvalid(f"X-GitHub-Event is {event} but the body carries {found}")
         return GitHubDelivery(event=event, delivery=delivery, payload=payload)
-
-    def delivery_id(self, request: WebhookRequest, payload: GitHubDelivery) -> str:
-        return payload.delivery
 
     def translate(
         self, request: WebhookRequest, payload: GitHubDelivery, options: GitHubOptions

@@ -95,7 +95,21 @@ class Versioned(msgspec.Struct, frozen=True):
     created_at: str | None = None
 
 
+class IdMeta(msgspec.Struct, frozen=True):
+    event_name: str | None = None
+    webhook_id: str | None = None
+
+
+class IdEvent(msgspec.Struct, frozen=True):
+    """What the delivery id is made of, and nothing else: `Event`'s fields that name the
+    event and its object (the attributes are read for their version alone)."""
+
+    data: Data
+    meta: IdMeta = IdMeta()
+
+
 _decoder: Final = msgspec.json.Decoder(Event)
+_id_decoder: Final = msgspec.json.Decoder(IdEvent)
 _attributes_decoder: Final = msgspec.json.Decoder(Attributes)
 _versioned_decoder: Final = msgspec.json.Decoder(Versioned)
 #: Invoice billing reasons that are payments no order_created counts: renewals and the
@@ -133,6 +147,31 @@ class LemonSqueezyHandler:
     secret_variable = "LEMONSQUEEZY_WEBHOOK_SECRET"  # noqa: S105 (a variable's name)
     scheme = HmacScheme("x-signature", encoding="hex")
     options_type = LemonSqueezyOptions
+    # Only checked against the body's event name (`parse`), never read for meaning.
+    headers: tuple[str, ...] = ("x-event-name",)
+
+    def delivery_id(self, request: WebhookRequest) -> str:
+        """What the event is and the object's version: the same for a resend of it, new
+        for the next change to the object. Not every delivery carries `meta.webhook_id`,
+        and whether it names the event or the webhook endpoint is not documented, so it
+        only adds to the id, never replaces it."""
+        try:
+            event = _id_decoder.decode(request.body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise PayloadInvalid(f"no Lemon Squeezy object to name the delivery: {error}") from None
+        try:
+            found = _versioned_decoder.decode(event.data.attributes)
+            version = found.updated_at or found.created_at
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            version = None
+        # No version to tell two events about one object apart: the body's own digest.
+        version = version or "sha256-" + hashlib.sha256(request.body).hexdigest()
+        # No event name (which `parse` refuses) leaves its part empty: the id still names
+        # the delivery, so it is stored, and quarantined when translated.
+        parts = [event.meta.event_name or "", event.data.type, str(event.data.id), version]
+        if event.meta.webhook_id:
+            parts.append(event.meta.webhook_id)
+        return ":".join(parts)
 
     def parse(self, request: WebhookRequest) -> Event:
         try:
@@ -149,23 +188,6 @@ class LemonSqueezyHandler:
         if header and header != name:
             raise PayloadInvalid(f"X-Event-Name is {header} but the body's event is {name}")
         return event
-
-    def delivery_id(self, request: WebhookRequest, payload: Event) -> str:
-        """What the event is and the object's version: the same for a resend of it, new
-        for the next change to the object. Not every delivery carries `meta.webhook_id`,
-        and whether it names the event or the webhook endpoint is not documented, so it
-        only adds to the id, never replaces it."""
-        try:
-            found = _versioned_decoder.decode(payload.data.attributes)
-            version = found.updated_at or found.created_at
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            version = None
-        # No version to tell two events about one object apart: the body's own digest.
-        version = version or "sha256-" + hashlib.sha256(request.body).hexdigest()
-        parts = [_event_name(payload), payload.data.type, str(payload.data.id), version]
-        if payload.meta.webhook_id:
-            parts.append(payload.meta.webhook_id)
-        return ":".join(parts)
 
     def translate(
         self, request: WebhookRequest, payload: Event, options: LemonSqueezyOptions

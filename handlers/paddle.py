@@ -149,7 +149,14 @@ class Notification(msgspec.Struct, frozen=True):
     notification_id: str | None = None  # one per destination; event_id is the event's
 
 
+class NotificationId(msgspec.Struct, frozen=True):
+    """Only the event's id: the delivery id, read without decoding the rest."""
+
+    event_id: str
+
+
 _decoder: Final = msgspec.json.Decoder(Notification)
+_id_decoder: Final = msgspec.json.Decoder(NotificationId)
 _entity_decoder: Final = msgspec.json.Decoder(Entity)
 #: The event types translated; every other type is acknowledged and ignored unread.
 TRANSLATED: Final = frozenset(
@@ -187,15 +194,21 @@ class PaddleHandler:
     # Typed as the protocol's members, so the handler type-checks as a `Handler`.
     scheme: SignatureScheme = PaddleScheme()
     options_type: type[SourceOptions] = SourceOptions
+    headers: tuple[str, ...] = ()  # everything read is in the signed body
+
+    def delivery_id(self, request: WebhookRequest) -> str:
+        # The event's id, not `notification_id`: that one differs per destination, so
+        # the same event sent to a second destination would not be recognised.
+        try:
+            return _id_decoder.decode(request.body).event_id
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise PayloadInvalid(f"no Paddle event_id: {error}") from None
 
     def parse(self, request: WebhookRequest) -> Notification:
         try:
             return _decoder.decode(request.body)
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
             raise PayloadInvalid(f"not a Paddle notification: {error}") from None
-
-    def delivery_id(self, request: WebhookRequest, payload: Notification) -> str:
-        return payload.event_id
 
     def samples(self) -> Mapping[str, Sample]:
         folder = resources.files("handlers").joinpath("samples", "paddle")

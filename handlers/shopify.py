@@ -130,7 +130,6 @@ class ShopifyDelivery(msgspec.Struct, frozen=True, kw_only=True):
     # The shop's permanent myshopify.com domain, lower-case: the body's `shop_domain` for
     # the privacy topics (the header must agree), the header's for bodies that name none.
     shop: str
-    delivery_id: str
     body: Body | None  # None: a topic that is not translated
 
 
@@ -206,6 +205,26 @@ def _header(request: WebhookRequest, name: str) -> str | None:
     return value or None
 
 
+def _delivery_headers(request: WebhookRequest) -> tuple[str, str, str]:
+    """The shop (lower-case), the topic and the event's id, from the headers; each is
+    required, and `PayloadInvalid` names the one missing."""
+    topic = _header(request, "x-shopify-topic")
+    shop = (_header(request, "x-shopify-shop-domain") or "").lower()
+    # X-Shopify-Event-Id is shared by the deliveries of one event (retries, and one per
+    # subscription to a topic); the webhook id is the older per-delivery id. One merchant
+    # action may fire several topics, so the topic is part of the delivery id.
+    event = _header(request, "x-shopify-event-id") or _header(request, "x-shopify-webhook-id")
+    if topic is None:
+        raise PayloadInvalid("missing X-Shopify-Topic header")
+    # The shop leads the delivery id, which shop/redact erases by prefix: it must be a
+    # domain, so that nothing but the shop stands before the first ":".
+    if not _SHOP.fullmatch(shop):
+        raise PayloadInvalid("missing or malformed X-Shopify-Shop-Domain header")
+    if event is None:
+        raise PayloadInvalid("missing X-Shopify-Event-Id and X-Shopify-Webhook-Id headers")
+    return shop, topic, event
+
+
 def _shape(keys: Collection[str]) -> str:
     """Which of Shopify's bodies this is, by the top-level keys each one always has and
     the others never do (Shopify's documented payloads; unknown keys do not matter)."""
@@ -251,20 +270,21 @@ class ShopifyHandler:
     secret_variable = "SHOPIFY_WEBHOOK_SECRET"  # noqa: S105 (a variable's name, not a secret)
     scheme = HmacScheme("x-shopify-hmac-sha256", encoding="base64")
     options_type = SourceOptions
+    headers: tuple[str, ...] = (
+        "x-shopify-topic",
+        "x-shopify-shop-domain",
+        "x-shopify-event-id",
+        "x-shopify-webhook-id",
+    )
+
+    def delivery_id(self, request: WebhookRequest) -> str:
+        # The shop leads the id, so that shop/redact can find every delivery of its shop.
+        # A privacy request's shop is its body's `shop_domain`, which `parse` requires the
+        # header to repeat: the header's shop is that shop whenever the delivery is read.
+        return ":".join(_delivery_headers(request))
 
     def parse(self, request: WebhookRequest) -> ShopifyDelivery:
-        topic = _header(request, "x-shopify-topic")
-        shop = (_header(request, "x-shopify-shop-domain") or "").lower()
-        # X-Shopify-Event-Id is shared by the deliveries of one event (retries, and one per
-        # subscription to a topic); the webhook id is the older per-delivery id. One merchant
-        # action may fire several topics, so the topic is part of the delivery id.
-        event = _header(request, "x-shopify-event-id") or _header(request, "x-shopify-webhook-id")
-        if topic is None:
-            raise PayloadInvalid("missing X-Shopify-Topic header")
-        if not _SHOP.fullmatch(shop):
-            raise PayloadInvalid("missing or malformed X-Shopify-Shop-Domain header")
-        if event is None:
-            raise PayloadInvalid("missing X-Shopify-Event-Id and X-Shopify-Webhook-Id headers")
+        shop, topic, _ = _delivery_headers(request)
         decoder = _DECODERS.get(topic)
         try:
             keys = _keys.decode(request.body).keys()
@@ -278,12 +298,7 @@ class ShopifyHandler:
             raise PayloadInvalid(f"not a Shopify {topic} body: {error}") from None
         if isinstance(body, PrivacyRequest):
             shop = _body_shop(body, shop)
-        # The shop leads the id, so that shop/redact can find every delivery of its shop.
-        delivery_id = f"{shop}:{topic}:{event}"
-        return ShopifyDelivery(topic=topic, shop=shop, delivery_id=delivery_id, body=body)
-
-    def delivery_id(self, request: WebhookRequest, payload: ShopifyDelivery) -> str:
-        return payload.delivery_id
+        return ShopifyDelivery(topic=topic, shop=shop, body=body)
 
     def translate(
         self, request: WebhookRequest, payload: ShopifyDelivery, options: SourceOptions

@@ -108,15 +108,16 @@ class BrokenHandler:
     secret_variable = "BROKEN_WEBHOOK_SECRET"
     options_type = STRIPE.options_type
     scheme: SignatureScheme = BrokenScheme()
+    headers = STRIPE.headers
     armed: str | None = None
 
     def parse(self, request: WebhookRequest) -> Any:
         explode("parse")
         return STRIPE.parse(request)
 
-    def delivery_id(self, request: WebhookRequest, payload: Any) -> str:
+    def delivery_id(self, request: WebhookRequest) -> str:
         explode("delivery_id")
-        return STRIPE.delivery_id(request, payload)
+        return STRIPE.delivery_id(request)
 
     def translate(self, request: WebhookRequest, payload: Any, options: Any) -> list[Output]:
         explode("translate")

@@ -153,7 +153,7 @@ def test_unreadable_bodies_are_payload_invalid(body: bytes) -> None:
 def test_the_delivery_id_is_the_message_id_from_either_header_family() -> None:
     body = body_of(fixture("user.created"))
     signed = signed_request(handler, body)
-    assert handler.delivery_id(signed, handler.parse(signed)) == signed.headers["webhook-id"]
+    assert handler.delivery_id(signed) == signed.headers["webhook-id"]
     now = int(time.time())
     svix = WebhookRequest(
         source="clerk",
@@ -166,7 +166,7 @@ def test_the_delivery_id_is_the_message_id_from_either_header_family() -> None:
         received_at=time.time(),
     )
     handler.scheme.verify(svix, [TEST_SECRET], 300)
-    assert handler.delivery_id(svix, handler.parse(svix)) == "msg_2pSvixMessage"
+    assert handler.delivery_id(svix) == "msg_2pSvixMessage"
 
 
 def test_freshen_makes_a_new_delivery_about_a_new_user() -> None:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import sys
+from collections.abc import Mapping
 from importlib.metadata import EntryPoint
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bridge.errors import ConfigError
+from bridge.events import Output
+from bridge.plugin import Sample, WebhookRequest
 from bridge.registry import check_handler, load_handlers, load_sources
 from handlers.stripe import StripeOptions, handler
 
@@ -26,6 +32,81 @@ def test_a_handler_missing_parts_is_named() -> None:
 
     with pytest.raises(ConfigError, match=r"handler 'half'.*missing .*'scheme'"):
         check_handler("half", Half())
+
+
+class OldStyle:
+    """A plugin written against the protocol before `delivery_id` read the request alone
+    and before `headers` existed."""
+
+    name = "old"
+    secret_variable = "OLD_WEBHOOK_SECRET"
+    scheme = handler.scheme
+    options_type = StripeOptions
+    headers: Any = ()
+
+    def parse(self, request: WebhookRequest) -> Any:
+        return handler.parse(request)
+
+    def delivery_id(self, request: WebhookRequest, payload: Any) -> str:
+        return str(payload.id)
+
+    def translate(self, request: WebhookRequest, payload: Any, options: Any) -> list[Output]:
+        return handler.translate(request, payload, options)
+
+    def samples(self) -> Mapping[str, Sample]:
+        return handler.samples()
+
+
+def test_a_delivery_id_that_wants_the_payload_is_refused_at_start_up(tmp_path: Path) -> None:
+    # Refused while loading, naming the plugin, rather than a 503 on every delivery.
+    (tmp_path / "old_plugin.py").write_text(
+        "from tests.test_registry import OldStyle\nhandler = OldStyle()\n"
+    )
+    old = EntryPoint(name="old", value="old_plugin:handler", group="millimetric_bridge.handlers")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(tmp_path))
+        # Recorded as absent, so that the module imported below is dropped afterwards.
+        patch.setitem(sys.modules, "old_plugin", None)
+        del sys.modules["old_plugin"]
+        with pytest.raises(ConfigError) as refused:
+            load_handlers([old])
+    message = str(refused.value)
+    assert message.startswith("handler 'old': delivery_id(request, payload) must take")
+    assert "\n" not in message
+
+
+def test_a_handler_without_headers_is_refused_naming_them() -> None:
+    class NoHeaders:
+        name = "old"
+        secret_variable = "OLD_WEBHOOK_SECRET"
+        scheme = handler.scheme
+        options_type = StripeOptions
+        parse = delivery_id = translate = samples = staticmethod(lambda *a: None)
+
+    with pytest.raises(ConfigError, match=r"handler 'old'.*missing \['headers'\]"):
+        check_handler("old", NoHeaders())
+
+
+@pytest.mark.parametrize(
+    ("headers", "says"),
+    [
+        (["x-topic"], "headers must be a tuple of header names"),
+        (("x-topic", 5), "headers must be a tuple of header names"),
+        ("x-topic", "headers must be a tuple of header names"),
+        (("X-Topic",), "'X-Topic' is not a lower-case header name"),
+        (("",), "'' is not a lower-case header name"),
+        (("x-topic\n",), "is not a lower-case header name"),
+        (("authorization",), "'authorization' carries credentials"),
+        (("cookie",), "'cookie' carries credentials"),
+    ],
+)
+def test_headers_must_be_lower_case_names_and_never_credentials(headers: Any, says: str) -> None:
+    plugin = OldStyle()
+    plugin.delivery_id = lambda request: "id"  # type: ignore[assignment, method-assign]
+    check_handler("old", plugin)  # the plugin is otherwise sound
+    plugin.headers = headers
+    with pytest.raises(ConfigError, match=r"^handler 'old': .*" + re.escape(says)):
+        check_handler("old", plugin)
 
 
 def test_a_handler_registered_under_another_name_is_refused() -> None:

@@ -490,6 +490,9 @@ def test_the_delivery_id_is_the_event_id_else_the_webhook_id_within_the_topic() 
     # One merchant action can fire several topics under one event id: kept apart.
     other = {**both, "x-shopify-topic": "orders/create"}
     assert run_handler(handler, body, headers=other).delivery_id == f"{SHOP}:orders/create:evt-1"
+    # The event id alone is enough, at the intake and when translated from the store.
+    alone = {k: v for k, v in both.items() if k != "x-shopify-webhook-id"}
+    assert run_handler(handler, body, headers=alone).delivery_id == f"{SHOP}:orders/paid:evt-1"
 
 
 @pytest.mark.parametrize(
@@ -510,6 +513,8 @@ def test_missing_or_malformed_headers_are_invalid(
     delivery = request(body, {k: v for k, v in signed.headers.items() if k != drop})
     with pytest.raises(PayloadInvalid, match=message):
         handler.parse(delivery)
+    with pytest.raises(PayloadInvalid, match=message):  # not even the delivery id is read
+        handler.delivery_id(delivery)
 
 
 def test_the_shop_domain_is_read_in_lower_case() -> None:
@@ -802,6 +807,22 @@ def test_shopifys_own_signed_examples_through_the_app(bridge: Bridge) -> None:
     }
     routes = sorted(c["route"] for c in bridge.arrived(2))
     assert routes == ["identify", "track"]
+
+
+def test_a_delivery_is_stored_with_the_headers_its_translation_reads(bridge: Bridge) -> None:
+    # Translation runs from the store: the signature and the headers the handler lists
+    # are kept beside the raw body, and nothing else the request carried.
+    assert bridge.post("orders/paid", order(), "kept", event="evt-kept").status_code == 200
+    with closing(sqlite3.connect(f"file:{bridge.database}?mode=ro", uri=True)) as db:
+        (stored,) = [json.loads(row) for (row,) in db.execute("SELECT headers FROM inbox")]
+    assert set(stored) == {
+        "x-shopify-hmac-sha256",
+        "x-shopify-topic",
+        "x-shopify-shop-domain",
+        "x-shopify-event-id",
+        "x-shopify-webhook-id",
+    }
+    assert stored["x-shopify-event-id"] == "evt-kept"
 
 
 def test_malformed_and_unsigned_deliveries_are_refused(bridge: Bridge) -> None:
