@@ -237,8 +237,8 @@ def _on_loop(
 
 def _checkpoint_failed(done: asyncio.Future[None]) -> None:
     if not done.cancelled() and (error := done.exception()) is not None:
-        # The purge itself is committed; the next checkpoint writes out what is left.
-        log.error("checkpoint after a purge failed", error=str(error))
+        # The erasure itself is committed; the next checkpoint writes out what is left.
+        log.error("checkpoint after an erasure failed", error=str(error))
 
 
 def _settle_all(settled: list[tuple[asyncio.Future[Any], Any, Any]]) -> None:
@@ -432,30 +432,29 @@ class SQLiteStore:
         return await self._read(_untranslated, limit)
 
     async def record(self, translations: Sequence[Translation]) -> None:
-        purges = any(isinstance(o, Purge) for t in translations for o in t.outputs)
-        await self._then_checkpoint(self._submit(_record, (translations, time.time())), purges)
+        if await self._call(_record, translations, time.time()):
+            await asyncio.wait([self._checkpoint_soon()])
 
     async def retranslate(self, selection: Selection) -> int:
         return await self._call(_retranslate, selection)
 
     async def accept(self, delivery: Delivery) -> AcceptResult:
         accepted = self._submit(_accept, (delivery,), grouped=True)
-        return await self._then_checkpoint(
-            accepted, any(isinstance(c, Purge) for c in delivery.calls)
-        )
-
-    async def _then_checkpoint(self, done: asyncio.Future[T], purged: bool) -> T:
-        """`done`'s result, once a purge it carried out is gone from the WAL too."""
-        if not purged:
-            return await done
-        # The WAL's old frames still hold what the purge erased (as after `erase`). Queued
-        # behind the work now, so it runs even if the caller goes away; awaited, so that
-        # the answer means gone; its failure is logged, not the caller's (the purge is in).
-        checkpoint = self._submit(_checkpoint, ())
-        checkpoint.add_done_callback(_checkpoint_failed)
-        result = await done
+        if not any(isinstance(c, Purge) for c in delivery.calls):
+            return await accepted
+        # Queued behind the accept now, so it runs even if the caller goes away.
+        checkpoint = self._checkpoint_soon()
+        result = await accepted
         await asyncio.wait([checkpoint])
         return result
+
+    def _checkpoint_soon(self) -> asyncio.Future[None]:
+        """A checkpoint queued for the writer: the WAL's old frames still hold what was just
+        erased (as after `erase`). Awaited by the caller, so that its answer means gone;
+        its failure is logged, not the caller's (the erasure itself is committed)."""
+        checkpoint = self._submit(_checkpoint, ())
+        checkpoint.add_done_callback(_checkpoint_failed)
+        return checkpoint
 
     async def claim(self, route: Route, limit: int, max_bytes: int, now: float) -> list[OutboxRow]:
         return await self._call(_claim, route, limit, max_bytes, now)
@@ -587,7 +586,10 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
     return "accepted"
 
 
-def _record(conn: sqlite3.Connection, translations: Sequence[Translation], now: float) -> None:
+def _record(conn: sqlite3.Connection, translations: Sequence[Translation], now: float) -> bool:
+    """Whether anything stored was erased (a forget, a purge, or a delivery about a
+    forgotten user): the WAL's old frames still hold it."""
+    erased = False
     for translation in translations:
         stored = translation.delivery
         claimed = conn.execute(
@@ -606,7 +608,8 @@ def _record(conn: sqlite3.Connection, translations: Sequence[Translation], now: 
                 provider_event_id=stored.provider_event_id,
                 received_at=stored.received_at,
             )
-            _write_calls(conn, stored.id, delivery, translation.outputs, now)
+            erased = _write_calls(conn, stored.id, delivery, translation.outputs, now) or erased
+    return erased
 
 
 def _write_calls(
@@ -615,9 +618,10 @@ def _write_calls(
     delivery: Delivery,
     outputs: Sequence[Output],
     now: float,
-) -> None:
+) -> bool:
     """Carry out a stored delivery's instructions and queue its calls, with what is known
-    about their users."""
+    about their users; whether anything stored was erased."""
+    erased = any(isinstance(item, Forget | ForgetVisitor | Purge) for item in outputs)
     resolved = [_resolve(conn, delivery.source, item, now) for item in outputs]
     conn.executemany(
         "INSERT OR IGNORE INTO inbox_subjects (subject, inbox_id) VALUES (?, ?)",
@@ -635,6 +639,7 @@ def _write_calls(
             conn.execute(
                 "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ?", (inbox_id,)
             )
+            erased = True
             continue
         else:
             call, learned = _identity(conn, given, identified)
@@ -644,6 +649,7 @@ def _write_calls(
             continue
         call, event_id = with_event_id(call, delivery.source, delivery.provider_event_id, index)
         _insert(conn, inbox_id, call, event_id, now)
+    return erased
 
 
 def _resolve(conn: sqlite3.Connection, source: str, item: Output, now: float) -> Call | None:

@@ -25,7 +25,7 @@ from bridge.sqlite_store import SQLiteStore
 from bridge.store import Delivery, Store
 from bridge.testing import sign
 from handlers.stripe import handler as stripe
-from tests.conftest import RunningSink, ServerThread
+from tests.conftest import RunningSink, ServerThread, translated
 
 SECRET = "whsec_erasure_secret"
 TOKEN = "erasure-admin-token-0123456789"
@@ -196,8 +196,9 @@ def test_forget_leaves_no_trace_on_disk_and_nothing_more_is_sent(
     gone = (user, email, renewal_email)
     wait_for(lambda: not any(mentions_in_rows(db, needle) for needle in gone))
     assert mentions_in_rows(db, "usr_keep2")  # the scan does find what is kept
-    for needle in gone:
-        assert mentions_on_disk(db, needle) == []
+    # The late delivery was stored raw before its translation found the user forgotten;
+    # the translate stage then erased it, WAL included.
+    wait_for(lambda: not any(mentions_on_disk(db, needle) for needle in gone))
 
 
 def pending_bodies(db: Path) -> list[bytes]:
@@ -214,6 +215,7 @@ def test_forgetting_a_short_id_keeps_other_users_calls_and_payloads(
     httpx.post(f"{sink.url}/_sink/knobs", json={"fail_for_seconds": 30.0}).raise_for_status()
     for n, user in (("s1", "1"), ("s2", "usr_2"), ("s3", "usr_3"), ("s4", "usr_4")):
         assert post(bridge, checkout(n, user, f"{n}@example.org")).status_code == 200
+        assert translated(db, f"evt_erasure_{n}") == ("translated", None)
 
     def users() -> list[str]:  # each purchase is an identify and a track
         return sorted(msgspec.json.decode(b)["user_id"] for b in pending_bodies(db))
@@ -234,6 +236,7 @@ def test_a_blank_user_id_is_refused_and_erases_nothing(
     db = tmp_path / "bridge.db"
     httpx.post(f"{sink.url}/_sink/knobs", json={"fail_for_seconds": 30.0}).raise_for_status()
     assert post(bridge, checkout("b1", "usr_b1", "b1@example.org")).status_code == 200
+    assert translated(db, "evt_erasure_b1") == ("translated", None)
     before = (pending_bodies(db), mentions_in_rows(db, "b1@example.org"))
     result = CliRunner().invoke(
         cli_main, ["forget", blank], env={"BRIDGE_DATABASE_URL": f"sqlite:///{db}"}
@@ -303,7 +306,7 @@ async def test_a_purge_blocked_by_a_reader_is_logged_and_finished_by_the_next(
         reader.execute("SELECT COUNT(*) FROM inbox").fetchone()  # holds its snapshot
         with capture_logs() as lines:
             await shop_orders_then_redact(store)
-        assert [line["event"] for line in lines] == ["checkpoint after a purge failed"]
+        assert [line["event"] for line in lines] == ["checkpoint after an erasure failed"]
         assert mentions_in_rows(store.path, MARKER) == []
         assert mentions_on_disk(store.path, MARKER) == ["bridge.db-wal"]
         reader.close()

@@ -54,8 +54,8 @@ def db(tmp_path: Path) -> Path:
 
 def test_status(db: Path) -> None:
     out = run(db, "outbox", "status")
-    assert "pending     2" in out
-    assert "dead        4" in out
+    assert "pending      2" in out
+    assert "dead         4" in out
     assert "PAUSED: 401 invalid_api_key" in out
 
 
@@ -70,7 +70,7 @@ def test_replay_by_id_source_and_all(db: Path) -> None:
     assert run(db, "outbox", "replay", "--id", "1").startswith("1 rows are pending again")
     assert run(db, "outbox", "replay", "--source", "stripe").startswith("2 rows")
     assert run(db, "outbox", "replay", "--all").startswith("1 rows")
-    assert "dead        0" in run(db, "outbox", "status")
+    assert "dead         0" in run(db, "outbox", "status")
 
 
 def test_replay_since(db: Path) -> None:
@@ -101,7 +101,7 @@ def test_forget_purges_at_once_and_queues_the_call(db: Path) -> None:
     out = run(db, "forget", "u5")
     assert "forget is queued" in out
     status = run(db, "outbox", "status")
-    assert "pending     2" in status  # u5's purchase went, the forget came
+    assert "pending      2" in status  # u5's purchase went, the forget came
 
 
 def test_a_broken_database_url_is_one_clear_error(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ async def test_instances_starting_together_migrate_once(url: str) -> None:
     stores = await asyncio.gather(*(opened(url) for _ in range(5)))
     try:
         versions = await table_rows(stores[0], "SELECT version FROM schema_migrations")
-        assert versions == [(1,), (2,)]
+        assert versions == [(1,), (2,), (3,)]
         await fill(stores[1], 3)
         assert (await stores[4].stats(NOW)).pending == 3
     finally:
@@ -207,15 +207,16 @@ async def test_a_fault_in_a_group_commit_reaches_every_caller(
             raise RuntimeError("a bug in the group path")
 
         with monkeypatch.context() as patched:
-            patched.setattr(postgres_store, "_accept_group", broken)
+            patched.setattr(postgres_store, "_append_group", broken)
             waiting = [
-                store.accept(Delivery(source="test", provider_event_id=f"e{i}", received_at=NOW))
+                store.append(Delivery(source="test", provider_event_id=f"e{i}", received_at=NOW))
                 for i in range(5)
             ]
             answers = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
         assert [type(answer) for answer in answers] == [RuntimeError] * 5  # none left waiting
-        await fill(store, 5, start=5)  # and the next group commits as usual
-        assert (await store.stats(NOW)).pending == 5
+        later = [_purchase(f"e{i}") for i in range(5, 10)]
+        assert await asyncio.gather(*map(store.append, later)) == ["accepted"] * 5
+        assert (await store.stats(NOW)).untranslated == 5  # the next group commits as usual
     finally:
         await store.close()
 
@@ -247,10 +248,10 @@ async def test_an_unreachable_database_fails_every_waiting_caller_at_once(
     try:
         await store._pool.close()  # the database as good as gone
         answers = await asyncio.gather(
-            *(store.accept(_purchase(f"e{i}")) for i in range(600)), return_exceptions=True
+            *(store.append(_purchase(f"e{i}")) for i in range(600)), return_exceptions=True
         )
         assert all(isinstance(answer, StoreUnavailable) for answer in answers)
-        assert tried == ["_accept_group"]
+        assert tried == ["_append_group"]
     finally:
         await store.close()
 
@@ -269,8 +270,8 @@ async def test_a_twin_held_by_another_transaction_holds_up_no_other_delivery(
                 "INSERT INTO inbox (source, provider_event_id, received_at, calls)"
                 " VALUES ('test', 'twin', 0, 1)"
             )
-            twin = asyncio.create_task(store.accept(_purchase("twin")))
-            others = [store.accept(_purchase(f"e{i}")) for i in range(5)]
+            twin = asyncio.create_task(store.append(_purchase("twin")))
+            others = [store.append(_purchase(f"e{i}")) for i in range(5)]
             assert await asyncio.wait_for(asyncio.gather(*others), 10) == ["accepted"] * 5
             assert not twin.done()  # it alone waits for the other transaction
             await other.rollback()
@@ -283,12 +284,12 @@ async def test_a_committer_cancelled_before_it_ran_leaves_nobody_waiting(url: st
     store = await opened(url)
     assert isinstance(store, PostgresStore)
     try:
-        waiting = asyncio.create_task(store.accept(_purchase("e1")))
+        waiting = asyncio.create_task(store.append(_purchase("e1")))
         await asyncio.sleep(0)  # the accept is queued, its committer not yet started
         assert store._grouping is not None
         store._grouping.cancel()  # as a loop shutting down does
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(waiting, 5)
-        assert await store.accept(_purchase("e2")) == "accepted"  # a new committer
+        assert await store.append(_purchase("e2")) == "accepted"  # a new committer
     finally:
         await store.close()

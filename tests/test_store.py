@@ -341,10 +341,25 @@ async def test_aliases_and_forgetting_a_visitor(store: Store) -> None:
     assert await store.claim("forget", 10, 1 << 20, NOW) == []
 
 
-async def test_deliveries_accepted_together_keep_their_answers_and_order(store: Store) -> None:
-    """Concurrent accepts share a commit (both backends group them): each caller still gets
-    its own answer, twins in one group store once, a delivery's calls keep their order,
-    and a forgotten user's calls are neither stored nor sent."""
+async def through_the_pipeline(store: Store, deliveries: list[Delivery]) -> list[str]:
+    """Append concurrently (group commit), then translate in one batch as the stage does,
+    each delivery becoming the calls it carries."""
+    results = await asyncio.gather(*(store.append(d) for d in deliveries))
+    outputs: dict[tuple[str, str], list[Output]] = {}
+    for d in deliveries:  # a twin's copy is a duplicate: the first one is translated
+        outputs.setdefault((d.source, d.provider_event_id), d.calls)
+    stored = await store.untranslated(10_000)
+    await store.record(
+        [Translation(delivery=s, outputs=outputs[(s.source, s.provider_event_id)]) for s in stored]
+    )
+    return list(results)
+
+
+async def test_deliveries_taken_together_keep_their_answers_and_order(store: Store) -> None:
+    """Concurrent appends share a commit and a batch is translated in one transaction (on
+    PostgreSQL, simple deliveries in a few statements): each caller still gets its own
+    answer, twins in one group store once, a delivery's calls keep their order, and a
+    forgotten user's calls are neither stored nor sent."""
     await store.accept(delivery("gone", Forget(user_id="u-gone")))
     batch = [
         delivery(
@@ -357,7 +372,7 @@ async def test_deliveries_accepted_together_keep_their_answers_and_order(store: 
     batch += [delivery("e7"), delivery("e7")]  # twins of one already in the group
     batch.append(delivery("about-gone", Track(event="purchase", user_id="u-gone")))
     batch.append(Delivery(source="stripe", provider_event_id="ignored", received_at=NOW))
-    results = await asyncio.gather(*(store.accept(d) for d in batch))
+    results = await through_the_pipeline(store, batch)
     assert results == ["accepted"] * 40 + ["duplicate", "duplicate", "accepted", "accepted"]
     tracks = await store.claim("track", 1000, 1 << 24, NOW)
     identifies = await store.claim("identify", 1000, 1 << 24, NOW)
@@ -390,11 +405,12 @@ async def test_visitors_tracked_together_carry_what_is_known_of_them(store: Stor
     )
     await store.delivered([r.id for r in await store.claim("identify", 10, 1 << 20, NOW)], NOW)
     visitors = ["stripe:cus_1", "b1", "b2", "stripe:cus_unknown"] * 5
-    await asyncio.gather(
-        *(
-            store.accept(delivery(f"p{i}", Track(event="purchase", anonymous_id=visitor)))
+    await through_the_pipeline(
+        store,
+        [
+            delivery(f"p{i}", Track(event="purchase", anonymous_id=visitor))
             for i, visitor in enumerate(visitors)
-        )
+        ],
     )
     rows = await store.claim("track", 100, 1 << 24, NOW)
     seen = {
