@@ -4,6 +4,7 @@ end-to-end path through the real app and the real sink."""
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from bridge.registry import load_sources
 from bridge.testing import TEST_SECRET, run_handler, signed_request
 from handlers import auth0
 from handlers.auth0 import Auth0Options, AuthorizationScheme, handler
-from tests.conftest import RunningSink, ServerThread
+from tests.conftest import RunningSink, ServerThread, translated
 
 FIXTURES = Path(__file__).parent / "fixtures" / "auth0"
 TOKEN = "Bearer 6f1d0c2b9a8e7f6d5c4b3a29"
@@ -318,16 +319,19 @@ def test_a_log_stream_end_to_end(bridge: Bridge) -> None:
         },
     ]
     # The same batch again is a redelivery; the same records as an array are a new
-    # delivery whose events Millimetric already has (same event ids), so none counts twice.
+    # delivery whose tracks carry event ids the bridge has queued already: it queues only
+    # its identify (keyed by its place in the delivery), so no track is sent twice.
     assert bridge.post(lines).json()["result"] == "duplicate"
     array = (FIXTURES / "log_stream_batch.json").read_bytes()
     assert bridge.post(array, authorization=OLD_TOKEN).json()["result"] == "accepted"
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{bridge.sink.url}/_sink/stats").json()["duplicates"] < 2:
-        assert time.monotonic() < deadline, "the array's tracks did not reach the sink"
-        time.sleep(0.05)
-    tracks = [c for c in bridge.arrived(3) if c["route"] == "track"]
+    array_id = "sha256:" + hashlib.sha256(array).hexdigest()
+    assert translated(bridge.database, array_id) == ("translated", None)
+    again = bridge.arrived(4)
+    assert [c["route"] for c in again].count("identify") == 2
+    tracks = [c for c in again if c["route"] == "track"]
     assert len(tracks) == 2
+    stats = httpx.get(f"{bridge.sink.url}/_sink/stats").json()
+    assert (stats["unique_event_ids"], stats["duplicates"]) == (2, 0)
     # The token is checked and never stored beside the raw body.
     with sqlite3.connect(bridge.database) as db:
         stored = [row[0] for row in db.execute("SELECT headers FROM inbox")]
@@ -335,19 +339,33 @@ def test_a_log_stream_end_to_end(bridge: Bridge) -> None:
     assert all(TOKEN.encode() not in (h or b"") for h in stored)
 
 
-def test_refusals_and_a_bad_record_end_to_end(bridge: Bridge) -> None:
+def test_refusals_a_quarantined_body_and_a_bad_record_end_to_end(bridge: Bridge) -> None:
     body = (FIXTURES / "log_stream_batch.json").read_bytes()
     assert bridge.post(body, authorization="Bearer wrong").status_code == 401
     missing = bridge.post(body, authorization=None)
     assert missing.status_code == 401
     assert missing.json()["reason"] == "missing Authorization header"
-    assert bridge.post(TOKEN.encode() + b" not json").status_code == 400
+    # A body with no JSON in it is taken (its id is its hash) and quarantined, not sent.
+    unreadable = TOKEN.encode() + b" not json"
+    assert bridge.post(unreadable).json() == {"ok": True, "result": "accepted"}
+    unreadable_id = "sha256:" + hashlib.sha256(unreadable).hexdigest()
+    state, reason = translated(bridge.database, unreadable_id)
+    assert state == "quarantined"
+    assert reason is not None
+    assert reason.startswith("payload: ")
     s = records()[2]
     mixed = msgspec.json.encode([{"log_id": "broken", "data": []}, s, sdu()])
     assert bridge.post(mixed).json()["result"] == "accepted"
     calls = sorted(bridge.arrived(2), key=lambda c: c["route"])
     assert [c.get("event", c["route"]) for c in calls] == ["forget", "login"]
     assert calls[0] == {"route": "forget", "user_id": "auth0|6182002f34f4dd006b05b5c7"}
+    with sqlite3.connect(bridge.database) as db:
+        queued = db.execute(
+            "SELECT count(*) FROM outbox JOIN inbox ON inbox.id = outbox.inbox_id"
+            " WHERE inbox.provider_event_id = ?",
+            (unreadable_id,),
+        ).fetchone()[0]
+    assert queued == 0
 
 
 def test_an_unset_token_leaves_the_source_unmounted(sink: RunningSink, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -28,7 +29,7 @@ from bridge.registry import check_handler, load_sources
 from bridge.testing import TEST_SECRET, run_handler, signed_request
 from handlers import clerk
 from handlers.clerk import handler
-from tests.conftest import RunningSink, ServerThread
+from tests.conftest import RunningSink, ServerThread, translated
 
 FIXTURES = Path(__file__).parent / "fixtures" / "clerk"
 SECRET = "whsec_" + base64.b64encode(b"clerk endpoint secret, current!!").decode()
@@ -226,9 +227,10 @@ def svix_signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str
 
 
 class Bridge:
-    def __init__(self, url: str, sink: RunningSink) -> None:
+    def __init__(self, url: str, sink: RunningSink, database: Path) -> None:
         self.url = url
         self.sink = sink
+        self.database = database
 
     def post(
         self,
@@ -265,7 +267,7 @@ def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
     }
     sources = load_sources(env, {"clerk": clerk.handler})
     with ServerThread(create_app(load_settings(env), sources=sources)) as server:
-        yield Bridge(server.url, sink)
+        yield Bridge(server.url, sink, tmp_path / "bridge.db")
 
 
 def test_end_to_end_signup_login_redelivery_and_erasure(bridge: Bridge) -> None:
@@ -306,7 +308,9 @@ def test_end_to_end_signup_login_redelivery_and_erasure(bridge: Bridge) -> None:
     assert bridge.arrived(4)[-1] == {"route": "forget", "user_id": USER}
 
 
-def test_end_to_end_refusals_store_nothing(bridge: Bridge) -> None:
+def test_end_to_end_refusals_store_nothing_and_an_unreadable_body_is_quarantined(
+    bridge: Bridge,
+) -> None:
     body = body_of(fixture("user.created"))
     stale = bridge.post(body, "msg_stale", timestamp=int(time.time()) - 301)
     assert stale.status_code == 401
@@ -328,6 +332,14 @@ def test_end_to_end_refusals_store_nothing(bridge: Bridge) -> None:
         },
     )
     assert garbage.status_code == 401
-    assert bridge.post(b"{not json", "msg_bad").status_code == 400
+    # Signed but unreadable: taken, then quarantined by the translate stage, never sent.
+    assert bridge.post(b"{not json", "msg_bad").json() == {"ok": True, "result": "accepted"}
+    state, reason = translated(bridge.database, "msg_bad")
+    assert state == "quarantined"
+    assert reason is not None
+    assert reason.startswith("payload: ")
+    with sqlite3.connect(bridge.database) as db:
+        stored = db.execute("SELECT provider_event_id FROM inbox").fetchall()
+    assert stored == [("msg_bad",)]  # the refusals stored nothing
     assert httpx.get(f"{bridge.url}/readyz").json()["pending"] == 0
     assert httpx.get(f"{bridge.sink.url}/_sink/stats").json()["received"] == 0

@@ -4,9 +4,11 @@ acknowledged, and the end-to-end path through the real app and the real sink."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +29,7 @@ from bridge.registry import load_sources
 from bridge.testing import run_handler, signed_request
 from handlers import github
 from handlers.github import handler
-from tests.conftest import RunningSink, ServerThread
+from tests.conftest import RunningSink, ServerThread, translated
 
 FIXTURES = Path(__file__).parent / "fixtures" / "github"
 SECRET = "gh-webhook-secret-current"
@@ -395,9 +397,10 @@ def test_samples_translate_the_same_every_time_and_freshen_into_new_deliveries()
 
 
 class Bridge:
-    def __init__(self, url: str, sink: RunningSink) -> None:
+    def __init__(self, url: str, sink: RunningSink, database: Path) -> None:
         self.url = url
         self.sink = sink
+        self.database = database
 
     def post(
         self, event: str, body: bytes, delivery: str | None = None, secret: str = SECRET
@@ -420,6 +423,16 @@ class Bridge:
             assert time.monotonic() < deadline, f"{len(events)} of {count} calls arrived"
             time.sleep(0.05)
 
+    def queued(self, delivery: str) -> int:
+        """How many outbox calls the delivery's translation queued."""
+        with contextlib.closing(sqlite3.connect(self.database)) as db:
+            found: int = db.execute(
+                "SELECT count(*) FROM outbox JOIN inbox ON inbox.id = outbox.inbox_id"
+                " WHERE inbox.source = 'github' AND inbox.provider_event_id = ?",
+                (delivery,),
+            ).fetchone()[0]
+        return found
+
 
 @pytest.fixture
 def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
@@ -433,12 +446,15 @@ def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
     }
     sources = load_sources(env, {"github": github.handler})
     with ServerThread(create_app(load_settings(env), sources=sources)) as server:
-        yield Bridge(server.url, sink)
+        yield Bridge(server.url, sink, tmp_path / "bridge.db")
 
 
 def test_sponsors_and_marketplace_end_to_end(bridge: Bridge) -> None:
     ping = (FIXTURES / "ping.json").read_bytes()
-    assert bridge.post("ping", ping).json() == {"ok": True, "result": "ignored"}
+    pinged = str(uuid.uuid4())
+    assert bridge.post("ping", ping, delivery=pinged).json() == {"ok": True, "result": "accepted"}
+    assert translated(bridge.database, pinged) == ("translated", None)
+    assert bridge.queued(pinged) == 0  # a ping becomes no call
     assert bridge.post("sponsorship", sponsorship(), delivery=DELIVERY).json() == {
         "ok": True,
         "result": "accepted",
@@ -492,29 +508,38 @@ def test_sponsors_and_marketplace_end_to_end(bridge: Bridge) -> None:
 
 def test_a_body_resent_under_a_fresh_guid_counts_once_end_to_end(bridge: Bridge) -> None:
     """The reproduction: a captured signed purchase re-sent with a new X-GitHub-Delivery
-    is a new delivery, but its purchase has the same event_id: no second event."""
+    is a new delivery, but its purchase has the same event_id: no second event (the bridge
+    does not even queue it again)."""
     for event, body in (("sponsorship", sponsorship()), ("marketplace_purchase", marketplace())):
-        assert bridge.post(event, body, delivery=str(uuid.uuid4())).json()["result"] == "accepted"
-        assert bridge.post(event, body, delivery=str(uuid.uuid4())).json()["result"] == "accepted"
+        first, copy = str(uuid.uuid4()), str(uuid.uuid4())
+        assert bridge.post(event, body, delivery=first).json()["result"] == "accepted"
+        assert bridge.post(event, body, delivery=copy).json()["result"] == "accepted"
+        assert translated(bridge.database, first) == ("translated", None)
+        assert translated(bridge.database, copy) == ("translated", None)
+        assert (bridge.queued(first), bridge.queued(copy)) == (1, 0), event
     calls = bridge.arrived(2)
     assert sorted(c["event_id"] for c in calls) == [MARKETPLACE_EVENT, SPONSORSHIP_EVENT]
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{bridge.sink.url}/_sink/stats").json()["duplicates"] < 2:
-        assert time.monotonic() < deadline, "the copies never reached the sink"
-        time.sleep(0.05)
     stats = httpx.get(f"{bridge.sink.url}/_sink/stats").json()
-    assert (stats["received"], stats["duplicates"]) == (2, 2)
-    # Under another event's name the same body is refused and nothing more is sent.
-    for event in ("marketplace_purchase", "ping"):
-        answer = bridge.post(event, sponsorship())
-        assert answer.status_code == 400
-        assert answer.json()["error"] == "invalid_payload"
-    assert bridge.post("sponsorship", marketplace()).status_code == 400
+    assert (stats["received"], stats["duplicates"]) == (2, 0)
+    # Under another event's name the same body is quarantined and nothing more is sent.
+    for event, body, carried in (
+        ("marketplace_purchase", sponsorship(), "a sponsorship"),
+        ("ping", sponsorship(), "a sponsorship"),
+        ("sponsorship", marketplace(), "a marketplace_purchase"),
+    ):
+        renamed = str(uuid.uuid4())
+        answer = bridge.post(event, body, delivery=renamed)
+        assert answer.json() == {"ok": True, "result": "accepted"}, event
+        assert translated(bridge.database, renamed) == (
+            "quarantined",
+            f"payload: X-GitHub-Event is {event} but the body carries {carried}",
+        )
+        assert bridge.queued(renamed) == 0
     time.sleep(0.3)
     assert httpx.get(f"{bridge.sink.url}/_sink/stats").json()["received"] == 2
 
 
-def test_refusals_end_to_end(bridge: Bridge) -> None:
+def test_refusals_and_a_quarantined_body_end_to_end(bridge: Bridge) -> None:
     body = sponsorship()
     assert bridge.post("sponsorship", body, secret="wrong").status_code == 401
     unsigned = httpx.post(
@@ -530,7 +555,18 @@ def test_refusals_end_to_end(bridge: Bridge) -> None:
         headers={"x-github-event": "sponsorship", **handler.scheme.sign(body, SECRET, 0)},
     )
     assert no_guid.status_code == 400
-    assert bridge.post("sponsorship", b"{not json").status_code == 400
+    # Signed, with a GUID, but not JSON: taken, then quarantined, never sent.
+    unreadable = str(uuid.uuid4())
+    answer = bridge.post("sponsorship", b"{not json", delivery=unreadable)
+    assert answer.json() == {"ok": True, "result": "accepted"}
+    state, reason = translated(bridge.database, unreadable)
+    assert state == "quarantined"
+    assert reason is not None
+    assert reason.startswith("payload: not a GitHub event")
+    assert bridge.queued(unreadable) == 0
+    with contextlib.closing(sqlite3.connect(bridge.database)) as db:
+        stored = db.execute("SELECT provider_event_id FROM inbox").fetchall()
+    assert stored == [(unreadable,)]  # the refusals stored nothing
     time.sleep(0.3)
     assert httpx.get(f"{bridge.sink.url}/_sink/stats").json()["received"] == 0
 
@@ -540,5 +576,7 @@ def test_every_sample_sent_as_send_test_does_is_taken(bridge: Bridge) -> None:
         fresh = handler.freshen(sample)
         headers = {**fresh.headers, **handler.scheme.sign(fresh.body, SECRET, int(time.time()))}
         answer = httpx.post(f"{bridge.url}/webhooks/github", content=fresh.body, headers=headers)
-        expected = "ignored" if event == "ping" else "accepted"
-        assert answer.json() == {"ok": True, "result": expected}, event
+        assert answer.json() == {"ok": True, "result": "accepted"}, event
+        delivery = fresh.headers["x-github-delivery"]
+        assert translated(bridge.database, delivery) == ("translated", None), event
+        assert bridge.queued(delivery) == (0 if event == "ping" else 1), event

@@ -4,7 +4,10 @@ out unless asked for, and the end-to-end path through the real app and the real 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +26,7 @@ from bridge.registry import load_sources
 from bridge.testing import run_handler, signed_request
 from handlers import lemonsqueezy
 from handlers.lemonsqueezy import handler
-from tests.conftest import RunningSink, ServerThread
+from tests.conftest import RunningSink, ServerThread, translated
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lemonsqueezy"
 SECRET = "ls-signing-secret-current"
@@ -285,9 +288,10 @@ def test_samples_translate_the_same_every_time_and_freshen_into_new_deliveries()
 
 
 class Bridge:
-    def __init__(self, url: str, sink: RunningSink) -> None:
+    def __init__(self, url: str, sink: RunningSink, database: Path) -> None:
         self.url = url
         self.sink = sink
+        self.database = database
 
     def post(
         self, event: dict[str, Any] | bytes, secret: str = SECRET, source: str = "lemonsqueezy"
@@ -309,6 +313,19 @@ class Bridge:
             assert time.monotonic() < deadline, f"{len(events)} of {count} calls arrived"
             time.sleep(0.05)
 
+    def taken(self, body: bytes, source: str = "lemonsqueezy") -> tuple[str, str | None, int]:
+        """Once translated: the stored delivery's state, quarantine reason and the number
+        of calls its translation queued."""
+        delivery = handler.delivery_id(signed_request(handler, body))
+        state, reason = translated(self.database, delivery)
+        with contextlib.closing(sqlite3.connect(self.database)) as db:
+            queued: int = db.execute(
+                "SELECT count(*) FROM outbox JOIN inbox ON inbox.id = outbox.inbox_id"
+                " WHERE inbox.source = ? AND inbox.provider_event_id = ?",
+                (source, delivery),
+            ).fetchone()[0]
+        return state, reason, queued
+
 
 @pytest.fixture
 def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
@@ -325,7 +342,7 @@ def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
     }
     sources = load_sources(env, {"lemonsqueezy": lemonsqueezy.handler})
     with ServerThread(create_app(load_settings(env), sources=sources)) as server:
-        yield Bridge(server.url, sink)
+        yield Bridge(server.url, sink, tmp_path / "bridge.db")
 
 
 def test_orders_and_renewals_end_to_end(bridge: Bridge) -> None:
@@ -366,7 +383,9 @@ def test_orders_and_renewals_end_to_end(bridge: Bridge) -> None:
 
 def test_test_mode_and_refusals_end_to_end(bridge: Bridge) -> None:
     test_order = fixture("order_created", meta={"test_mode": True})
-    assert bridge.post(test_order).json() == {"ok": True, "result": "ignored"}
+    assert bridge.post(test_order).json() == {"ok": True, "result": "accepted"}
+    # Without include_test_events the test-mode order is taken and becomes no call.
+    assert bridge.taken(msgspec.json.encode(test_order)) == ("translated", None, 0)
     answer = bridge.post(test_order, source="lemonsqueezy-test")
     assert answer.json() == {"ok": True, "result": "accepted"}
     assert bridge.post(test_order, secret="wrong").status_code == 401
@@ -378,22 +397,40 @@ def test_test_mode_and_refusals_end_to_end(bridge: Bridge) -> None:
     assert [c["event_id"] for c in calls] == ["purchase:lemonsqueezy:order:1"]
 
 
-def test_a_body_resent_under_another_event_name_is_refused_end_to_end(bridge: Bridge) -> None:
+def test_a_body_resent_under_another_event_name_is_quarantined_end_to_end(
+    bridge: Bridge,
+) -> None:
     """X-Event-Name is not signed: the signed meta.event_name alone names the event, and a
-    captured body re-sent under another name is a 400 that sends nothing."""
+    captured body re-sent under another name is taken but quarantined: it sends nothing."""
     subscription = fixture("subscription_created")
     body = msgspec.json.encode(subscription)
     url = f"{bridge.url}/webhooks/lemonsqueezy"
     for name in ("subscription_cancelled", "order_created", "order_refunded"):
         headers = {**handler.scheme.sign(body, SECRET, 0), "x-event-name": name}
         answer = httpx.post(url, content=body, headers=headers)
-        assert answer.status_code == 400, name
-        assert answer.json()["error"] == "invalid_payload"
-    # A body that names no event is refused whatever the header says.
+        assert answer.status_code == 200, name
+        assert answer.json()["ok"] is True
+    # A body that names no event is quarantined whatever the header says.
     del subscription["meta"]["event_name"]
     nameless = msgspec.json.encode(subscription)
     headers = {**handler.scheme.sign(nameless, SECRET, 0), "x-event-name": "subscription_created"}
-    assert httpx.post(url, content=nameless, headers=headers).status_code == 400
+    answer = httpx.post(url, content=nameless, headers=headers)
+    assert answer.json() == {"ok": True, "result": "accepted"}
+    nameless_taken = ("quarantined", "payload: no event name in meta.event_name", 0)
+    assert bridge.taken(nameless) == nameless_taken
+    # Translated in arrival order: every re-sent copy stored before it is quarantined too.
+    with contextlib.closing(sqlite3.connect(bridge.database)) as db:
+        copies = db.execute("SELECT state, reason FROM inbox WHERE raw_body = ?", (body,))
+        found = copies.fetchall()
+    assert found
+    for state, reason in found:
+        assert state == "quarantined"
+        assert reason is not None
+        assert re.fullmatch(
+            r"payload: X-Event-Name is \w+ but the body's event is subscription_created", reason
+        )
+    time.sleep(0.3)
+    assert httpx.get(f"{bridge.sink.url}/_sink/stats").json()["received"] == 0
     # The body as sent, with its own name, is taken.
     assert bridge.post(fixture("subscription_created")).json()["result"] == "accepted"
     (call,) = bridge.arrived(1)
@@ -407,6 +444,8 @@ def test_every_sample_sent_as_send_test_does_is_taken(bridge: Bridge) -> None:
         url = f"{bridge.url}/webhooks/lemonsqueezy"
         answer = httpx.post(url, content=fresh.body, headers=headers)
         assert answer.json() == {"ok": True, "result": "accepted"}, event
+        state, reason, _ = bridge.taken(fresh.body)
+        assert (state, reason) == ("translated", None), event
 
 
 def test_an_object_without_a_version_is_told_apart_by_its_body() -> None:

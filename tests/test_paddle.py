@@ -4,9 +4,11 @@ contract on its samples, and one end to end run through the real app and the rea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -26,7 +28,7 @@ from bridge.registry import check_handler, load_sources
 from bridge.testing import TEST_SECRET, run_handler, signed_request
 from handlers import paddle
 from handlers.paddle import PaddleScheme, handler
-from tests.conftest import RunningSink, ServerThread
+from tests.conftest import RunningSink, ServerThread, translated
 
 FIXTURES = Path(__file__).parent / "fixtures" / "paddle"
 EXAMPLE: dict[str, Any] = json.loads((FIXTURES / "signatures.example.json").read_text())
@@ -402,9 +404,10 @@ def test_contract_refusals_and_rotation(event: str) -> None:
 
 
 class Bridge:
-    def __init__(self, url: str, sink: RunningSink) -> None:
+    def __init__(self, url: str, sink: RunningSink, database: Path) -> None:
         self.url = url
         self.sink = sink
+        self.database = database
 
     def post(
         self,
@@ -439,7 +442,7 @@ def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
     }
     sources = load_sources(env, {"paddle": paddle.handler})
     with ServerThread(create_app(load_settings(env), sources=sources)) as server:
-        yield Bridge(server.url, sink)
+        yield Bridge(server.url, sink, tmp_path / "bridge.db")
 
 
 def test_end_to_end_purchase_renewal_refund(bridge: Bridge) -> None:
@@ -509,7 +512,9 @@ def test_end_to_end_purchase_renewal_refund(bridge: Bridge) -> None:
     ]
 
 
-def test_end_to_end_refusals_store_nothing(bridge: Bridge) -> None:
+def test_end_to_end_refusals_store_nothing_and_unreadable_content_is_quarantined(
+    bridge: Bridge,
+) -> None:
     event = fixture("transaction.completed")
     stale = bridge.post(event, timestamp=int(time.time()) - 301)
     assert stale.status_code == 401
@@ -524,10 +529,27 @@ def test_end_to_end_refusals_store_nothing(bridge: Bridge) -> None:
         headers={b"paddle-signature": b"ts=\xb2;h1=\xe9"},
     )
     assert hostile.status_code == 401
-    assert bridge.post(b"{not json").status_code == 400
-    assert bridge.post(with_totals(grand_total="652.15", currency_code="USD")).status_code == 400
-    # A notification the bridge does not translate is acknowledged, so Paddle stops retrying.
-    ignored = fixture("transaction.completed", event_type_="transaction.paid")
-    assert bridge.post(ignored).json() == {"ok": True, "result": "ignored"}
+    assert bridge.post(b"{not json").status_code == 400  # no event_id to store it under
+    # Signed, with an event_id, but an amount it cannot read: taken, then quarantined.
+    bad_total = with_totals(grand_total="652.15", currency_code="USD")
+    assert bridge.post(bad_total).json() == {"ok": True, "result": "accepted"}
+    assert translated(bridge.database, bad_total["event_id"]) == (
+        "quarantined",
+        "payload: data.details.totals.grand_total is not an integer amount in minor units",
+    )
+    # A notification the bridge does not translate is acknowledged, so Paddle stops
+    # retrying, and becomes no call.
+    ignored = fixture(
+        "transaction.completed",
+        event_type_="transaction.paid",
+        event_id_="evt_01h8e1jxjnw9ra6zarhnz1a7y2",
+    )
+    assert bridge.post(ignored).json() == {"ok": True, "result": "accepted"}
+    assert translated(bridge.database, ignored["event_id"]) == ("translated", None)
+    with contextlib.closing(sqlite3.connect(bridge.database)) as db:
+        stored = db.execute("SELECT provider_event_id FROM inbox ORDER BY id").fetchall()
+        queued = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+    assert stored == [(bad_total["event_id"],), (ignored["event_id"],)]  # refusals: nothing
+    assert queued == 0
     assert httpx.get(f"{bridge.url}/readyz").json()["pending"] == 0
     assert httpx.get(f"{bridge.sink.url}/_sink/stats").json()["received"] == 0
