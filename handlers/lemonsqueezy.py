@@ -167,8 +167,15 @@ class LemonSqueezyHandler:
         # No version to tell two events about one object apart: the body's own digest.
         version = version or "sha256-" + hashlib.sha256(request.body).hexdigest()
         # No event name (which `parse` refuses) leaves its part empty: the id still names
-        # the delivery, so it is stored, and quarantined when translated.
-        parts = [event.meta.event_name or "", event.data.type, str(event.data.id), version]
+        # the delivery, so it is stored, and quarantined when translated. The unsigned
+        # X-Event-Name, when sent, names the delivery rather than the body's: a copy
+        # relabelled by someone else (which `parse` refuses) must not take the id of the
+        # genuine delivery, which would then be a duplicate and never translated.
+        named = event.meta.event_name or ""
+        header = request.headers.get("x-event-name", "").strip()
+        if header and header != named:
+            named = f"{header}!{named}"
+        parts = [named, event.data.type, str(event.data.id), version]
         if event.meta.webhook_id:
             parts.append(event.meta.webhook_id)
         return ":".join(parts)
