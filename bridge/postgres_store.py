@@ -58,6 +58,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from bridge.database_url import redacted, scrubbed
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.events import About, Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
+from bridge.identity import Known, Plan, Planned, plan, plannable, wanted
 from bridge.store import (
     BACKLOG_SQL,
     DELIVERED_SQL,
@@ -606,6 +607,13 @@ async def _record(cur: Cursor, translations: Sequence[Translation], now: float) 
     """Mark every delivery of the batch at once (a delivery another translator took in the
     meantime is left to it), then write the calls of those marked translated, the simple
     ones in groups (`_simple`), the others one by one, in the batch's order."""
+    # Pipelined: statements whose results are not read (inserts, updates) go without a
+    # round trip each; only the lookups wait for the server.
+    async with cur.connection.pipeline():
+        await _record_in(cur, translations, now)
+
+
+async def _record_in(cur: Cursor, translations: Sequence[Translation], now: float) -> None:
     await cur.execute(
         "UPDATE inbox SET state = given.state, reason = given.reason, calls = given.calls"
         " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::int[])"
@@ -619,18 +627,25 @@ async def _record(cur: Cursor, translations: Sequence[Translation], now: float) 
         ),
     )
     claimed = {found for (found,) in await cur.fetchall()}
-    run: list[Translation] = []
+    run: list[Planned] = []
     for translation in translations:
         if translation.delivery.id not in claimed or translation.failure is not None:
             continue
-        if _simple(translation.outputs):
-            run.append(translation)
-            continue
-        await _write_group(cur, run, now)
-        run = []
         stored = translation.delivery
+        if plannable(translation.outputs):
+            run.append(
+                Planned(
+                    inbox_id=stored.id,
+                    source=stored.source,
+                    provider_event_id=stored.provider_event_id,
+                    outputs=translation.outputs,
+                )
+            )
+            continue
+        await _write_plan(cur, run, now)
+        run = []
         await _write_calls(cur, stored.id, _as_delivery(translation), translation.outputs, now)
-    await _write_group(cur, run, now)
+    await _write_plan(cur, run, now)
 
 
 def _as_delivery(translation: Translation) -> Delivery:
@@ -718,21 +733,6 @@ def _unreachable(failure: StoreUnavailable) -> bool:
     )
 
 
-def _simple(outputs: Sequence[Output]) -> bool:
-    """Whether a delivery only reads what is known about its users: tracks and identifies
-    of a user id, and tracks of a visitor (anonymous id) alone, such as a purchase by a
-    provider's customer. These are written in groups (`_write_group`); a call that links
-    a visitor to a user, forgets or aliases, changes what later ones read."""
-    return all(
-        isinstance(call, About)
-        or (
-            isinstance(call, Track | Identify)
-            and (not call.anonymous_id or (isinstance(call, Track) and call.user_id is None))
-        )
-        for call in outputs
-    )
-
-
 async def _append_group(cur: Cursor, deliveries: Sequence[Delivery]) -> list[AcceptResult]:
     """Many deliveries' inbox rows in one statement. They go in key order, so two
     instances' groups take the unique keys in one order and cannot deadlock on them."""
@@ -765,21 +765,17 @@ async def _append_group(cur: Cursor, deliveries: Sequence[Delivery]) -> list[Acc
     return results
 
 
-async def _write_group(cur: Cursor, run: Sequence[Translation], now: float) -> None:
-    """The calls of many simple deliveries in a few statements: what is known of their
-    visitors (alias and user) and which of their users are forgotten, read at once, then
-    their outbox rows."""
+async def _write_plan(cur: Cursor, run: Sequence[Planned], now: float) -> None:
+    """Many deliveries' calls in a few statements (`bridge.identity`): what is known of
+    their visitors (alias and user) and which of their users are forgotten, read in one
+    round trip; then the plan's aliases, identities, links, outbox rows and dropped raw
+    bodies, one statement each."""
     if not run:
         return
-    deliveries = [_as_delivery(t) for t in run]
-    # `_simple` let only tracks, identifies and Abouts in.
-    calls = [[c for c in d.calls if isinstance(c, Track | Identify)] for d in deliveries]
-    visitors = sorted({c.anonymous_id for cs in calls for c in cs if c.anonymous_id})
-    subjects = sorted({s for cs in calls for c in cs if (s := subject_of(c)) is not None})
+    visitors, subjects = wanted(run)
+    known = Known()
     conn = cur.connection
-    # Pipelined: one round trip for both lookups. Each waits on the network to a remote
-    # server, and under load for a turn of the busy event loop.
-    async with conn.pipeline(), conn.cursor() as aliased:
+    async with conn.cursor() as aliased:
         if visitors:
             await aliased.execute(
                 "SELECT given, COALESCE(a.anonymous_id, given), i.user_id"
@@ -790,44 +786,39 @@ async def _write_group(cur: Cursor, run: Sequence[Translation], now: float) -> N
             )
         if subjects:
             await cur.execute("SELECT subject FROM forgotten WHERE subject = ANY(%s)", (subjects,))
-        known: dict[str, tuple[str, str | None]] = {}  # visitor: the id it goes as, its user
-        if visitors:
-            known = {given: (target, user) for given, target, user in await aliased.fetchall()}
-        forgotten = {subject for (subject,) in await cur.fetchall()} if subjects else set()
-    rows = [(t.delivery.id, d, c) for t, d, c in zip(run, deliveries, calls, strict=True)]
-    await _group_rows(cur, rows, known, forgotten, now)
+        if visitors:  # fetching syncs the pipeline: both queries go in one round trip
+            for given, target, user in await aliased.fetchall():
+                if target != given:
+                    known.targets[given] = target
+                if user is not None:
+                    known.users[target] = user
+        if subjects:
+            known.forgotten = {subject for (subject,) in await cur.fetchall()}
+    await _write(cur, plan(run, known), now)
 
 
-async def _group_rows(
-    cur: Cursor,
-    run: Sequence[tuple[int, Delivery, list[Track | Identify]]],
-    known: dict[str, tuple[str, str | None]],
-    forgotten: set[str],
-    now: float,
-) -> None:
-    """The outbox rows of a group of stored deliveries, and their links, written (raw
-    bodies of forgotten users' deliveries dropped), given what `_write_group` learned."""
-    rows: list[tuple[int, Call, str | None, str | None]] = []
-    emptied: list[int] = []
-    linked: list[tuple[int, set[str]]] = []
-    for inbox_id, delivery, its_calls in run:
-        its_links = links(delivery.calls)
-        linked.append((inbox_id, its_links))
-        for index, given in enumerate(its_calls):
-            subject = subject_of(given)
-            if subject is not None and subject in forgotten:
-                emptied.append(inbox_id)  # never stored, never sent, its raw body not kept
-                continue
-            call: Call = given
-            if given.anonymous_id:  # a visitor's track: as aliased, with its known user
-                target, user = known[given.anonymous_id]
-                call = msgspec.structs.replace(given, anonymous_id=target, user_id=user)
-                subject = subject_of(call)
-                its_links |= links([call])
-            call, event_id = with_event_id(call, delivery.source, delivery.provider_event_id, index)
-            rows.append((inbox_id, call, subject, event_id))
-    await _link(cur, linked)
-    if rows:
+async def _write(cur: Cursor, planned: Plan, now: float) -> None:
+    if planned.aliases:
+        aliases = sorted(planned.aliases.items())
+        await cur.execute(
+            "INSERT INTO aliases (alias, anonymous_id) SELECT * FROM unnest(%s::text[],"
+            " %s::text[]) ON CONFLICT (alias) DO UPDATE SET anonymous_id = excluded.anonymous_id",
+            ([alias for alias, _ in aliases], [target for _, target in aliases]),
+        )
+    if planned.identities:
+        learned = sorted(planned.identities.items())
+        await cur.execute(
+            "INSERT INTO identities (anonymous_id, user_id, subject) SELECT * FROM unnest("
+            "%s::text[], %s::text[], %s::text[]) ON CONFLICT (anonymous_id) DO UPDATE"
+            " SET user_id = excluded.user_id, subject = excluded.subject",
+            (
+                [visitor for visitor, _ in learned],
+                [user for _, user in learned],
+                [hash_subject(user) for _, user in learned],
+            ),
+        )
+    await _link(cur, planned.links)
+    if planned.rows:
         await cur.execute(
             # A call already queued or sent under its key is not queued again.
             "INSERT INTO outbox (inbox_id, route, subject, visitor, event_id, body, created_at,"
@@ -839,17 +830,18 @@ async def _group_rows(
             (
                 now,
                 now,
-                [inbox_id for inbox_id, _, _, _ in rows],
-                [route_of(call) for _, call, _, _ in rows],
-                [subject for _, _, subject, _ in rows],
-                [visitor_of(call) for _, call, _, _ in rows],
-                [event_id for _, _, _, event_id in rows],
-                [_encoder.encode(call) for _, call, _, _ in rows],
+                [row.inbox_id for row in planned.rows],
+                [route_of(row.call) for row in planned.rows],
+                [subject_of(row.call) for row in planned.rows],
+                [visitor_of(row.call) for row in planned.rows],
+                [row.event_id for row in planned.rows],
+                [_encoder.encode(row.call) for row in planned.rows],
             ),
         )
-    if emptied:
+    if planned.emptied:
         await cur.execute(
-            "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ANY(%s)", (emptied,)
+            "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ANY(%s)",
+            (planned.emptied,),
         )
 
 
