@@ -57,8 +57,8 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bridge.database_url import redacted, scrubbed
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.events import About, Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
-from bridge.identity import Known, Plan, Planned, plan, plannable, wanted
+from bridge.events import Forget, ForgetVisitor, Purge
+from bridge.identity import Known, Plan, Planned, Row, plan, plannable, wanted
 from bridge.store import (
     BACKLOG_SQL,
     DELIVERED_SQL,
@@ -589,7 +589,16 @@ async def _accept(cur: Cursor, delivery: Delivery) -> AcceptResult:
     inbox_id = await _append(cur, delivery, "translated")
     if inbox_id is None:
         return "duplicate"
-    await _write_calls(cur, inbox_id, delivery, delivery.calls, delivery.received_at)
+    planned = Planned(
+        inbox_id=inbox_id,
+        source=delivery.source,
+        provider_event_id=delivery.provider_event_id,
+        outputs=delivery.calls,
+    )
+    if plannable(planned.outputs):
+        await _write_plan(cur, [planned], delivery.received_at)
+    else:
+        await _write_calls(cur, planned, delivery.received_at)
     return "accepted"
 
 
@@ -605,8 +614,8 @@ async def _untranslated(cur: Cursor, limit: int) -> list[StoredDelivery]:
 
 async def _record(cur: Cursor, translations: Sequence[Translation], now: float) -> None:
     """Mark every delivery of the batch at once (a delivery another translator took in the
-    meantime is left to it), then write the calls of those marked translated, the simple
-    ones in groups (`_simple`), the others one by one, in the batch's order."""
+    meantime is left to it), then write the calls of those marked translated: planned
+    together (`bridge.identity`), save that a delivery that erases goes alone, in order."""
     # Pipelined: statements whose results are not read (inserts, updates) go without a
     # round trip each; only the lookups wait for the server.
     async with cur.connection.pipeline():
@@ -632,30 +641,19 @@ async def _record_in(cur: Cursor, translations: Sequence[Translation], now: floa
         if translation.delivery.id not in claimed or translation.failure is not None:
             continue
         stored = translation.delivery
-        if plannable(translation.outputs):
-            run.append(
-                Planned(
-                    inbox_id=stored.id,
-                    source=stored.source,
-                    provider_event_id=stored.provider_event_id,
-                    outputs=translation.outputs,
-                )
-            )
+        planned = Planned(
+            inbox_id=stored.id,
+            source=stored.source,
+            provider_event_id=stored.provider_event_id,
+            outputs=translation.outputs,
+        )
+        if plannable(planned.outputs):
+            run.append(planned)
             continue
         await _write_plan(cur, run, now)
         run = []
-        await _write_calls(cur, stored.id, _as_delivery(translation), translation.outputs, now)
+        await _write_calls(cur, planned, now)
     await _write_plan(cur, run, now)
-
-
-def _as_delivery(translation: Translation) -> Delivery:
-    stored = translation.delivery
-    return Delivery(
-        source=stored.source,
-        provider_event_id=stored.provider_event_id,
-        received_at=stored.received_at,
-        calls=translation.outputs,
-    )
 
 
 async def _retranslate(cur: Cursor, selection: Selection) -> int:
@@ -686,41 +684,33 @@ def _deliveries(selection: Selection, states: list[str]) -> tuple[str, list[Any]
     return " AND ".join(clauses), params
 
 
-async def _write_calls(
-    cur: Cursor, inbox_id: int, delivery: Delivery, outputs: Sequence[Output], now: float
-) -> None:
-    """Carry out a stored delivery's instructions and queue its calls, with what is known
-    about their users."""
-    resolved = [await _resolve(cur, delivery.source, item, now) for item in outputs]
-    await _link(cur, [(inbox_id, links([*outputs, *resolved]))])
-    identified = {(c.anonymous_id, c.user_id) for c in resolved if isinstance(c, Identify)}
-    for index, given in enumerate(resolved):
-        call: Call | None = given
-        if given is None:  # an instruction, carried out
-            continue
-        if isinstance(given, Forget):
-            await _forget(cur, given.user_id, declared(outputs), now)
-        else:
-            # One round trip for both questions: per-statement cost is most of an accept.
-            await cur.execute(
-                "SELECT EXISTS (SELECT 1 FROM forgotten WHERE subject = %s),"
-                " (SELECT user_id FROM identities WHERE anonymous_id = %s)",
-                (subject_of(given), given.anonymous_id),
+async def _write_calls(cur: Cursor, delivery: Planned, now: float) -> None:
+    """A delivery that erases, alone (as in the SQLite backend): its links, its erasures
+    (`Purge`, `ForgetVisitor`, `Forget`), then its other calls as planned."""
+    await _link(cur, [(delivery.inbox_id, links(delivery.outputs))])
+    for index, item in enumerate(delivery.outputs):
+        forget: Forget | None = None
+        if isinstance(item, Purge):
+            await _purge_prefixes(cur, delivery.source, item, now)
+        elif isinstance(item, ForgetVisitor):
+            target = await _target(cur, item.anonymous_id)
+            known = await _one(
+                cur, "SELECT user_id FROM identities WHERE anonymous_id = %s", (target,)
             )
-            forgotten, known = await cur.fetchone() or (False, None)
-            if forgotten:
-                # About a forgotten user: never stored, never sent, its raw body not kept.
-                await cur.execute(
-                    "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = %s", (inbox_id,)
-                )
-                continue
-            call, learned = await _identity(cur, given, known, identified)
-            if learned is not None:
-                await _insert(cur, inbox_id, learned, None, now)
-        if call is None:  # an identify of a link already sent
-            continue
-        call, event_id = with_event_id(call, delivery.source, delivery.provider_event_id, index)
-        await _insert(cur, inbox_id, call, event_id, now)
+            if known is not None:
+                forget = Forget(user_id=known)
+                await _link(cur, [(delivery.inbox_id, {hash_subject(known)})])
+            else:  # no user to forget at Millimetric; what is stored about the visitor goes
+                visitors = sorted({hash_subject(item.anonymous_id), hash_subject(target)})
+                await cur.execute(_DROP_LINKED_RAW, (visitors,))
+        elif isinstance(item, Forget):
+            forget = item
+        if forget is not None:
+            await _forget(cur, forget.user_id, declared(delivery.outputs), now)
+            _, key = with_event_id(forget, delivery.source, delivery.provider_event_id, index)
+            row = Row(inbox_id=delivery.inbox_id, call=forget, event_id=key)
+            await _write(cur, Plan(rows=[row]), now)
+    await _write_plan(cur, [delivery], now)
 
 
 def _unreachable(failure: StoreUnavailable) -> bool:
@@ -845,92 +835,9 @@ async def _write(cur: Cursor, planned: Plan, now: float) -> None:
         )
 
 
-async def _resolve(cur: Cursor, source: str, item: Output, now: float) -> Call | None:
-    """Carry out an instruction (`Alias`, `ForgetVisitor`, `Purge`) or put a call's
-    anonymous id through the aliases learned so far."""
-    if isinstance(item, Purge):
-        await _purge_prefixes(cur, source, item, now)
-        return None
-    if isinstance(item, About):  # a link, written with the others
-        return None
-    if isinstance(item, Alias):
-        target = await _target(cur, item.anonymous_id)
-        if target != item.alias:
-            await cur.execute(
-                "INSERT INTO aliases (alias, anonymous_id) VALUES (%s, %s) ON CONFLICT (alias)"
-                " DO UPDATE SET anonymous_id = excluded.anonymous_id",
-                (item.alias, target),
-            )
-        return None
-    if isinstance(item, ForgetVisitor):
-        target = await _target(cur, item.anonymous_id)
-        known = await _one(cur, "SELECT user_id FROM identities WHERE anonymous_id = %s", (target,))
-        if known is not None:
-            return Forget(user_id=known)
-        # No user to forget at Millimetric; what is stored about the visitor goes.
-        visitors = sorted({hash_subject(item.anonymous_id), hash_subject(target)})
-        await cur.execute(_DROP_LINKED_RAW, (visitors,))
-        return None
-    if isinstance(item, Forget) or not item.anonymous_id:
-        return item
-    target = await _target(cur, item.anonymous_id)
-    return (
-        item if target == item.anonymous_id else msgspec.structs.replace(item, anonymous_id=target)
-    )
-
-
 async def _target(cur: Cursor, anonymous_id: str) -> str:
     found = await _one(cur, "SELECT anonymous_id FROM aliases WHERE alias = %s", (anonymous_id,))
     return str(found) if found is not None else anonymous_id
-
-
-async def _insert(
-    cur: Cursor, inbox_id: int | None, call: Call, event_id: str | None, now: float
-) -> None:
-    await cur.execute(
-        # A call already queued or sent under its key is not queued again.
-        "INSERT INTO outbox (inbox_id, route, subject, visitor, event_id, body, created_at,"
-        " next_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-        (
-            inbox_id,
-            route_of(call),
-            subject_of(call),
-            visitor_of(call),
-            event_id,
-            _encoder.encode(call),
-            now,
-            now,
-        ),
-    )
-
-
-async def _identity(
-    cur: Cursor, call: Track | Identify, known: str | None, identified: set[tuple[str | None, str]]
-) -> tuple[Call | None, Identify | None]:
-    """The call with what is known about its visitor (`known`: the user id learned for its
-    anonymous id), and an identify to send first when this call teaches a new link (as in
-    the SQLite backend)."""
-    if not call.anonymous_id:
-        return call, None
-    if isinstance(call, Identify) and not call.traits and known == call.user_id:
-        return None, None  # the link is known and was sent: identify once
-    if call.user_id is None:
-        if known is not None and isinstance(call, Track):
-            return msgspec.structs.replace(call, user_id=known), None
-        return call, None
-    if known == call.user_id:
-        return call, None
-    await cur.execute(
-        "INSERT INTO identities (anonymous_id, user_id, subject) VALUES (%s, %s, %s)"
-        " ON CONFLICT (anonymous_id) DO UPDATE SET user_id = excluded.user_id,"
-        " subject = excluded.subject",
-        (call.anonymous_id, call.user_id, hash_subject(call.user_id)),
-    )
-    pair = (call.anonymous_id, call.user_id)
-    if pair in identified:
-        return call, None
-    identified.add(pair)
-    return call, Identify(user_id=call.user_id, anonymous_id=call.anonymous_id)
 
 
 async def _link(cur: Cursor, linked: Sequence[tuple[int, set[str]]]) -> None:

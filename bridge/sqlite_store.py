@@ -30,7 +30,8 @@ import msgspec
 import structlog
 
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.events import About, Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
+from bridge.events import Forget, ForgetVisitor, Purge
+from bridge.identity import Known, Planned, Row, plan, plannable, wanted
 from bridge.store import (
     BACKLOG_SQL,
     DELIVERED_SQL,
@@ -582,7 +583,16 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
     inbox_id = _append(conn, delivery, "translated")
     if inbox_id is None:
         return "duplicate"
-    _write_calls(conn, inbox_id, delivery, delivery.calls, delivery.received_at)
+    planned = Planned(
+        inbox_id=inbox_id,
+        source=delivery.source,
+        provider_event_id=delivery.provider_event_id,
+        outputs=delivery.calls,
+    )
+    if plannable(planned.outputs):
+        _write_plan(conn, [planned], delivery.received_at)
+    else:
+        _write_calls(conn, planned, delivery.received_at)
     return "accepted"
 
 
@@ -590,6 +600,7 @@ def _record(conn: sqlite3.Connection, translations: Sequence[Translation], now: 
     """Whether anything stored was erased (a forget, a purge, or a delivery about a
     forgotten user): the WAL's old frames still hold it."""
     erased = False
+    run: list[Planned] = []
     for translation in translations:
         stored = translation.delivery
         claimed = conn.execute(
@@ -602,90 +613,139 @@ def _record(conn: sqlite3.Connection, translations: Sequence[Translation], now: 
                 stored.id,
             ),
         ).rowcount
-        if claimed and translation.failure is None:
-            delivery = Delivery(
-                source=stored.source,
-                provider_event_id=stored.provider_event_id,
-                received_at=stored.received_at,
+        if not claimed or translation.failure is not None:
+            continue
+        planned = Planned(
+            inbox_id=stored.id,
+            source=stored.source,
+            provider_event_id=stored.provider_event_id,
+            outputs=translation.outputs,
+        )
+        if plannable(translation.outputs):
+            run.append(planned)
+            continue
+        erased = _write_plan(conn, run, now) or erased
+        run = []
+        erased = _write_calls(conn, planned, now) or erased
+    return _write_plan(conn, run, now) or erased
+
+
+def _write_calls(conn: sqlite3.Connection, delivery: Planned, now: float) -> bool:
+    """A delivery that erases, alone: its links, its erasures (`Purge`, `ForgetVisitor`,
+    `Forget`), then its other calls as planned; whether anything stored was erased."""
+    _link(conn, [(delivery.inbox_id, links(delivery.outputs))])
+    erased = False
+    for index, item in enumerate(delivery.outputs):
+        forget: Forget | None = None
+        if isinstance(item, Purge):
+            _purge_prefixes(conn, delivery.source, item, now)
+        elif isinstance(item, ForgetVisitor):
+            target = _target(conn, item.anonymous_id)
+            known = conn.execute(
+                "SELECT user_id FROM identities WHERE anonymous_id = ?", (target,)
+            ).fetchone()
+            if known:
+                forget = Forget(user_id=known[0])
+                _link(conn, [(delivery.inbox_id, {hash_subject(known[0])})])
+            else:  # no user to forget at Millimetric; what is stored about the visitor goes
+                for visitor in {item.anonymous_id, target}:
+                    conn.execute(_DROP_LINKED_RAW, (hash_subject(visitor),))
+        elif isinstance(item, Forget):
+            forget = item
+        else:
+            continue
+        erased = True
+        if forget is not None:
+            _forget(conn, forget.user_id, declared(delivery.outputs), now)
+            _, key = with_event_id(forget, delivery.source, delivery.provider_event_id, index)
+            _queue(conn, [Row(inbox_id=delivery.inbox_id, call=forget, event_id=key)], now)
+    return _write_plan(conn, [delivery], now) or erased
+
+
+def _write_plan(conn: sqlite3.Connection, run: Sequence[Planned], now: float) -> bool:
+    """Many deliveries' calls (`bridge.identity`): what is known of their visitors and
+    users read in a few statements, the plan written in a few more; whether a delivery's
+    raw body was dropped (about a forgotten user)."""
+    if not run:
+        return False
+    visitors, subjects = wanted(run)
+    known = Known()
+    for chunk in _chunks(visitors):
+        known.targets.update(
+            conn.execute(
+                f"SELECT alias, anonymous_id FROM aliases WHERE alias IN ({_marks(chunk)})", chunk
+            ).fetchall()
+        )
+    for chunk in _chunks(sorted({*visitors, *known.targets.values()})):
+        known.users.update(
+            conn.execute(
+                "SELECT anonymous_id, user_id FROM identities"
+                f" WHERE anonymous_id IN ({_marks(chunk)})",
+                chunk,
+            ).fetchall()
+        )
+    for chunk in _chunks(subjects):
+        known.forgotten.update(
+            subject
+            for (subject,) in conn.execute(
+                f"SELECT subject FROM forgotten WHERE subject IN ({_marks(chunk)})", chunk
             )
-            erased = _write_calls(conn, stored.id, delivery, translation.outputs, now) or erased
-    return erased
+        )
+    planned = plan(run, known)
+    conn.executemany(
+        "INSERT INTO aliases (alias, anonymous_id) VALUES (?, ?)"
+        " ON CONFLICT (alias) DO UPDATE SET anonymous_id = excluded.anonymous_id",
+        sorted(planned.aliases.items()),
+    )
+    conn.executemany(
+        "INSERT INTO identities (anonymous_id, user_id, subject) VALUES (?, ?, ?)"
+        " ON CONFLICT (anonymous_id) DO UPDATE SET user_id = excluded.user_id,"
+        " subject = excluded.subject",
+        [
+            (visitor, user, hash_subject(user))
+            for visitor, user in sorted(planned.identities.items())
+        ],
+    )
+    _link(conn, planned.links)
+    _queue(conn, planned.rows, now)
+    conn.executemany(
+        "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ?",
+        [(inbox_id,) for inbox_id in planned.emptied],
+    )
+    return bool(planned.emptied)
 
 
-def _write_calls(
-    conn: sqlite3.Connection,
-    inbox_id: int,
-    delivery: Delivery,
-    outputs: Sequence[Output],
-    now: float,
-) -> bool:
-    """Carry out a stored delivery's instructions and queue its calls, with what is known
-    about their users; whether anything stored was erased."""
-    erased = any(isinstance(item, Forget | ForgetVisitor | Purge) for item in outputs)
-    resolved = [_resolve(conn, delivery.source, item, now) for item in outputs]
+def _queue(conn: sqlite3.Connection, rows: Sequence[Row], now: float) -> None:
+    conn.executemany(
+        # A call already queued or sent under its key is not queued again.
+        "INSERT INTO outbox (inbox_id, route, subject, visitor, event_id, body, created_at,"
+        " next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        [
+            (
+                row.inbox_id,
+                route_of(row.call),
+                subject_of(row.call),
+                visitor_of(row.call),
+                row.event_id,
+                _encoder.encode(row.call),
+                now,
+                now,
+            )
+            for row in rows
+        ],
+    )
+
+
+def _link(conn: sqlite3.Connection, linked: Sequence[tuple[int, set[str]]]) -> None:
+    """Record who each delivery is about (`links`), for erasure."""
     conn.executemany(
         "INSERT OR IGNORE INTO inbox_subjects (subject, inbox_id) VALUES (?, ?)",
-        [(subject, inbox_id) for subject in links([*outputs, *resolved])],
+        [(subject, inbox_id) for inbox_id, subjects in linked for subject in subjects],
     )
-    identified = {(c.anonymous_id, c.user_id) for c in resolved if isinstance(c, Identify)}
-    for index, given in enumerate(resolved):
-        call: Call | None = given
-        if given is None:  # an instruction, carried out
-            continue
-        if isinstance(given, Forget):
-            _forget(conn, given.user_id, declared(outputs), now)
-        elif _is_forgotten(conn, subject_of(given)):
-            # About a forgotten user: never stored, never sent, and its raw body not kept.
-            conn.execute(
-                "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ?", (inbox_id,)
-            )
-            erased = True
-            continue
-        else:
-            call, learned = _identity(conn, given, identified)
-            if learned is not None:
-                _insert(conn, inbox_id, learned, None, now)
-        if call is None:  # an identify of a link already sent
-            continue
-        call, event_id = with_event_id(call, delivery.source, delivery.provider_event_id, index)
-        _insert(conn, inbox_id, call, event_id, now)
-    return erased
 
 
-def _resolve(conn: sqlite3.Connection, source: str, item: Output, now: float) -> Call | None:
-    """Carry out an instruction (`Alias`, `ForgetVisitor`, `Purge`) or put a call's
-    anonymous id through the aliases learned so far."""
-    if isinstance(item, Purge):
-        _purge_prefixes(conn, source, item, now)
-        return None
-    if isinstance(item, About):  # a link, written with the others
-        return None
-    if isinstance(item, Alias):
-        target = _target(conn, item.anonymous_id)
-        if target != item.alias:
-            conn.execute(
-                "INSERT INTO aliases (alias, anonymous_id) VALUES (?, ?) ON CONFLICT (alias)"
-                " DO UPDATE SET anonymous_id = excluded.anonymous_id",
-                (item.alias, target),
-            )
-        return None
-    if isinstance(item, ForgetVisitor):
-        target = _target(conn, item.anonymous_id)
-        known = conn.execute(
-            "SELECT user_id FROM identities WHERE anonymous_id = ?", (target,)
-        ).fetchone()
-        if known:
-            return Forget(user_id=known[0])
-        # No user to forget at Millimetric; what is stored about the visitor goes.
-        for visitor in {item.anonymous_id, target}:
-            conn.execute(_DROP_LINKED_RAW, (hash_subject(visitor),))
-        return None
-    if isinstance(item, Forget) or not item.anonymous_id:
-        return item
-    target = _target(conn, item.anonymous_id)
-    return (
-        item if target == item.anonymous_id else msgspec.structs.replace(item, anonymous_id=target)
-    )
+def _chunks(values: Sequence[str], size: int = 500) -> list[Sequence[str]]:
+    return [values[start : start + size] for start in range(0, len(values), size)]
 
 
 def _target(conn: sqlite3.Connection, anonymous_id: str) -> str:
@@ -693,65 +753,6 @@ def _target(conn: sqlite3.Connection, anonymous_id: str) -> str:
         "SELECT anonymous_id FROM aliases WHERE alias = ?", (anonymous_id,)
     ).fetchone()
     return str(row[0]) if row else anonymous_id
-
-
-def _is_forgotten(conn: sqlite3.Connection, subject: str | None) -> bool:
-    return subject is not None and bool(
-        conn.execute("SELECT 1 FROM forgotten WHERE subject = ?", (subject,)).fetchone()
-    )
-
-
-def _insert(
-    conn: sqlite3.Connection, inbox_id: int | None, call: Call, event_id: str | None, now: float
-) -> None:
-    conn.execute(
-        # A call already queued or sent under its key is not queued again.
-        "INSERT INTO outbox (inbox_id, route, subject, visitor, event_id, body, created_at,"
-        " next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-        (
-            inbox_id,
-            route_of(call),
-            subject_of(call),
-            visitor_of(call),
-            event_id,
-            _encoder.encode(call),
-            now,
-            now,
-        ),
-    )
-
-
-def _identity(
-    conn: sqlite3.Connection, call: Call, identified: set[tuple[str | None, str]]
-) -> tuple[Call | None, Identify | None]:
-    """The call with what is known about its visitor, and an identify to send first when
-    this call teaches a new link. A user id learned earlier for an anonymous id goes on
-    later calls; a new link is sent once as identify, unless the delivery identifies the
-    pair itself."""
-    if isinstance(call, Forget) or not call.anonymous_id:
-        return call, None
-    known = conn.execute(
-        "SELECT user_id FROM identities WHERE anonymous_id = ?", (call.anonymous_id,)
-    ).fetchone()
-    if isinstance(call, Identify) and not call.traits and known and known[0] == call.user_id:
-        return None, None  # the link is known and was sent: identify once
-    if call.user_id is None:
-        if known and isinstance(call, Track):
-            return msgspec.structs.replace(call, user_id=known[0]), None
-        return call, None
-    if known is not None and known[0] == call.user_id:
-        return call, None
-    conn.execute(
-        "INSERT INTO identities (anonymous_id, user_id, subject) VALUES (?, ?, ?)"
-        " ON CONFLICT (anonymous_id) DO UPDATE SET user_id = excluded.user_id,"
-        " subject = excluded.subject",
-        (call.anonymous_id, call.user_id, hash_subject(call.user_id)),
-    )
-    pair = (call.anonymous_id, call.user_id)
-    if pair in identified:
-        return call, None
-    identified.add(pair)
-    return call, Identify(user_id=call.user_id, anonymous_id=call.anonymous_id)
 
 
 def _forget(conn: sqlite3.Connection, user_id: str, beside: list[str], now: float) -> None:
