@@ -1,9 +1,11 @@
 """The app's health routes, served for real, with the store and forwarder in its lifespan;
-its one error mapping, whose last resort answers a bug 503 (logged and counted by type),
-and the HTTP metrics, which count every answer under the status sent."""
+its one error mapping, whose last resort answers a bug 503 (logged and counted by type);
+a handler's bug in translation, which quarantines the delivery (logged and counted by
+kind); and the HTTP metrics, which count every answer under the status sent."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -25,7 +27,7 @@ from bridge.plugin import Sample, SignatureScheme, WebhookRequest
 from bridge.registry import load_handlers, load_sources
 from bridge.sink import SinkState, create_sink_app
 from bridge.testing import TEST_SECRET, sign
-from tests.conftest import RunningSink, ServerThread
+from tests.conftest import RunningSink, ServerThread, translated
 
 
 def test_healthz_and_readyz(sink: RunningSink, tmp_path: Path) -> None:
@@ -131,9 +133,10 @@ BROKEN = BrokenHandler()
 
 
 class Broken:
-    def __init__(self, url: str, app: Litestar) -> None:
+    def __init__(self, url: str, app: Litestar, database: Path) -> None:
         self.url = url
         self.app = app
+        self.database = database
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +157,7 @@ def broken(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broken]:
         sources = load_sources(env, {"stripe": STRIPE, "broken": BROKEN})
         app = create_app(load_settings(env), sources=sources)
         with ServerThread(app) as server:
-            yield Broken(server.url, app)
+            yield Broken(server.url, app, tmp / "bridge.db")
 
 
 def event(n: str) -> bytes:
@@ -194,13 +197,14 @@ def http_requests(status: int) -> tuple[str, ...]:
     )
 
 
-@pytest.mark.parametrize("stage", ["verify", "parse", "delivery_id", "translate"])
-def test_a_handler_that_raises_is_503_logged_and_counted_by_type_alone(
+@pytest.mark.parametrize("stage", ["verify", "delivery_id"])
+def test_a_handler_that_raises_before_the_delivery_is_stored_is_503_logged_and_counted_by_type(
     broken: Broken, stage: str
 ) -> None:
-    # A bug in a plugin must not be a bare 500 with nothing said: 503, so that the
-    # provider retries and nothing is lost once it is fixed, one log line and a metric
-    # naming the exception's type, and never its text, which here quotes the payload.
+    # A bug in a plugin's scheme or delivery_id (all the intake runs) must not be a bare
+    # 500 with nothing said: 503, so that the provider retries and nothing is lost once it
+    # is fixed, one log line and a metric naming the exception's type, and never its text,
+    # which here quotes the payload.
     body = event(f"broken-{stage}")
     BROKEN.armed = stage
     try:
@@ -243,15 +247,86 @@ def test_a_handler_that_raises_is_503_logged_and_counted_by_type_alone(
     assert retried.json() == {"ok": True, "result": "accepted"}
 
 
+def inbox_id(database: Path, provider_event_id: str) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        (found,) = db.execute(
+            "SELECT id FROM inbox WHERE provider_event_id = ?", (provider_event_id,)
+        ).fetchone()
+    return int(found)
+
+
+def outbox_rows(database: Path, provider_event_id: str) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        (count,) = db.execute(
+            "SELECT COUNT(*) FROM outbox JOIN inbox ON inbox.id = outbox.inbox_id"
+            " WHERE inbox.provider_event_id = ?",
+            (provider_event_id,),
+        ).fetchone()
+    return int(count)
+
+
+@pytest.mark.parametrize("stage", ["parse", "translate"])
+def test_a_handler_that_raises_in_translation_quarantines_logged_and_counted_by_kind(
+    broken: Broken, stage: str
+) -> None:
+    # The intake no longer runs parse or translate: the verified delivery is taken, and
+    # the bug goes off in the translate stage, which quarantines the delivery with the
+    # exception's type (and text, stored for the operator) instead of losing it or holding
+    # up the deliveries after it. One log line and a metric say the kind ("handler"),
+    # never the text, which here quotes the payload.
+    body = event(f"broken-{stage}")
+    delivery = f"evt_broken-{stage}"
+    BROKEN.armed = stage
+    try:
+        before = samples(broken.url)
+        with capture_logs() as lines:
+            answer = httpx.post(
+                f"{broken.url}/webhooks/broken", content=body, headers=sign(BROKEN, body)
+            )
+            state, reason = translated(broken.database, delivery)
+        after = samples(broken.url)
+    finally:
+        BROKEN.armed = None
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"ok": True, "result": "accepted"}
+    assert state == "quarantined"
+    assert reason is not None
+    assert reason.startswith("handler: KeyError"), reason
+    assert MARKER in reason  # kept for the operator (`outbox dead`), shown nowhere else
+    assert outbox_rows(broken.database, delivery) == 0
+    (line,) = [line for line in lines if line["event"] == "delivery quarantined"]
+    assert line["log_level"] == "warning"
+    assert (line["source"], line["delivery"], line["reason"]) == ("broken", delivery, "handler")
+    assert MARKER not in json.dumps(lines, default=str) + answer.text
+    assert MARKER not in httpx.get(f"{broken.url}/metrics").text
+    assert grew(before, after) >= {
+        ("bridge_translate_failures_total", "reason=handler", "source=broken"),
+        http_requests(200),
+    }
+    # Fixed, the stored delivery is translated again and its call queued.
+    from click.testing import CliRunner
+
+    from bridge.cli import main
+
+    done = CliRunner().invoke(
+        main,
+        ["outbox", "retranslate", "--id", str(inbox_id(broken.database, delivery))],
+        env={"BRIDGE_DATABASE_URL": f"sqlite:///{broken.database}"},
+    )
+    assert done.exit_code == 0, done.output
+    assert translated(broken.database, delivery) == ("translated", None)
+    assert outbox_rows(broken.database, delivery) == 1
+
+
 def test_a_store_that_raises_outside_the_error_tree_is_503(
     broken: Broken, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = broken.app.state.store
 
-    async def accept(delivery: Any) -> Any:
+    async def append(delivery: Any) -> Any:
         raise sqlite3.InterfaceError(MARKER)
 
-    monkeypatch.setattr(store, "accept", accept)
+    monkeypatch.setattr(store, "append", append)
     body = event("store-raises")
     with capture_logs() as lines:
         answer = httpx.post(
@@ -321,7 +396,7 @@ def test_http_metrics_count_each_refusal_under_the_status_sent(broken: Broken) -
         counted = grew(before, samples(broken.url))
         assert http_requests(status) in counted, status
         assert http_requests(200) not in counted, status
-    BROKEN.armed = "translate"
+    BROKEN.armed = "delivery_id"  # a bug the intake meets (translation's come after a 200)
     try:
         before = samples(broken.url)
         answer = httpx.post(

@@ -29,7 +29,7 @@ from bridge.registry import check_handler, load_sources
 from bridge.store import Delivery, open_store
 from bridge.testing import TEST_SECRET, Translated, run_handler, signed_request
 from handlers.shopify import handler
-from tests.conftest import RunningSink, ServerThread
+from tests.conftest import RunningSink, ServerThread, translated
 
 FIXTURES = Path(__file__).parent / "fixtures" / "shopify"
 SIGNATURES = json.loads((FIXTURES / "signatures.example.json").read_text())
@@ -632,11 +632,29 @@ class Bridge:
         found: dict[str, Any] = httpx.get(f"{self.sink.url}/_sink/stats").json()
         return found
 
+    def taken(
+        self, topic: str, delivery: str, *, event: str | None = None, shop: str = SHOP
+    ) -> tuple[str, str | None]:
+        """Once the translate stage has taken a delivery posted with `post`: its state
+        (`translated` or `quarantined`) and the quarantine's reason."""
+        return translated(self.database, stored_id(topic, delivery, event, shop))
+
+    def calls_of(
+        self, topic: str, delivery: str, *, event: str | None = None, shop: str = SHOP
+    ) -> int:
+        """The outbox rows a delivery posted with `post` became, whatever their state."""
+        return calls(self, stored_id(topic, delivery, event, shop))
+
     def inbox(self) -> list[tuple[str, bool]]:
         """The stored deliveries' ids, and whether each still has its raw body."""
         with closing(sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)) as db:
             rows = db.execute("SELECT provider_event_id, raw_body IS NOT NULL FROM inbox")
             return sorted((str(found), bool(kept)) for found, kept in rows)
+
+
+def stored_id(topic: str, delivery: str, event: str | None = None, shop: str = SHOP) -> str:
+    """The delivery id the handler reads from `Bridge.post`'s headers."""
+    return f"{shop}:{topic}:{event or f'webhook-{delivery}'}"
 
 
 @pytest.fixture
@@ -699,15 +717,16 @@ def test_one_order_is_one_purchase_and_one_order_placed_then_redact_forgets(
     ]
     assert len(calls) == 3
 
-    # The same order under a new delivery (say a second subscription) still counts once.
+    # The same order under a new delivery (say a second subscription) still counts once:
+    # its purchase has the same event_id, so no second call is even queued.
     assert bridge.post("orders/paid", order(), "p2", event="e-other").json()["result"] == (
         "accepted"
     )
-    deadline = time.monotonic() + 10
-    while bridge.stats()["duplicates"] < 1:
-        assert time.monotonic() < deadline, "the second purchase never reached the sink"
-        time.sleep(0.05)
+    assert bridge.taken("orders/paid", "p2", event="e-other") == ("translated", None)
+    assert bridge.calls_of("orders/paid", "p2", event="e-other") == 0
+    time.sleep(0.5)  # anything sent would have arrived by now
     assert [c["event"] for c in bridge.events() if c["route"] == "track"].count("purchase") == 1
+    assert bridge.stats()["duplicates"] == 0
 
     redact = fixture("customers_redact", customer={"id": CUSTOMER_ID, "email": "j@example.com"})
     assert bridge.post("customers/redact", redact, "r1").json()["result"] == "accepted"
@@ -715,16 +734,18 @@ def test_one_order_is_one_purchase_and_one_order_placed_then_redact_forgets(
     # Nothing about the forgotten customer is forwarded afterwards.
     later = order(id=ORDER_ID + 1)
     assert bridge.post("orders/paid", later, "p3").json()["result"] == "accepted"
-    time.sleep(0.5)
+    assert bridge.taken("orders/paid", "p3")[0] == "translated"
+    time.sleep(0.5)  # anything sent would have arrived by now
     assert len(bridge.events()) == 4
 
 
-def test_a_captured_body_under_another_topic_or_shop_is_refused_and_stores_nothing(
+def test_a_captured_body_under_another_topic_or_shop_is_quarantined_and_sends_nothing(
     bridge: Bridge,
 ) -> None:
     """The reproductions: one signed body, re-sent with other headers, became a purchase,
-    a customer's erasure or a redact of another shop. Each is now a 400, leaves the inbox
-    as it was, and sends nothing."""
+    a customer's erasure or a redact of another shop. Each is now stored (validly signed,
+    it is never refused for its content) and quarantined by its handler, purges nothing,
+    and sends nothing."""
     paid = order()
     assert bridge.post("orders/paid", paid, "p1").json()["result"] == "accepted"
     assert bridge.post("orders/paid", paid, "p1", shop=OTHER_SHOP).json()["result"] == (
@@ -747,15 +768,29 @@ def test_a_captured_body_under_another_topic_or_shop_is_refused_and_stores_nothi
     ]
     for n, (topic, body, shop) in enumerate(replays):
         answer = bridge.post(topic, body, f"replay-{n}", shop=shop)
-        assert answer.status_code == 400, (topic, shop)
-        assert answer.json()["error"] == "invalid_payload"
-    assert bridge.inbox() == stored  # nothing stored, nothing purged: raw bodies kept
-    assert all(kept for _, kept in stored)
+        assert answer.status_code == 200, (topic, shop)
+        assert answer.json() == {"ok": True, "result": "accepted"}
+    for n, (topic, _, shop) in enumerate(replays):
+        state, reason = bridge.taken(topic, f"replay-{n}", shop=shop)
+        assert state == "quarantined", (topic, shop)
+        assert reason is not None, (topic, shop)
+        assert reason.startswith("payload: "), (topic, shop, reason)
+        assert bridge.calls_of(topic, f"replay-{n}", shop=shop) == 0, (topic, shop)
+    # Nothing purged: the genuine deliveries are there with their raw bodies, beside the
+    # quarantined ones (kept whole, to translate again once understood).
+    inbox = bridge.inbox()
+    assert set(stored) <= set(inbox)
+    assert len(inbox) == len(stored) + len(replays)
+    assert all(kept for _, kept in inbox)
+    assert bridge.taken("orders/paid", "p1") == ("translated", None)
+    assert bridge.taken("orders/paid", "p1", shop=OTHER_SHOP) == ("translated", None)
 
     # An unpaid order's body re-sent as orders/paid is taken, but is no purchase.
     pending = order(id=ORDER_ID + 1, financial_status="pending")
     assert bridge.post("orders/create", pending, "c2").json()["result"] == "accepted"
-    assert bridge.post("orders/paid", pending, "p2").json()["result"] == "ignored"
+    assert bridge.post("orders/paid", pending, "p2").json()["result"] == "accepted"
+    assert bridge.taken("orders/paid", "p2") == ("translated", None)
+    assert bridge.calls_of("orders/paid", "p2") == 0
 
     calls = bridge.arrived(4)  # the purchase, the order placed, and their identifies
     assert not [c for c in calls if c["route"] == "forget"]
@@ -767,18 +802,19 @@ def test_a_captured_body_under_another_topic_or_shop_is_refused_and_stores_nothi
     # The order's shop header still names whose customer it is (docs/handlers.md).
     identified = {c["user_id"] for c in calls if c["route"] == "identify"}
     assert identified == {USER, f"shopify:{OTHER_SHOP}:{CUSTOMER_ID}"}
-    # The other shop's copy of the purchase has the same event_id: a duplicate, not revenue.
-    deadline = time.monotonic() + 10
-    while bridge.stats()["duplicates"] < 1:
-        assert time.monotonic() < deadline, "the copy of the purchase never reached the sink"
-        time.sleep(0.05)
+    # The other shop's copy of the purchase has the same event_id: not queued again, so
+    # not sent again, and never revenue twice.
+    assert bridge.calls_of("orders/paid", "p1", shop=OTHER_SHOP) == 1  # its identify alone
     assert [c["event"] for c in bridge.events() if c["route"] == "track"].count("purchase") == 1
+    assert bridge.stats()["duplicates"] == 0
 
 
 def test_shopifys_own_signed_examples_through_the_app(bridge: Bridge) -> None:
-    """The recorded bytes and headers, with their client secret: the test orders are
-    knowingly ignored, the privacy topics acknowledged, a tampered body refused."""
+    """The recorded bytes and headers, with their client secret: every one is taken, the
+    test orders knowingly become nothing, the privacy examples (whose body names a
+    placeholder shop) are quarantined, a tampered body refused."""
     answers = {}
+    taken = {}
     for name, recorded in SIGNATURES["files"].items():
         body = (FIXTURES / name).read_bytes()
         sent = {**recorded, "X-Shopify-Webhook-Id": f"recorded-{name}"}
@@ -789,24 +825,42 @@ def test_shopifys_own_signed_examples_through_the_app(bridge: Bridge) -> None:
         sent["X-Shopify-Hmac-Sha256"] = base64.b64encode(mac).decode()
         answer = httpx.post(f"{bridge.url}/webhooks/shopify", content=body, headers=sent)
         found = answer.json()
-        answers[recorded["X-Shopify-Topic"]] = found.get("result") or found["error"]
+        topic = recorded["X-Shopify-Topic"]
+        answers[topic] = found.get("result") or found["error"]
+        delivery = handler.delivery_id(request(body, sent))
+        state, reason = translated(bridge.database, delivery)
+        taken[topic] = (state, reason and reason.partition(": ")[0], calls(bridge, delivery))
         tampered = body.replace(b"john@example.com", b"jane@example.com")
         if tampered != body:
             refused = httpx.post(f"{bridge.url}/webhooks/shopify", content=tampered, headers=sent)
             assert refused.status_code == 401
-    assert answers == {
-        "orders/create": "ignored",  # test orders, and the source does not include them
-        "orders/paid": "ignored",
-        "refunds/create": "accepted",
-        "customers/create": "accepted",
+    assert answers == {topic: "accepted" for topic in taken}  # verified: all taken
+    assert taken == {
+        # test orders, and the source does not include them: translated to no call
+        "orders/create": ("translated", None, 0),
+        "orders/paid": ("translated", None, 0),
+        "refunds/create": ("translated", None, 1),
+        "customers/create": ("translated", None, 1),
         # The privacy examples name the placeholder "{shop}.myshopify.com", not the
-        # recorded header's shop: the signed body and the header disagree, so refused.
-        "customers/redact": "invalid_payload",
-        "customers/data_request": "invalid_payload",
-        "shop/redact": "invalid_payload",
+        # recorded header's shop: the signed body and the header disagree, so quarantined.
+        "customers/redact": ("quarantined", "payload", 0),
+        "customers/data_request": ("quarantined", "payload", 0),
+        "shop/redact": ("quarantined", "payload", 0),
     }
     routes = sorted(c["route"] for c in bridge.arrived(2))
     assert routes == ["identify", "track"]
+
+
+def calls(bridge: Bridge, delivery: str) -> int:
+    """The outbox rows a stored delivery (by its delivery id) became, whatever their
+    state."""
+    with closing(sqlite3.connect(f"file:{bridge.database}?mode=ro", uri=True)) as db:
+        (count,) = db.execute(
+            "SELECT COUNT(*) FROM outbox JOIN inbox ON inbox.id = outbox.inbox_id"
+            " WHERE inbox.provider_event_id = ?",
+            (delivery,),
+        ).fetchone()
+    return int(count)
 
 
 def test_a_delivery_is_stored_with_the_headers_its_translation_reads(bridge: Bridge) -> None:
@@ -825,12 +879,20 @@ def test_a_delivery_is_stored_with_the_headers_its_translation_reads(bridge: Bri
     assert stored["x-shopify-event-id"] == "evt-kept"
 
 
-def test_malformed_and_unsigned_deliveries_are_refused(bridge: Bridge) -> None:
-    assert bridge.post("orders/paid", b"{not json", "m1").status_code == 400
+def test_malformed_deliveries_are_quarantined_and_unsigned_ones_refused(bridge: Bridge) -> None:
+    # Signed, so taken (the delivery id is in the headers): their handler cannot read
+    # them, so they are quarantined and nothing of them is queued or sent.
+    assert bridge.post("orders/paid", b"{not json", "m1").json()["result"] == "accepted"
     no_money = order(total_price_set={"shop_money": {"amount": "1.005", "currency_code": "USD"}})
     answer = bridge.post("orders/paid", no_money, "m2")
-    assert answer.status_code == 400
-    assert answer.json()["error"] == "invalid_payload"
+    assert answer.status_code == 200
+    assert answer.json()["result"] == "accepted"
+    for delivery in ("m1", "m2"):
+        state, reason = bridge.taken("orders/paid", delivery)
+        assert state == "quarantined", delivery
+        assert reason is not None
+        assert reason.startswith("payload: "), reason
+        assert bridge.calls_of("orders/paid", delivery) == 0
     unsigned = httpx.post(
         f"{bridge.url}/webhooks/shopify",
         content=msgspec.json.encode(order()),
@@ -838,6 +900,10 @@ def test_malformed_and_unsigned_deliveries_are_refused(bridge: Bridge) -> None:
     )
     assert unsigned.status_code == 401
     assert bridge.post("orders/paid", order(), "m3", secret="not the secret").status_code == 401
+    assert [found for found, _ in bridge.inbox()] == [
+        stored_id("orders/paid", "m1"),
+        stored_id("orders/paid", "m2"),
+    ]
     assert httpx.get(f"{bridge.url}/readyz").json()["pending"] == 0
     assert bridge.stats()["received"] == 0
 
@@ -857,6 +923,9 @@ async def test_shop_redact_purges_that_shop_and_nothing_else(tmp_path: Path) -> 
     """Orders of two shops, one delivered and one waiting each; the first shop's redact
     leaves no raw payload, call or learned identity of it in the SQLite file."""
     other = "other-shop.myshopify.com"
+    # Shopify's ids are global: the other shop's orders are others (and so are their
+    # event_ids, of which the outbox holds one row each).
+    first = {SHOP: ORDER_ID, other: ORDER_ID + 10}
     store = open_store(f"sqlite:///{tmp_path}/bridge.db")
     await store.open()
 
@@ -874,11 +943,11 @@ async def test_shop_redact_purges_that_shop_and_nothing_else(tmp_path: Path) -> 
 
     try:
         for shop in (SHOP, other):
-            await deliver("orders/paid", order(), "sent", shop)
+            await deliver("orders/paid", order(id=first[shop]), "sent", shop)
         sent = await store.claim("track", 100, 1 << 20, time.time())
         await store.delivered([row.id for row in sent], time.time())
         for shop in (SHOP, other):
-            await deliver("orders/paid", order(id=ORDER_ID + 1), "waiting", shop)
+            await deliver("orders/paid", order(id=first[shop] + 1), "waiting", shop)
         await deliver("shop/redact", fixture("shop_redact", shop_domain=SHOP), "redact", SHOP)
     finally:
         await store.close()
@@ -893,7 +962,7 @@ async def test_shop_redact_purges_that_shop_and_nothing_else(tmp_path: Path) -> 
     assert all(other.encode() in body or b"browser-123" in body for body in raw)
     # The other shop keeps both its orders, the delivered one and the waiting one.
     orders = [c["properties"]["order_id"] for c in calls if c.get("event") == "purchase"]
-    assert sorted(orders) == [str(ORDER_ID), str(ORDER_ID + 1)]
+    assert sorted(orders) == [str(first[other]), str(first[other] + 1)]
     assert all(c["user_id"] == f"shopify:{other}:{CUSTOMER_ID}" for c in calls)
 
 
@@ -906,13 +975,16 @@ def test_customers_redact_erases_every_order_of_the_customer_paid_or_not(
     theirs = {"id": CUSTOMER_ID + 1, "email": "keep.me@example.org"}
     pending = order(id=ORDER_ID + 1, financial_status="pending", customer=mine)
     assert bridge.post("orders/create", order(customer=mine), "c1").status_code == 200
-    assert bridge.post("orders/paid", pending, "p0").json()["result"] == "ignored"
+    assert bridge.post("orders/paid", pending, "p0").json()["result"] == "accepted"
     assert bridge.post("orders/paid", order(customer=mine), "p1").status_code == 200
     other = bridge.post("orders/paid", order(id=ORDER_ID + 2, customer=theirs), "p2")
     assert other.json()["result"] == "accepted"
     assert [kept for _, kept in bridge.inbox()] == [True] * 4
     redact = fixture("customers_redact", customer={"id": CUSTOMER_ID})
     assert bridge.post("customers/redact", redact, "r1").status_code == 200
+    assert bridge.taken("orders/paid", "p0") == ("translated", None)
+    assert bridge.calls_of("orders/paid", "p0") == 0  # no call at all
+    assert bridge.taken("customers/redact", "r1") == ("translated", None)
     with closing(sqlite3.connect(f"file:{bridge.database}?mode=ro", uri=True)) as db:
         raw = [body for (body,) in db.execute("SELECT raw_body FROM inbox") if body]
     assert len(raw) == 1

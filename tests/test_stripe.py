@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from bridge.config import load_settings
 from bridge.errors import SignatureInvalid
 from bridge.plugin import WebhookRequest
 from handlers.stripe import handler
-from tests.conftest import RunningSink, ServerThread
+from tests.conftest import RunningSink, ServerThread, translated
 
 FIXTURES = Path(__file__).parent / "fixtures" / "stripe"
 SECRET = "whsec_current"
@@ -53,9 +55,10 @@ def signed(
 
 
 class Bridge:
-    def __init__(self, url: str, sink: RunningSink) -> None:
+    def __init__(self, url: str, sink: RunningSink, database: Path) -> None:
         self.url = url
         self.sink = sink
+        self.database = database
 
     def post(
         self,
@@ -69,6 +72,21 @@ class Bridge:
 
     def arrived(self, count: int, within: float = 10) -> list[dict[str, Any]]:
         return self.sink.arrived(count, within)
+
+    def taken(self, event: dict[str, Any]) -> tuple[str, str | None]:
+        """Once the translate stage has taken the posted event: its state (`translated`
+        or `quarantined`) and the quarantine's reason."""
+        return translated(self.database, event["id"])
+
+    def calls(self, event: dict[str, Any]) -> int:
+        """The outbox rows the posted event became, whatever their state."""
+        with closing(sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)) as db:
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM outbox JOIN inbox ON inbox.id = outbox.inbox_id"
+                " WHERE inbox.provider_event_id = ?",
+                (event["id"],),
+            ).fetchone()
+        return int(count)
 
 
 def settings_env(sink: RunningSink, tmp_path: Path) -> dict[str, str]:
@@ -90,7 +108,7 @@ def settings_env(sink: RunningSink, tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
     with ServerThread(create_app(load_settings(settings_env(sink, tmp_path)))) as server:
-        yield Bridge(server.url, sink)
+        yield Bridge(server.url, sink, tmp_path / "bridge.db")
 
 
 def test_sdk_signed_fixtures_verify() -> None:
@@ -235,8 +253,11 @@ def test_stale_and_tampered_deliveries_are_refused_and_stored_nowhere(bridge: Br
 
 
 def test_test_mode_events_stay_out_unless_the_source_says_so(bridge: Bridge) -> None:
-    answer = bridge.post(fixture("invoice.paid"), source="stripe-live")
-    assert answer.json() == {"ok": True, "result": "ignored"}
+    test_mode = fixture("invoice.paid")
+    answer = bridge.post(test_mode, source="stripe-live")
+    assert answer.json() == {"ok": True, "result": "accepted"}
+    assert bridge.taken(test_mode) == ("translated", None)  # into no call
+    assert bridge.calls(test_mode) == 0
     live = fixture("invoice.paid", id_="evt_live")
     live["livemode"] = True
     assert bridge.post(live, source="stripe-live").json()["result"] == "accepted"
@@ -339,7 +360,9 @@ def test_identity_is_sent_once_and_learned_from_a_free_trial(bridge: Bridge) -> 
 
 def test_a_refund_that_does_not_say_its_amount_is_not_guessed(bridge: Bridge) -> None:
     event = fixture("charge.refunded", amount_refunded=1500, refunds=None)
-    assert bridge.post(event).json()["result"] == "ignored"
+    assert bridge.post(event).json()["result"] == "accepted"
+    assert bridge.taken(event) == ("translated", None)  # into no call
+    assert bridge.calls(event) == 0
 
 
 def test_null_fields_stripe_may_send_are_read(bridge: Bridge) -> None:
@@ -350,7 +373,9 @@ def test_null_fields_stripe_may_send_are_read(bridge: Bridge) -> None:
     assert bridge.post(sub).json()["result"] == "accepted"
 
 
-def test_hostile_signatures_and_times_are_refused_not_crashed(bridge: Bridge) -> None:
+def test_hostile_signatures_are_refused_and_impossible_times_quarantined_not_crashed(
+    bridge: Bridge,
+) -> None:
     body = msgspec.json.encode(fixture("invoice.paid"))
     for header in ("t=\xb2,v1=00", "t=1,v1=\xe9", "garbage", "t=,v1=", "v1=" + "0" * 64):
         answer = httpx.post(
@@ -359,8 +384,17 @@ def test_hostile_signatures_and_times_are_refused_not_crashed(bridge: Bridge) ->
             headers={"stripe-signature": header.encode("latin-1")},
         )
         assert answer.status_code == 401, header
+    # Validly signed, so taken; a time past what a datetime holds is its handler's
+    # PayloadInvalid, so the delivery is quarantined, and nothing of it is sent.
     huge = fixture("invoice.paid", id_="evt_huge", created_=10**15)
-    assert bridge.post(huge).status_code == 400
+    answer = bridge.post(huge)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["result"] == "accepted"
+    state, reason = bridge.taken(huge)
+    assert state == "quarantined"
+    assert reason is not None
+    assert reason.startswith("payload: "), reason
+    assert bridge.calls(huge) == 0
 
 
 def test_forgotten_users_do_not_come_back(bridge: Bridge) -> None:
@@ -375,6 +409,8 @@ def test_forgotten_users_do_not_come_back(bridge: Bridge) -> None:
         client_reference_id="user_gone",
     )
     assert bridge.post(later).status_code == 200
+    assert bridge.taken(later) == ("translated", None)
+    assert bridge.calls(later) == 0  # not queued at all
     time.sleep(0.5)
     assert len(bridge.arrived(1)) == 1  # no identify, no purchase about them
 
@@ -421,7 +457,7 @@ def test_the_route_handler_serves_intake_alone_as_well(
     monkeypatch.setattr(bridge.app, "intake_route", without_middleware)
     event = fixture("checkout.session.completed", mode="payment", payment_intent="pi_plain")
     with ServerThread(create_app(load_settings(settings_env(sink, tmp_path)))) as server:
-        posted = Bridge(server.url, sink)
+        posted = Bridge(server.url, sink, tmp_path / "bridge.db")
         assert posted.post(event).json() == {"ok": True, "result": "accepted"}
         assert posted.post(event).json() == {"ok": True, "result": "duplicate"}
         assert posted.post(event, secret="whsec_forged").status_code == 401
