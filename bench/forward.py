@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Drain a backlog of track events from the outbox into the local sink, at the published
-rate limits, and print the drain rate and the bridge's peak memory.
+"""A burst of verified deliveries through the pipeline: stored as intake stores them
+(untranslated), then translated and forwarded into the local sink at the published rate
+limits; print how fast the translate stage took the backlog, the forwarding rate while
+it lasted and the bridge's peak memory.
 
     .venv/bin/python bench/forward.py                      # 1,000 then 100,000 events
     .venv/bin/python bench/forward.py --events 1000000     # a million-event backlog
@@ -8,9 +10,12 @@ rate limits, and print the drain rate and the bridge's peak memory.
 
 With a PostgreSQL URL each run gets a fresh schema in that database, dropped afterwards.
 
-Millimetric's ceiling is 2,500 events/s (5 batches/s of 500). The warm rate is measured
-between 20% and 95% delivered, so neither start-up nor the sink's initial burst counts.
-Peak RSS is the bridge process's VmHWM from /proc.
+Each delivery is a signed Stripe checkout (a paid one-off purchase by one of 5,000 users),
+stored raw as intake would. The translate rate is the backlog over the time until
+`/readyz` reports none untranslated. Millimetric's ceiling is 2,500 events/s (5 batches/s
+of 500); the warm forwarding rate is measured between 20% and 95% delivered, so neither
+start-up nor the sink's initial burst counts. Peak RSS is the bridge process's VmHWM from
+/proc.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -35,8 +41,11 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge.events import Track  # noqa: E402 (after the path is set)
+import msgspec  # noqa: E402 (after the path is set)
+
 from bridge.store import Delivery, open_store  # noqa: E402
+
+CHECKOUT = ROOT / "tests" / "fixtures" / "stripe" / "checkout.session.completed.json"
 
 SCRIPT = Path(sys.executable).parent / "millimetric-bridge"
 CEILING = 2500.0
@@ -64,7 +73,23 @@ def database(base_url: str | None, workdir: Path, n: int) -> Iterator[str]:
             admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
+def checkout(template: dict[str, Any], i: int) -> bytes:
+    obj = {
+        **template["data"]["object"],
+        "id": f"cs_bench_{i}",
+        "mode": "payment",
+        "payment_status": "paid",
+        "payment_intent": f"pi_bench_{i}",
+        "invoice": None,
+        "customer": None,
+        "client_reference_id": f"user_{i % 5000}",
+    }
+    return msgspec.json.encode({**template, "id": f"evt_bench_{i}", "data": {"object": obj}})
+
+
 async def fill(url: str, n: int) -> None:
+    """`n` deliveries as intake leaves them: verified, stored, untranslated."""
+    template = msgspec.json.decode(CHECKOUT.read_bytes()) | {"livemode": True}
     store = open_store(url)
     await store.open()
     now = time.time()
@@ -72,19 +97,12 @@ async def fill(url: str, n: int) -> None:
     for start in range(0, n, chunk):
         await asyncio.gather(
             *(
-                store.accept(
+                store.append(
                     Delivery(
-                        source="bench",
-                        provider_event_id=f"evt_{i}",
+                        source="stripe",
+                        provider_event_id=f"evt_bench_{i}",
                         received_at=now,
-                        calls=[
-                            Track(
-                                event="purchase",
-                                event_id=f"evt_{i}",
-                                user_id=f"user_{i % 5000}",
-                                properties={"amount_cents": 1999, "currency": "usd", "plan": "pro"},
-                            )
-                        ],
+                        raw_body=checkout(template, i),
                     )
                 )
                 for i in range(start, min(n, start + chunk))
@@ -119,6 +137,7 @@ def run(n: int, url: str) -> dict[str, float]:
         "PORT": str(port),
         "BRIDGE_HOST": "127.0.0.1",
         "BRIDGE_LOG_LEVEL": "warning",
+        "STRIPE_WEBHOOK_SECRET": "whsec_bench",
     }
     stats_url = f"http://127.0.0.1:{sink_port}/_sink/stats"
     for _ in range(100):
@@ -130,8 +149,18 @@ def run(n: int, url: str) -> dict[str, float]:
     bridge = subprocess.Popen([SCRIPT, "serve"], env=env, stdout=subprocess.DEVNULL)
     marks: dict[float, float] = {}
     began = time.monotonic()
+    translated_s = float("nan")
+    listening: float | None = None
     try:
         while True:
+            if translated_s != translated_s:  # nan: the backlog is not translated yet
+                try:
+                    ready = httpx.get(f"http://127.0.0.1:{port}/readyz").json()
+                    listening = listening or time.monotonic()
+                    if ready.get("untranslated") == 0:
+                        translated_s = time.monotonic() - listening
+                except (httpx.TransportError, ValueError):
+                    pass  # not listening yet
             stats = httpx.get(stats_url).json()
             done = stats["unique_event_ids"]
             now = time.monotonic()
@@ -156,6 +185,7 @@ def run(n: int, url: str) -> dict[str, float]:
         "events": n,
         "fill_s": fill_s,
         "drain_s": total_s,
+        "translate_rate": n / translated_s,
         "warm_rate": warm,
         "fraction": warm / CEILING,
         "peak_rss_mb": rss,
@@ -167,7 +197,10 @@ def run(n: int, url: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--events", type=int, action="append", help="backlog size (repeatable) [1000 and 100000]"
+        "--events",
+        type=int,
+        action="append",
+        help="deliveries in the burst (repeatable) [1000 and 100000]",
     )
     parser.add_argument(
         "--database-url",
@@ -177,14 +210,15 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bridge-bench-"))
     try:
         print(
-            f"{'events':>9} {'fill s':>7} {'drain s':>8} {'ev/s warm':>10} {'of 2500':>8}"
-            f" {'peak RSS':>9} {'429s':>5} {'dups':>5}"
+            f"{'events':>9} {'fill s':>7} {'translated/s':>13} {'drain s':>8} {'ev/s warm':>10}"
+            f" {'of 2500':>8} {'peak RSS':>9} {'429s':>5} {'dups':>5}"
         )
         for n in args.events or [1000, 100_000]:
             with database(args.database_url, workdir, n) as url:
                 r = run(n, url)
             print(
-                f"{r['events']:>9,.0f} {r['fill_s']:>7.1f} {r['drain_s']:>8.1f}"
+                f"{r['events']:>9,.0f} {r['fill_s']:>7.1f} {r['translate_rate']:>13,.0f}"
+                f" {r['drain_s']:>8.1f}"
                 f" {r['warm_rate']:>10,.0f} {r['fraction']:>8.3f}"
                 f" {r['peak_rss_mb']:>7.1f}MB {r['http_429']:>5.0f} {r['duplicates']:>5.0f}",
                 flush=True,

@@ -268,11 +268,16 @@ class Forwarder:
             self._in_flight.release()
             return True
         try:
+            # The batch is formed once it may go: whatever arrives while it waits for the
+            # rate limit rides in it, rather than in batches formed early, small, and
+            # queued one behind another (at 20 events/s that cost 0.9 s at the median).
+            await self._take_token("track")
             rows = await self._claim("track", full)
         except BaseException:
             self._in_flight.release()
             raise
         if not rows:
+            self._buckets["track"].give_back()
             self._in_flight.release()
             return False
         self._spawn(self._send_then_release(rows))
@@ -308,7 +313,7 @@ class Forwarder:
 
     async def _send_then_release(self, rows: list[OutboxRow]) -> None:
         try:
-            await self._deliver("track", rows)
+            await self._deliver("track", rows, token_taken=True)
         except Exception:
             log.exception("batch send failed; its rows are due again after their lease")
         finally:
@@ -345,7 +350,9 @@ class Forwarder:
 
     # -- one request and what its answer means -----------------------------------------------
 
-    async def _deliver(self, route: Route, rows: Sequence[OutboxRow]) -> None:
+    async def _deliver(
+        self, route: Route, rows: Sequence[OutboxRow], *, token_taken: bool = False
+    ) -> None:
         # Sends claimed before a 429 or a pause wait for it too (a paused lane's own probe
         # is the one send that goes through).
         wait = self._not_before[route] - self.clock()
@@ -354,7 +361,8 @@ class Forwarder:
         if self._stopping.is_set() or (self.paused is not None and self.clock() < self._probe_at):
             await self.store.retry([r.id for r in rows], self.clock(), count_attempt=False)
             return
-        await self._take_token(route)
+        if not token_taken:
+            await self._take_token(route)
         body = batch_body([r.body for r in rows]) if route == "track" else rows[0].body
         path = "/v1/batch" if route == "track" else f"/v1/{route}"
         started = time.perf_counter()

@@ -46,6 +46,11 @@ class TokenBucket:
         self._tokens = min(self.limit.burst, self._tokens + (now - self._stamp) * self.limit.rate)
         self._stamp = now
 
+    def give_back(self, n: float = 1.0) -> None:
+        """Return tokens taken for a request that was not sent."""
+        self._refill()
+        self._tokens = min(self.limit.burst, self._tokens + n)
+
     def try_take(self, n: float = 1.0) -> float:
         """Take `n` tokens if there are enough and return 0; otherwise take nothing and
         return how many seconds until there will be."""
