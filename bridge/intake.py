@@ -39,6 +39,7 @@ from bridge.errors import (
     SignatureInvalid,
     StoreUnavailable,
 )
+from bridge.logs import info_line
 from bridge.plugin import WebhookRequest
 from bridge.registry import Source
 from bridge.store import Delivery, Store
@@ -330,15 +331,18 @@ async def _receive(
 
     def done(result: str, reason: str = "", **fields: Any) -> None:
         metrics.webhook(source if found else "unknown", result, reason)
-        (log.error if result == "failed" else log.info)(
-            "webhook",
-            source=source,
-            result=result,
-            reason=reason or None,
-            ms=round((time.perf_counter() - started) * 1000, 2),
-            request_id=request_id,
+        line = {
+            "source": source,
+            "result": result,
+            "reason": reason or None,
+            "ms": round((time.perf_counter() - started) * 1000, 2),
+            "request_id": request_id,
             **fields,
-        )
+        }
+        if result == "failed":
+            log.error("webhook", **line)
+        else:  # the canonical line of every delivery: written at a few microseconds
+            info_line(log, "webhook", line)
 
     if found is None:
         done("rejected", "unknown_source")

@@ -9,8 +9,9 @@ import logging
 
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
-from bridge.logs import REDACTED, LineWriter, configure_logging, redact_secrets
+from bridge.logs import REDACTED, LineWriter, configure_logging, info_line, redact_secrets
 
 SECRETS = [
     "sk_live_abc123_def456",
@@ -132,3 +133,28 @@ def test_lines_left_by_a_stopped_loop_are_written_by_the_next_or_at_exit() -> No
     assert other.getvalue() == ""
     late.flush_all()  # what atexit runs
     assert other.getvalue() == "pending at exit\n"
+
+
+def test_the_canonical_line_is_the_line_structlog_writes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`info_line` skips structlog's chain under `serve`; what it writes is the same, secrets
+    redacted included; under another configuration it goes through structlog."""
+    with capture_logs() as captured:  # before `configure_logging`: structlog's own chain
+        info_line(structlog.get_logger("x"), "webhook", {"source": "stripe"})
+    assert captured == [{"source": "stripe", "event": "webhook", "log_level": "info"}]
+    fields = {"source": "stripe", "result": "accepted", "ms": 1.5, "note": SECRETS[2]}
+    configure_logging("json", "info")
+    log = structlog.get_logger("bridge.intake")
+    try:
+        info_line(log, "webhook", {**fields, "token": "t0ps3cret"})
+        log.info("webhook", **fields, token="t0ps3cret")
+        out = capsys.readouterr().out
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    fast, chained = (json.loads(line) for line in out.splitlines())
+    assert fast.pop("timestamp")[:16] == chained.pop("timestamp")[:16]
+    assert list(fast.items()) == list(chained.items())  # same fields, same order
+    assert fast["token"] == REDACTED
+    assert SECRETS[2] not in out
