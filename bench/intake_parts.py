@@ -34,18 +34,18 @@ PARTS = ("no-forwarder", "no-translate", "no-log", "no-store")
 def serve_without(parts: set[str]) -> None:
     """Run the bridge with `parts` switched off (in the bridge's own process)."""
     if "no-forwarder" in parts:
-        from bridge.forwarder import Forwarder
+        from bridge.stages.forward import Forwarder
 
         Forwarder.start = lambda self: None  # type: ignore[method-assign]
     if "no-translate" in parts:
-        from bridge.translate import Translator
+        from bridge.stages.translate import Translator
 
         async def idle(self: Any, stopping: Any) -> None:
             await stopping.wait()
 
         Translator.run = idle  # type: ignore[method-assign]
     if "no-store" in parts:
-        from bridge.sqlite_store import SQLiteStore
+        from bridge.store.sqlite import SQLiteStore
 
         async def append(self: Any, delivery: Any) -> str:
             return "accepted"

@@ -32,12 +32,12 @@ from bridge.errors import (
     SignatureInvalid,
     StoreUnavailable,
 )
-from bridge.forwarder import Forwarder
 from bridge.http_metrics import HttpMetrics
-from bridge.intake import intake_route
 from bridge.registry import Source, load_handlers, load_sources
+from bridge.stages.forward import Forwarder
+from bridge.stages.intake import intake_route
+from bridge.stages.translate import Translator
 from bridge.store import Store, open_store
-from bridge.translate import Translator
 
 __all__ = ["create_app", "error_response"]
 

@@ -16,8 +16,8 @@ import msgspec
 
 from bridge.database_url import check_postgresql_url
 from bridge.errors import ConfigError
-from bridge.forwarder import ForwarderConfig
 from bridge.ratelimit import RateLimit
+from bridge.stages.forward import ForwarderConfig
 from bridge.store import Retention
 
 __all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_HOST", "Settings", "check_key", "load_settings"]

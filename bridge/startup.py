@@ -54,7 +54,7 @@ async def _reach_postgresql(url: str, bound: float) -> None:
     # Imported here: a SQLite bridge never loads psycopg's driver.
     import psycopg
 
-    from bridge.postgres_store import CONNECT
+    from bridge.store.postgres import CONNECT
 
     try:
         conn = await asyncio.wait_for(psycopg.AsyncConnection.connect(url, **CONNECT), bound)

@@ -22,10 +22,10 @@ import psycopg
 import pytest
 import uvicorn
 
-from bridge.postgres_store import PostgresStore, redacted
 from bridge.sink import SinkState, create_sink_app
-from bridge.sqlite_store import SQLiteStore
 from bridge.store import Store, open_store
+from bridge.store.postgres import PostgresStore, redacted
+from bridge.store.sqlite import SQLiteStore
 
 #: The server PostgreSQL tests run on; each test gets a schema of its own in it.
 POSTGRES_URL = os.environ.get(

@@ -47,7 +47,7 @@ def test_healthz_and_readyz(sink: RunningSink, tmp_path: Path) -> None:
 
 
 def test_readyz_is_degraded_while_the_key_is_refused(sink: RunningSink, tmp_path: Path) -> None:
-    from bridge.forwarder import Forwarder
+    from bridge.stages.forward import Forwarder
 
     httpx.post(f"{sink.url}/_sink/knobs", json={"keys": []}).raise_for_status()
     settings = load_settings(

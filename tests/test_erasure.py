@@ -16,13 +16,13 @@ import pytest
 from click.testing import CliRunner
 from structlog.testing import capture_logs
 
-from bridge import sqlite_store
 from bridge.app import create_app
 from bridge.cli import main as cli_main
 from bridge.config import load_settings
 from bridge.events import Purge, Track
-from bridge.sqlite_store import SQLiteStore
 from bridge.store import Delivery, Store
+from bridge.store import sqlite as sqlite_store
+from bridge.store.sqlite import SQLiteStore
 from bridge.testing import sign
 from handlers.stripe import handler as stripe
 from tests.conftest import RunningSink, ServerThread, translated

@@ -23,14 +23,15 @@ import httpx
 import msgspec
 import pytest
 
-from bridge import intake, sqlite_store
 from bridge.app import create_app
 from bridge.client import build_http_client
 from bridge.config import load_settings
 from bridge.errors import StoreUnavailable
-from bridge.forwarder import ForwarderConfig
-from bridge.sqlite_store import SQLiteStore
+from bridge.stages import intake
+from bridge.stages.forward import ForwarderConfig
 from bridge.store import Delivery
+from bridge.store import sqlite as sqlite_store
+from bridge.store.sqlite import SQLiteStore
 from bridge.testing import sign
 from handlers.stripe import handler as stripe
 from tests.conftest import RunningSink, ServerThread, write_lock_held

@@ -16,9 +16,9 @@ import pytest
 
 from bridge.client import MillimetricClient, build_http_client
 from bridge.events import Forget, Track
-from bridge.forwarder import Forwarder, ForwarderConfig
 from bridge.ratelimit import RateLimit
 from bridge.sink import DEV_KEY
+from bridge.stages.forward import Forwarder, ForwarderConfig
 from bridge.store import Delivery, Store
 from tests.conftest import RunningSink
 

@@ -17,10 +17,10 @@ import pytest
 from bridge.client import MillimetricClient, build_http_client
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.events import Track
-from bridge.forwarder import Forwarder, ForwarderConfig
-from bridge.postgres_store import PostgresStore
 from bridge.sink import DEV_KEY
+from bridge.stages.forward import Forwarder, ForwarderConfig
 from bridge.store import Delivery, Store, open_store
+from bridge.store.postgres import PostgresStore
 from tests.conftest import RunningSink, free_port, postgres_schema, table_rows
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
@@ -198,7 +198,7 @@ async def wait_until(check: Callable[[], bool], within: float = 10) -> None:
 async def test_a_fault_in_a_group_commit_reaches_every_caller(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import bridge.postgres_store as postgres_store
+    import bridge.store.postgres as postgres_store
 
     store = await opened(url)
     try:
@@ -259,7 +259,7 @@ async def test_an_unreachable_database_fails_every_waiting_caller_at_once(
 async def test_a_twin_held_by_another_transaction_holds_up_no_other_delivery(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import bridge.postgres_store as postgres_store
+    import bridge.store.postgres as postgres_store
 
     monkeypatch.setattr(postgres_store, "GROUP_LOCK_TIMEOUT_MS", 200)
     store = await opened(url)

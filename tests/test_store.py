@@ -13,7 +13,6 @@ from typing import Any
 import msgspec
 import pytest
 
-from bridge import sqlite_store
 from bridge.errors import ConfigError, EventInvalid, StoreUnavailable
 from bridge.events import About, Alias, Forget, Identify, Output, Track
 from bridge.store import (
@@ -26,6 +25,7 @@ from bridge.store import (
     derived_event_id,
     open_store,
 )
+from bridge.store import sqlite as sqlite_store
 from tests.conftest import table_rows, write_lock_held
 
 pytestmark = pytest.mark.anyio

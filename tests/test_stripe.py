@@ -447,7 +447,7 @@ def test_the_route_handler_serves_intake_alone_as_well(
     """The middleware that serves `/webhooks/{source}` raw taken off, Litestar's handler
     does the same work: stored, redelivery recognised, forgery refused, sent once."""
     import bridge.app
-    from bridge.intake import intake_route
+    from bridge.stages.intake import intake_route
 
     def without_middleware(*args: Any, **kwargs: Any) -> Any:
         route = intake_route(*args, **kwargs)

@@ -411,11 +411,11 @@ def with_event_id(
 def open_store(database_url: str, *, sqlite_synchronous: str = "FULL") -> Store:
     """The backend for a `BRIDGE_DATABASE_URL` (not yet opened)."""
     if database_url.startswith("sqlite:///"):
-        from bridge.sqlite_store import SQLiteStore
+        from bridge.store.sqlite import SQLiteStore
 
         return SQLiteStore(database_url.removeprefix("sqlite:///"), synchronous=sqlite_synchronous)
     if database_url.startswith(("postgresql://", "postgres://")):
-        from bridge.postgres_store import PostgresStore
+        from bridge.store.postgres import PostgresStore
 
         return PostgresStore(database_url)
     raise ConfigError("BRIDGE_DATABASE_URL", "must be sqlite:///PATH or postgresql://...")

@@ -51,8 +51,8 @@ from bridge.client import (
 from bridge.errors import StoreUnavailable
 from bridge.events import BATCH_MAX_BYTES, BATCH_MAX_EVENTS, Forget
 from bridge.ratelimit import BATCH_LIMIT, TRACK_LIMIT, RateLimit, TokenBucket
+from bridge.stages.translate import Translator
 from bridge.store import ROUTES, OutboxRow, Retention, Route, Store
-from bridge.translate import Translator
 
 __all__ = ["Forwarder", "ForwarderConfig"]
 

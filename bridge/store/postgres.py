@@ -58,7 +58,6 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from bridge.database_url import redacted, scrubbed
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.events import Forget, ForgetVisitor, Purge
-from bridge.identity import Known, Plan, Planned, Row, plan, plannable, wanted
 from bridge.store import (
     BACKLOG_SQL,
     DELIVERED_SQL,
@@ -85,6 +84,7 @@ from bridge.store import (
     visitor_of,
     with_event_id,
 )
+from bridge.store.identity import Known, Plan, Planned, Row, plan, plannable, wanted
 
 __all__ = ["PostgresStore", "redacted"]
 
@@ -184,7 +184,7 @@ _forget_decoder: Final = msgspec.json.Decoder(Forget)
 
 
 def _migrations() -> list[tuple[int, str]]:
-    folder = resources.files("bridge.migrations").joinpath("postgres")
+    folder = resources.files("bridge.store.migrations").joinpath("postgres")
     found = []
     for entry in folder.iterdir():
         number, _, _ = entry.name.partition("_")
@@ -615,7 +615,7 @@ async def _untranslated(cur: Cursor, limit: int) -> list[StoredDelivery]:
 async def _record(cur: Cursor, translations: Sequence[Translation], now: float) -> None:
     """Mark every delivery of the batch at once (a delivery another translator took in the
     meantime is left to it), then write the calls of those marked translated: planned
-    together (`bridge.identity`), save that a delivery that erases goes alone, in order."""
+    together (`bridge.store.identity`), save that a delivery that erases goes alone, in order."""
     # Pipelined: statements whose results are not read (inserts, updates) go without a
     # round trip each; only the lookups wait for the server.
     async with cur.connection.pipeline():
@@ -756,7 +756,7 @@ async def _append_group(cur: Cursor, deliveries: Sequence[Delivery]) -> list[Acc
 
 
 async def _write_plan(cur: Cursor, run: Sequence[Planned], now: float) -> None:
-    """Many deliveries' calls in a few statements (`bridge.identity`): what is known of
+    """Many deliveries' calls in a few statements (`bridge.store.identity`): what is known of
     their visitors (alias and user) and which of their users are forgotten, read in one
     round trip; then the plan's aliases, identities, links, outbox rows and dropped raw
     bodies, one statement each."""

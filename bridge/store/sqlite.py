@@ -31,7 +31,6 @@ import structlog
 
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.events import Forget, ForgetVisitor, Purge
-from bridge.identity import Known, Planned, Row, plan, plannable, wanted
 from bridge.store import (
     BACKLOG_SQL,
     DELIVERED_SQL,
@@ -58,6 +57,7 @@ from bridge.store import (
     visitor_of,
     with_event_id,
 )
+from bridge.store.identity import Known, Planned, Row, plan, plannable, wanted
 
 __all__ = ["SQLiteStore"]
 
@@ -79,7 +79,7 @@ _forget_decoder: Final = msgspec.json.Decoder(Forget)
 
 
 def _migrations() -> list[tuple[int, str]]:
-    folder = resources.files("bridge.migrations").joinpath("sqlite")
+    folder = resources.files("bridge.store.migrations").joinpath("sqlite")
     found = []
     for entry in folder.iterdir():
         number, _, _ = entry.name.partition("_")
@@ -663,7 +663,7 @@ def _write_calls(conn: sqlite3.Connection, delivery: Planned, now: float) -> boo
 
 
 def _write_plan(conn: sqlite3.Connection, run: Sequence[Planned], now: float) -> bool:
-    """Many deliveries' calls (`bridge.identity`): what is known of their visitors and
+    """Many deliveries' calls (`bridge.store.identity`): what is known of their visitors and
     users read in a few statements, the plan written in a few more; whether a delivery's
     raw body was dropped (about a forgotten user)."""
     if not run:

@@ -2,7 +2,7 @@
 
 The raw bytes are verified before anything parses them; nothing else runs before the
 answer. A 200 means the verified delivery is committed, untranslated: the translate stage
-(`bridge.translate`) runs its handler after, and quarantines what the handler cannot
+(`bridge.stages.translate`) runs its handler after, and quarantines what the handler cannot
 translate instead of refusing it to the provider. Every refusal raises from the error
 tree, and the app maps it to a status in one place (`bridge.app`), which the intake's raw
 route calls itself, so that what it answers passes through the app's middleware (the HTTP
@@ -42,8 +42,8 @@ from bridge.errors import (
 from bridge.logs import info_line
 from bridge.plugin import WebhookRequest
 from bridge.registry import Source
+from bridge.stages.translate import Translator
 from bridge.store import Delivery, Store
-from bridge.translate import Translator
 
 __all__ = ["BODY_TIMEOUT", "intake_route"]
 
