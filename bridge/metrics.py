@@ -73,7 +73,7 @@ TRANSLATED: Final = Counter(
 TRANSLATE_FAILURES: Final = Counter(
     "bridge_translate_failures",
     "Stored deliveries their handler could not translate (quarantined), by source and reason "
-    "(payload, event, handler).",
+    "(payload, event, handler, source, store).",
     ["source", "reason"],
 )
 UNTRANSLATED: Final = Gauge("bridge_inbox_untranslated", "Deliveries waiting to be translated.")

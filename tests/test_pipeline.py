@@ -5,7 +5,7 @@ listed, and sent once retranslated; one payment named by two events is one call.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,12 @@ import pytest
 
 from bridge.app import create_app
 from bridge.config import load_settings
+from bridge.errors import StoreUnavailable
 from bridge.events import Output
 from bridge.plugin import WebhookRequest
 from bridge.registry import load_sources
+from bridge.stages.translate import Translator
+from bridge.store import Delivery, Translation, open_store
 from bridge.testing import sign
 from handlers.stripe import StripeHandler, StripeOptions
 from handlers.stripe import handler as stripe
@@ -214,3 +217,54 @@ def test_two_events_of_one_subscription_payment_are_one_call_at_the_sink(
     assert [p["event_id"] for p in bridge.purchases()] == ["purchase:in_pipe_1"]
     stats = httpx.get(f"{sink.url}/_sink/stats").json()
     assert stats["received"] == stats["unique_event_ids"] + 1  # the identify has no event_id
+
+
+@pytest.mark.anyio
+async def test_a_delivery_the_store_refuses_is_quarantined_and_holds_back_nothing(
+    database_url: str,
+) -> None:
+    """What a delivery became cannot be written (the store refuses it): the others of its
+    batch are recorded, it is quarantined with the store's reason; a store that is down
+    refuses everything, and the batch waits for it."""
+    store = open_store(database_url)
+    await store.open()
+    real = store.record
+    down = False
+
+    async def refusing(translations: Sequence[Translation]) -> None:
+        poisoned = any(
+            t.delivery.provider_event_id == "poison" and t.failure is None for t in translations
+        )
+        if down or poisoned:
+            raise StoreUnavailable("refused")
+        await real(translations)
+
+    store.record = refusing  # type: ignore[method-assign]
+    try:
+        for name in ("before", "poison", "after"):
+            await store.append(
+                Delivery(
+                    source="stripe",
+                    provider_event_id=name,
+                    received_at=time.time(),
+                    raw_body=msgspec.json.encode(paid_checkout(name)),
+                )
+            )
+        sources = load_sources({"STRIPE_WEBHOOK_SECRET": SECRET}, {"stripe": stripe})
+        translator = Translator(store, sources)
+        down = True
+        with pytest.raises(StoreUnavailable):
+            await translator.step()
+        assert (await store.backlog()).untranslated == 3  # waits for the store
+        down = False
+        assert await translator.step() == 3
+        (letter,) = await store.dead_letters()
+        assert (letter.kind, letter.provider_event_id) == ("delivery", "poison")
+        assert letter.reason == "store: refused"
+        rows = await store.claim("track", 10, 1 << 20, time.time())
+        assert sorted(msgspec.json.decode(r.body)["event_id"] for r in rows) == [
+            "purchase:pi_after",
+            "purchase:pi_before",
+        ]
+    finally:
+        await store.close()

@@ -168,9 +168,28 @@ class Translator:
         if not stored:
             return 0
         translations = [translate_one(delivery, self.sources) for delivery in stored]
-        await self.store.record(translations)
+        try:
+            await self.store.record(translations)
+        except StoreUnavailable:
+            translations = await self._one_by_one(translations)
         self._report(translations)
         return len(stored)
+
+    async def _one_by_one(self, translations: Sequence[Translation]) -> list[Translation]:
+        """A batch the store refused, one delivery at a time: one delivery that the store
+        refuses (what it became cannot be written) must not hold back the others, so it
+        is quarantined with the store's reason. A store that is down refuses that too,
+        and the batch waits for it."""
+        done = []
+        for translation in translations:
+            try:
+                await self.store.record([translation])
+            except StoreUnavailable as error:
+                failure = _reason("store", str(error))
+                translation = Translation(delivery=translation.delivery, failure=failure)
+                await self.store.record([translation])
+            done.append(translation)
+        return done
 
     def _report(self, translations: Sequence[Translation]) -> None:
         routes: set[Route] = set()

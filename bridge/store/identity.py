@@ -22,14 +22,14 @@ carries them out one at a time, between plans (`plannable`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 
 import msgspec
 
 from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
-from bridge.store import links, subject_of, with_event_id
+from bridge.store import Translation, links, subject_of, with_event_id
 
-__all__ = ["Known", "Plan", "Planned", "Row", "plan", "plannable", "wanted"]
+__all__ = ["Known", "Plan", "Planned", "Row", "plan", "plannable", "segments", "wanted"]
 
 
 class Planned(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,6 +69,31 @@ class Plan(msgspec.Struct, kw_only=True):
 def plannable(outputs: Iterable[Output]) -> bool:
     """Whether a delivery can be planned with others: it erases nothing."""
     return not any(isinstance(o, Forget | ForgetVisitor | Purge) for o in outputs)
+
+
+def segments(
+    translations: Iterable[Translation], claimed: Container[int]
+) -> Iterator[tuple[list[Planned], Planned | None]]:
+    """A batch's translated deliveries (those this transaction `claimed`), in order: runs
+    to plan together, each followed by the delivery that erases and goes alone (None
+    after the last run)."""
+    run: list[Planned] = []
+    for translation in translations:
+        stored = translation.delivery
+        if translation.failure is not None or stored.id not in claimed:
+            continue
+        planned = Planned(
+            inbox_id=stored.id,
+            source=stored.source,
+            provider_event_id=stored.provider_event_id,
+            outputs=translation.outputs,
+        )
+        if plannable(planned.outputs):
+            run.append(planned)
+            continue
+        yield run, planned
+        run = []
+    yield run, None
 
 
 def wanted(batch: Sequence[Planned]) -> tuple[list[str], list[str]]:

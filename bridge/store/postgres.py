@@ -84,7 +84,7 @@ from bridge.store import (
     visitor_of,
     with_event_id,
 )
-from bridge.store.identity import Known, Plan, Planned, Row, plan, plannable, wanted
+from bridge.store.identity import Known, Plan, Planned, Row, plan, plannable, segments, wanted
 
 __all__ = ["PostgresStore", "redacted"]
 
@@ -636,24 +636,10 @@ async def _record_in(cur: Cursor, translations: Sequence[Translation], now: floa
         ),
     )
     claimed = {found for (found,) in await cur.fetchall()}
-    run: list[Planned] = []
-    for translation in translations:
-        if translation.delivery.id not in claimed or translation.failure is not None:
-            continue
-        stored = translation.delivery
-        planned = Planned(
-            inbox_id=stored.id,
-            source=stored.source,
-            provider_event_id=stored.provider_event_id,
-            outputs=translation.outputs,
-        )
-        if plannable(planned.outputs):
-            run.append(planned)
-            continue
+    for run, alone in segments(translations, claimed):
         await _write_plan(cur, run, now)
-        run = []
-        await _write_calls(cur, planned, now)
-    await _write_plan(cur, run, now)
+        if alone is not None:
+            await _write_calls(cur, alone, now)
 
 
 async def _retranslate(cur: Cursor, selection: Selection) -> int:

@@ -57,7 +57,7 @@ from bridge.store import (
     visitor_of,
     with_event_id,
 )
-from bridge.store.identity import Known, Planned, Row, plan, plannable, wanted
+from bridge.store.identity import Known, Planned, Row, plan, plannable, segments, wanted
 
 __all__ = ["SQLiteStore"]
 
@@ -599,35 +599,26 @@ def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
 def _record(conn: sqlite3.Connection, translations: Sequence[Translation], now: float) -> bool:
     """Whether anything stored was erased (a forget, a purge, or a delivery about a
     forgotten user): the WAL's old frames still hold it."""
-    erased = False
-    run: list[Planned] = []
-    for translation in translations:
-        stored = translation.delivery
-        claimed = conn.execute(
+    claimed = {
+        translation.delivery.id
+        for translation in translations
+        if conn.execute(
             "UPDATE inbox SET state = ?, reason = ?, calls = ?"
             " WHERE id = ? AND state = 'untranslated'",
             (
                 "translated" if translation.failure is None else "quarantined",
                 translation.failure,
                 len(translation.outputs),
-                stored.id,
+                translation.delivery.id,
             ),
         ).rowcount
-        if not claimed or translation.failure is not None:
-            continue
-        planned = Planned(
-            inbox_id=stored.id,
-            source=stored.source,
-            provider_event_id=stored.provider_event_id,
-            outputs=translation.outputs,
-        )
-        if plannable(translation.outputs):
-            run.append(planned)
-            continue
+    }
+    erased = False
+    for run, alone in segments(translations, claimed):
         erased = _write_plan(conn, run, now) or erased
-        run = []
-        erased = _write_calls(conn, planned, now) or erased
-    return _write_plan(conn, run, now) or erased
+        if alone is not None:
+            erased = _write_calls(conn, alone, now) or erased
+    return erased
 
 
 def _write_calls(conn: sqlite3.Connection, delivery: Planned, now: float) -> bool:
