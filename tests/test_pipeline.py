@@ -4,6 +4,7 @@ listed, and sent once retranslated; one payment named by two events is one call.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from bridge.errors import StoreUnavailable
 from bridge.events import Output
 from bridge.plugin import WebhookRequest
 from bridge.registry import load_sources
-from bridge.stages.translate import Translator
+from bridge.stages.translate import Translator, TranslatorConfig
 from bridge.store import Delivery, Translation, open_store
 from bridge.testing import sign
 from handlers.stripe import StripeHandler, StripeOptions
@@ -266,5 +267,50 @@ async def test_a_delivery_the_store_refuses_is_quarantined_and_holds_back_nothin
             "purchase:pi_after",
             "purchase:pi_before",
         ]
+    finally:
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_the_stage_waits_out_a_short_burst_and_keeps_up_with_a_long_one(
+    database_url: str,
+) -> None:
+    store = open_store(database_url)
+    await store.open()
+    try:
+        await asyncio.gather(
+            *(
+                store.append(
+                    Delivery(
+                        source="stripe",
+                        provider_event_id=f"burst_{i}",
+                        received_at=time.time(),
+                        raw_body=msgspec.json.encode(paid_checkout(f"burst_{i}")),
+                    )
+                )
+                for i in range(1500)
+            )
+        )
+        sources = load_sources({"STRIPE_WEBHOOK_SECRET": SECRET}, {"stripe": stripe})
+        config = TranslatorConfig(batch=100, max_defer=0.3, busy_probe=0.02)
+        translator = Translator(store, sources, config)
+        stopping = asyncio.Event()
+
+        async def burst(seconds: float) -> None:  # intake storing 2,000 deliveries a second
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                translator.wake()
+                await asyncio.sleep(0.0005)
+
+        started = asyncio.create_task(burst(0.2))
+        await asyncio.sleep(0.02)
+        running = asyncio.create_task(translator.run(stopping))
+        await started
+        assert (await store.backlog()).untranslated == 1500  # waited while it was short
+        await burst(1.3)  # it outlasts the wait: batches, each after a look at intake
+        left = (await store.backlog()).untranslated
+        stopping.set()
+        await running
+        assert left == 0
     finally:
         await store.close()

@@ -14,12 +14,14 @@ forwarder's leadership, so that two instances never translate at once. It shares
 event loop (and the GIL) with intake, so while intake takes a burst it waits, up to
 `max_defer`, and catches up after: a provider's 200 waits on intake alone, and the stage
 only has to keep pace with what Millimetric can take (2,500 events/s), not with bursts.
+A burst that outlasts the wait shares the loop: a batch, then one short look at intake.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
@@ -48,7 +50,7 @@ class TranslatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     error_pause: float = 1.0
     # Above this many deliveries a second arriving at this instance, intake is taking a
     # burst: the stage looks again every `busy_probe` seconds and waits while it lasts,
-    # but never longer than `max_defer` between two batches.
+    # but never longer than `max_defer`, nor than one probe while a backlog remains.
     busy_rate: float = 500.0
     busy_probe: float = 0.05
     max_defer: float = 5.0
@@ -113,20 +115,24 @@ class Translator:
         self.on_queued: Callable[[Route], None] = lambda route: None
         self._wake = asyncio.Event()
         self._arrivals = 0  # deliveries intake stored here (each wakes the stage)
-        self._since: tuple[float, int] = (0.0, 0)  # (when, arrivals) at the last batch
+        # (when, arrivals) at the last batch; the loop's clock is time.monotonic's.
+        self._since: tuple[float, int] = (time.monotonic(), 0)
 
     def wake(self) -> None:
         """A delivery was stored: translate soon."""
         self._arrivals += 1
         self._wake.set()
 
-    async def _yield_to_intake(self, stopping: asyncio.Event) -> None:
-        """While intake takes a burst, wait (at most `max_defer`)."""
+    async def _yield_to_intake(self, stopping: asyncio.Event, behind: bool) -> None:
+        """While intake takes a burst, wait: at most `max_defer`, or one `busy_probe` when
+        the last batch left a backlog (so that a burst that lasts cannot leave the stage
+        ever further behind: it then takes about half the loop, batch by batch)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
+        longest = self.config.busy_probe if behind else self.config.max_defer
         when, arrivals = self._since
         rate = (self._arrivals - arrivals) / max(started - when, 1e-3)
-        while rate > self.config.busy_rate and loop.time() - started < self.config.max_defer:
+        while rate > self.config.busy_rate and loop.time() - started < longest:
             before = self._arrivals
             await _wait(stopping, self.config.busy_probe)
             if stopping.is_set():
@@ -136,9 +142,10 @@ class Translator:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Translate until `stopping` is set (this instance stops leading, or shuts down)."""
+        done = 0
         while not stopping.is_set():
             self._wake.clear()
-            await self._yield_to_intake(stopping)
+            await self._yield_to_intake(stopping, behind=done >= self.config.batch)
             try:
                 done = await self.step()
             except StoreUnavailable as error:
