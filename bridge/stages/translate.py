@@ -54,6 +54,7 @@ class TranslatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     busy_rate: float = 500.0
     busy_probe: float = 0.05
     max_defer: float = 5.0
+    busy_batch: int = 100  # deliveries a batch while intake takes a burst
 
 
 def translate_one(stored: StoredDelivery, sources: Mapping[str, Source]) -> Translation:
@@ -123,10 +124,11 @@ class Translator:
         self._arrivals += 1
         self._wake.set()
 
-    async def _yield_to_intake(self, stopping: asyncio.Event, behind: bool) -> None:
+    async def _yield_to_intake(self, stopping: asyncio.Event, behind: bool) -> bool:
         """While intake takes a burst, wait: at most `max_defer`, or one `busy_probe` when
         the last batch left a backlog (so that a burst that lasts cannot leave the stage
-        ever further behind: it then takes about half the loop, batch by batch)."""
+        ever further behind: it then takes its turns, a small batch at a time). Whether
+        intake is still taking a burst."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         longest = self.config.busy_probe if behind else self.config.max_defer
@@ -136,18 +138,22 @@ class Translator:
             before = self._arrivals
             await _wait(stopping, self.config.busy_probe)
             if stopping.is_set():
-                return
+                break
             rate = (self._arrivals - before) / self.config.busy_probe
         self._since = (loop.time(), self._arrivals)
+        return rate > self.config.busy_rate
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Translate until `stopping` is set (this instance stops leading, or shuts down)."""
-        done = 0
+        behind = False
         while not stopping.is_set():
             self._wake.clear()
-            await self._yield_to_intake(stopping, behind=done >= self.config.batch)
+            busy = await self._yield_to_intake(stopping, behind)
+            # A batch holds the loop while it is translated (about 50-90 us a delivery):
+            # a small one while intake is busy, so that no request waits long behind it.
+            limit = self.config.busy_batch if busy else self.config.batch
             try:
-                done = await self.step()
+                done = await self.step(limit)
             except StoreUnavailable as error:
                 log.error("store unavailable; translation waits", error=str(error))
                 await _wait(stopping, self.config.error_pause)
@@ -156,7 +162,8 @@ class Translator:
                 log.exception("translate stage error; carrying on")
                 await _wait(stopping, self.config.error_pause)
                 continue
-            if done < self.config.batch:
+            behind = done >= limit
+            if not behind:
                 waiter = asyncio.ensure_future(self._wake.wait())
                 stopper = asyncio.ensure_future(stopping.wait())
                 try:
@@ -169,9 +176,9 @@ class Translator:
                     waiter.cancel()
                     stopper.cancel()
 
-    async def step(self) -> int:
+    async def step(self, limit: int | None = None) -> int:
         """Translate the oldest waiting deliveries, one batch; how many."""
-        stored = await self.store.untranslated(self.config.batch)
+        stored = await self.store.untranslated(limit or self.config.batch)
         if not stored:
             return 0
         translations = [translate_one(delivery, self.sources) for delivery in stored]
