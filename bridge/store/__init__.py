@@ -1,9 +1,13 @@
 """The outbox store: what it promises, in domain terms, and how a backend is chosen.
 
-A delivery (one provider webhook) is accepted in one transaction: its inbox record and
-the outbox rows of its calls. The forwarder then claims rows, sends them and reports back
-(delivered, retry, dead letter). Backends (`sqlite:///`, `postgresql://`) keep every SQL
-detail to themselves; the contract tests run against each.
+The three stages share only the store. Intake `append`s a verified delivery to the inbox
+(untranslated; deliveries arriving together share a commit). The translate stage takes
+the `untranslated` ones in arrival order and `record`s what their handlers made of them:
+the outbox rows of their calls and each delivery translated (or quarantined), in one
+transaction. The forwarder then claims rows, sends them and reports back (delivered,
+retry, dead letter). What a batch writes is decided once, in pure code, for both backends
+(`bridge.store.identity`); each backend (`sqlite:///`, `postgresql://`) supplies only its
+statements; the contract tests run against each.
 
 One forwarder at a time per store, however many processes share it: a forwarder first
 `lead`s (SQLite: the process that opened the file for forwarding; PostgreSQL: the instance
@@ -71,14 +75,15 @@ AcceptResult = Literal["accepted", "duplicate"]
 
 
 class Delivery(msgspec.Struct, frozen=True, kw_only=True):
-    """One verified provider webhook and the calls it became (none: knowingly ignored)."""
+    """One verified provider webhook as intake stores it (`append`), or a delivery the
+    bridge makes itself with its calls (`accept`: an operator's forget)."""
 
     source: str
     provider_event_id: str
     received_at: float
     raw_body: bytes | None = None
-    headers: dict[str, str] = {}  # only those needed to verify it again
-    calls: list[Output] = []
+    headers: dict[str, str] = {}  # what translation reads (`kept_headers`), never a secret
+    calls: list[Output] = []  # `accept` only: what it becomes
 
 
 class OutboxRow(msgspec.Struct, frozen=True, kw_only=True):
