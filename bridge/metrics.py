@@ -32,7 +32,7 @@ __all__ = [
 
 WEBHOOKS: Final = Counter(
     "bridge_webhooks",
-    "Webhook deliveries by source and result (accepted, duplicate, ignored, rejected, failed).",
+    "Webhook deliveries at intake by source and result (accepted, duplicate, rejected, failed).",
     ["source", "result", "reason"],
 )
 UNEXPECTED: Final = Counter(
