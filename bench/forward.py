@@ -118,11 +118,11 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run(n: int, url: str) -> dict[str, float]:
-    started = time.monotonic()
-    asyncio.run(fill(url, n))
-    fill_s = time.monotonic() - started
-
+def start(
+    url: str, secret: str
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], int, int]:
+    """The local sink (listening once this returns) and a `serve` bridge forwarding to it,
+    Stripe at `secret`; with their ports."""
     sink_port, port = free_port(), free_port()
     sink = subprocess.Popen(
         [SCRIPT, "sink", "--port", str(sink_port)],
@@ -137,16 +137,24 @@ def run(n: int, url: str) -> dict[str, float]:
         "PORT": str(port),
         "BRIDGE_HOST": "127.0.0.1",
         "BRIDGE_LOG_LEVEL": "warning",
-        "STRIPE_WEBHOOK_SECRET": "whsec_bench",
+        "STRIPE_WEBHOOK_SECRET": secret,
     }
-    stats_url = f"http://127.0.0.1:{sink_port}/_sink/stats"
     for _ in range(100):
         try:
-            httpx.get(stats_url)
+            httpx.get(f"http://127.0.0.1:{sink_port}/_sink/stats")
             break
         except httpx.TransportError:
             time.sleep(0.05)
     bridge = subprocess.Popen([SCRIPT, "serve"], env=env, stdout=subprocess.DEVNULL)
+    return sink, bridge, sink_port, port
+
+
+def run(n: int, url: str) -> dict[str, float]:
+    started = time.monotonic()
+    asyncio.run(fill(url, n))
+    fill_s = time.monotonic() - started
+    sink, bridge, sink_port, port = start(url, "whsec_bench")
+    stats_url = f"http://127.0.0.1:{sink_port}/_sink/stats"
     marks: dict[float, float] = {}
     began = time.monotonic()
     translated_s = float("nan")

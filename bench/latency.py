@@ -11,9 +11,6 @@ Prints the 50th, 99th percentile and worst latency, and the share within 300 ms.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,18 +22,14 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge.testing import sign  # noqa: E402 (after the path is set)
+import forward  # noqa: E402 (after the path is set; bench/forward.py)
+
+from bridge.testing import sign  # noqa: E402
 from handlers.stripe import handler as stripe  # noqa: E402
 
 SCRIPT = Path(sys.executable).parent / "millimetric-bridge"
 CHECKOUT = ROOT / "tests" / "fixtures" / "stripe" / "checkout.session.completed.json"
 SECRET = "whsec_latency_bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_listening(url: str) -> None:
@@ -56,23 +49,8 @@ def main() -> None:
     parser.add_argument("--database-url", help="default: a SQLite file in a temp directory")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bridge-latency-"))
-    sink_port, port = free_port(), free_port()
-    sink = subprocess.Popen(
-        [SCRIPT, "sink", "--port", str(sink_port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    env = {
-        **os.environ,
-        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
-        "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
-        "BRIDGE_DATABASE_URL": args.database_url or f"sqlite:///{work}/bridge.db",
-        "PORT": str(port),
-        "BRIDGE_HOST": "127.0.0.1",
-        "BRIDGE_LOG_LEVEL": "warning",
-        "STRIPE_WEBHOOK_SECRET": SECRET,
-    }
-    bridge = subprocess.Popen([SCRIPT, "serve"], env=env, stdout=subprocess.DEVNULL)
+    url = args.database_url or f"sqlite:///{work}/bridge.db"
+    sink, bridge, sink_port, port = forward.start(url, SECRET)
     template = msgspec.json.decode(CHECKOUT.read_bytes()) | {"livemode": True}
     answered: dict[str, float] = {}
     try:
