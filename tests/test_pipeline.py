@@ -184,6 +184,28 @@ def test_a_plugin_that_raises_is_quarantined_then_sent_once_retranslated(
         FlakyStripe.fixed = False
 
 
+def test_a_forget_erases_the_quarantined_deliveries_that_name_the_user(bridge: Bridge) -> None:
+    """Erasure wins over quarantine: a delivery its handler could not translate is linked
+    to nobody, so a forget reads it, and erases it when it names the user."""
+    FlakyStripe.fixed = False
+    try:
+        for n in ("gdpr", "other"):
+            assert bridge.post(paid_checkout(n), source="flaky").status_code == 200
+        deadline = time.monotonic() + 10
+        while len(bridge.quarantined()) < 2:
+            assert time.monotonic() < deadline, "not both quarantined in time"
+            time.sleep(0.05)
+        bridge.admin("forget", user_id="usr_gdpr")
+        (letter,) = bridge.quarantined()
+        assert letter["provider_event_id"] == "evt_pipe_other"
+        FlakyStripe.fixed = True
+        assert bridge.admin("retranslate", source="flaky", all=True) == {"count": 1}
+        bridge.settled()
+        assert [p["event_id"] for p in bridge.purchases()] == ["purchase:pi_other"]
+    finally:
+        FlakyStripe.fixed = False
+
+
 def test_an_option_turned_on_later_is_picked_up_by_retranslate(
     sink: RunningSink, database_url: str, tmp_path: Path
 ) -> None:

@@ -713,3 +713,62 @@ async def test_a_forget_reaches_deliveries_translated_after_it(store: Store) -> 
     await store.record([Translation(delivery=stored, outputs=[Track(event="x", user_id="u1")])])
     assert await store.claim("track", 10, 1 << 20, NOW) == []
     assert (await store.stats(NOW)).raw_payloads == 0
+
+
+async def quarantine(store: Store, *bodies: bytes) -> list[int]:
+    """Deliveries of these bodies, appended and quarantined; their inbox ids."""
+    for n, body in enumerate(bodies):
+        await store.append(raw_delivery(f"q{n}-{len(body)}", body))
+    stored = await store.untranslated(len(bodies))
+    await store.record([Translation(delivery=d, failure="handler: KeyError 'x'") for d in stored])
+    return [d.id for d in stored]
+
+
+async def test_a_forget_erases_quarantined_deliveries_that_name_the_user(store: Store) -> None:
+    """A quarantined delivery has no links (its handler could not say whom it is about):
+    a forget reads its body, and erases it when a whole string value names the user, a
+    visitor learned for them or an identifier declared beside the forget; a number or a
+    part of a value names nobody."""
+    await store.accept(delivery("e0", Identify(user_id="u1", anonymous_id="anon_7")))
+    about_user, about_visitor, about_customer, others = await quarantine(
+        store,
+        b'{"data":{"object":{"metadata":{"millimetric_user_id":"u1"}}}}',
+        b'{"visitor":["x",{"id":"anon_7"}]}',
+        b'{"customer":"shop:42"}',
+        b'{"pending_webhooks":1,"user":"u10","note":"u1 and more","u1":"key, not value"}',
+    )
+    assert (
+        await store.accept(
+            delivery("f1", Forget(user_id="u1"), About(identifier="shop:42"), raw=None)
+        )
+        == "accepted"
+    )
+    letters = await store.dead_letters()
+    assert [(d.id, d.body) for d in letters] == [
+        (others, b'{"pending_webhooks":1,"user":"u10","note":"u1 and more","u1":"key, not value"}')
+    ]
+    stats = await store.stats(NOW)
+    assert (stats.quarantined, stats.raw_payloads) == (1, 1)
+    # Gone for good: nothing left to translate again.
+    selection = Selection(deliveries=[about_user, about_visitor, about_customer])
+    assert await store.retranslate(selection) == 0
+
+
+async def test_a_delivery_quarantined_after_its_user_was_forgotten_is_erased(
+    store: Store,
+) -> None:
+    await store.accept(delivery("f1", Forget(user_id="u1"), raw=None))
+    kept, erased = await quarantine(store, b'{"user":"u2"}', b'{"user":{"id":"u1"}}')
+    (letter,) = await store.dead_letters()
+    assert letter.id == kept
+    assert (await store.stats(NOW)).raw_payloads == 1
+    assert await store.retranslate(Selection(deliveries=[erased])) == 0
+
+
+async def test_forgetting_a_visitor_erases_quarantined_deliveries_naming_it(store: Store) -> None:
+    from bridge.events import ForgetVisitor
+
+    kept, erased = await quarantine(store, b'{"anonymous_id":"anon_8"}', b'["anon_9"]')
+    await store.accept(delivery("f1", ForgetVisitor(anonymous_id="anon_9"), raw=None))
+    assert [d.id for d in await store.dead_letters()] == [kept]
+    assert await store.retranslate(Selection(deliveries=[erased])) == 0

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, Literal, Protocol, TypeVar
 
@@ -40,6 +41,7 @@ from bridge.events import About, Alias, Call, Forget, ForgetVisitor, Identify, O
 __all__ = [
     "BACKLOG_SQL",
     "DELIVERED_SQL",
+    "ERASED_REASON",
     "ROUTES",
     "AcceptResult",
     "Backlog",
@@ -58,6 +60,7 @@ __all__ = [
     "derived_event_id",
     "hash_subject",
     "links",
+    "named",
     "open_store",
     "quarantined_letter",
     "route_of",
@@ -373,6 +376,37 @@ def links(outputs: Iterable[Output | None]) -> set[str]:
             ids = ()
         found.update(hash_subject(i) for i in ids if i)
     return found
+
+
+#: What a forget sets as the reason of a quarantined delivery it erased (the old reason
+#: goes too: an exception's message may quote the payload).
+ERASED_REASON: Final = "erased: its payload named a forgotten user"
+
+
+def named(raw_body: bytes) -> set[str]:
+    """Who a quarantined delivery may be about, as hashes: its handler could not say, so
+    erasure reads what the body names. Every whole string value of its JSON (never a part
+    of one, nor a number: `"pending_webhooks": 1` is nobody); of a body that is not JSON,
+    every run of word characters, `.`, `@`, `+` and `-` (an email, an id)."""
+    try:
+        document = msgspec.json.decode(raw_body)
+    except (msgspec.DecodeError, RecursionError):
+        return {hash_subject(w.decode(errors="replace")) for w in _WORDS.findall(raw_body)}
+    found: set[str] = set()
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if value:
+                found.add(hash_subject(value))
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return found
+
+
+_WORDS: Final = re.compile(rb"[\w.@+-]+")
 
 
 def declared(outputs: Iterable[Output]) -> list[str]:

@@ -27,9 +27,19 @@ from collections.abc import Container, Iterable, Iterator, Sequence
 import msgspec
 
 from bridge.events import Alias, Call, Forget, ForgetVisitor, Identify, Output, Purge, Track
-from bridge.store import Translation, links, subject_of, with_event_id
+from bridge.store import Translation, links, named, subject_of, with_event_id
 
-__all__ = ["Known", "Plan", "Planned", "Row", "plan", "plannable", "segments", "wanted"]
+__all__ = [
+    "Known",
+    "Plan",
+    "Planned",
+    "Row",
+    "plan",
+    "plannable",
+    "quarantined_names",
+    "segments",
+    "wanted",
+]
 
 
 class Planned(msgspec.Struct, frozen=True, kw_only=True):
@@ -94,6 +104,19 @@ def segments(
         yield run, planned
         run = []
     yield run, None
+
+
+def quarantined_names(
+    translations: Iterable[Translation], claimed: Container[int]
+) -> dict[int, set[str]]:
+    """The deliveries of a batch quarantined now (those this transaction `claimed`), with
+    whom their bodies name (`named`): one that names a forgotten user is erased at once,
+    as a translated delivery about them would be."""
+    return {
+        t.delivery.id: named(t.delivery.raw_body)
+        for t in translations
+        if t.failure is not None and t.delivery.id in claimed and t.delivery.raw_body is not None
+    }
 
 
 def wanted(batch: Sequence[Planned]) -> tuple[list[str], list[str]]:

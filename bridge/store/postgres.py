@@ -61,6 +61,7 @@ from bridge.events import Forget, ForgetVisitor, Purge
 from bridge.store import (
     BACKLOG_SQL,
     DELIVERED_SQL,
+    ERASED_REASON,
     AcceptResult,
     Backlog,
     DeadLetter,
@@ -76,6 +77,7 @@ from bridge.store import (
     declared,
     hash_subject,
     links,
+    named,
     quarantined_letter,
     route_of,
     settle,
@@ -84,7 +86,17 @@ from bridge.store import (
     visitor_of,
     with_event_id,
 )
-from bridge.store.identity import Known, Plan, Planned, Row, plan, plannable, segments, wanted
+from bridge.store.identity import (
+    Known,
+    Plan,
+    Planned,
+    Row,
+    plan,
+    plannable,
+    quarantined_names,
+    segments,
+    wanted,
+)
 
 __all__ = ["PostgresStore", "redacted"]
 
@@ -640,6 +652,13 @@ async def _record_in(cur: Cursor, translations: Sequence[Translation], now: floa
         await _write_plan(cur, run, now)
         if alone is not None:
             await _write_calls(cur, alone, now)
+    if quarantined := quarantined_names(translations, claimed):
+        await cur.execute(
+            "SELECT subject FROM forgotten WHERE subject = ANY(%s)",
+            (sorted(set().union(*quarantined.values())),),
+        )
+        forgotten = {subject for (subject,) in await cur.fetchall()}
+        await _drop_quarantined(cur, [i for i, names in quarantined.items() if names & forgotten])
 
 
 async def _retranslate(cur: Cursor, selection: Selection) -> int:
@@ -689,6 +708,7 @@ async def _write_calls(cur: Cursor, delivery: Planned, now: float) -> None:
             else:  # no user to forget at Millimetric; what is stored about the visitor goes
                 visitors = sorted({hash_subject(item.anonymous_id), hash_subject(target)})
                 await cur.execute(_DROP_LINKED_RAW, (visitors,))
+                await _erase_quarantined(cur, set(visitors))
         elif isinstance(item, Forget):
             forget = item
         if forget is not None:
@@ -873,6 +893,7 @@ async def _forget(cur: Cursor, user_id: str, beside: list[str], now: float) -> N
     )
     await cur.execute("DELETE FROM identities WHERE subject = %s", (subject,))
     await _erase_linked(cur, subject, now)
+    await _erase_quarantined(cur, {subject, *related})
 
 
 #: The raw payloads of the deliveries linked to any of some subjects.
@@ -893,6 +914,27 @@ async def _erase_linked(cur: Cursor, subject: str, now: float) -> int:
     erased = cur.rowcount
     await cur.execute(_DROP_LINKED_RAW, ([subject],))
     return erased + cur.rowcount
+
+
+async def _erase_quarantined(cur: Cursor, subjects: set[str]) -> None:
+    """Erase the quarantined deliveries whose bodies name any of `subjects` (as in the
+    SQLite backend: a scan of every quarantined body, on every forget)."""
+    await cur.execute(
+        "SELECT id, raw_body FROM inbox WHERE state = 'quarantined' AND raw_body IS NOT NULL"
+    )
+    rows = await cur.fetchall()
+    await _drop_quarantined(cur, [i for i, body in rows if named(body) & subjects])
+
+
+async def _drop_quarantined(cur: Cursor, ids: list[int]) -> None:
+    """Quarantined deliveries about a forgotten user: dropped, with their payloads and
+    reasons (a reason may quote the payload)."""
+    if ids:
+        await cur.execute(
+            "UPDATE inbox SET state = 'dropped', reason = %s, raw_body = NULL, headers = NULL"
+            " WHERE id = ANY(%s)",
+            (ERASED_REASON, ids),
+        )
 
 
 def _upto(prefix: str) -> str:

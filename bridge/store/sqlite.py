@@ -34,6 +34,7 @@ from bridge.events import Forget, ForgetVisitor, Purge
 from bridge.store import (
     BACKLOG_SQL,
     DELIVERED_SQL,
+    ERASED_REASON,
     AcceptResult,
     Backlog,
     DeadLetter,
@@ -49,6 +50,7 @@ from bridge.store import (
     declared,
     hash_subject,
     links,
+    named,
     quarantined_letter,
     route_of,
     settle,
@@ -57,7 +59,16 @@ from bridge.store import (
     visitor_of,
     with_event_id,
 )
-from bridge.store.identity import Known, Planned, Row, plan, plannable, segments, wanted
+from bridge.store.identity import (
+    Known,
+    Planned,
+    Row,
+    plan,
+    plannable,
+    quarantined_names,
+    segments,
+    wanted,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -618,7 +629,18 @@ def _record(conn: sqlite3.Connection, translations: Sequence[Translation], now: 
         erased = _write_plan(conn, run, now) or erased
         if alone is not None:
             erased = _write_calls(conn, alone, now) or erased
-    return erased
+    quarantined = quarantined_names(translations, claimed)
+    everyone = sorted(set().union(*quarantined.values()))
+    forgotten: set[str] = set()
+    for chunk in _chunks(everyone):
+        forgotten.update(
+            subject
+            for (subject,) in conn.execute(
+                f"SELECT subject FROM forgotten WHERE subject IN ({_marks(chunk)})", chunk
+            )
+        )
+    about = [inbox_id for inbox_id, names in quarantined.items() if names & forgotten]
+    return _drop_quarantined(conn, about) or erased
 
 
 def _write_calls(conn: sqlite3.Connection, delivery: Planned, now: float) -> bool:
@@ -639,8 +661,10 @@ def _write_calls(conn: sqlite3.Connection, delivery: Planned, now: float) -> boo
                 forget = Forget(user_id=known[0])
                 _link(conn, [(delivery.inbox_id, {hash_subject(known[0])})])
             else:  # no user to forget at Millimetric; what is stored about the visitor goes
-                for visitor in {item.anonymous_id, target}:
-                    conn.execute(_DROP_LINKED_RAW, (hash_subject(visitor),))
+                visitors = {hash_subject(v) for v in (item.anonymous_id, target)}
+                for visitor in visitors:
+                    conn.execute(_DROP_LINKED_RAW, (visitor,))
+                _erase_quarantined(conn, visitors)
         elif isinstance(item, Forget):
             forget = item
         else:
@@ -790,6 +814,7 @@ def _forget(conn: sqlite3.Connection, user_id: str, beside: list[str], now: floa
     )
     conn.execute("DELETE FROM identities WHERE subject = ?", (subject,))
     _erase_linked(conn, subject, now)
+    _erase_quarantined(conn, {subject, *related})
 
 
 #: The raw payloads of the deliveries linked to a subject.
@@ -808,6 +833,28 @@ def _erase_linked(conn: sqlite3.Connection, subject: str, now: float) -> int:
         (subject, now),
     ).rowcount
     return rows + conn.execute(_DROP_LINKED_RAW, (subject,)).rowcount
+
+
+def _erase_quarantined(conn: sqlite3.Connection, subjects: set[str]) -> bool:
+    """Erase the quarantined deliveries whose bodies name any of `subjects` (`named`):
+    nothing links them to anyone, their handler could not say whom they are about. A scan
+    of every quarantined body, on every forget: quarantine is the exception, and a
+    forget is rare."""
+    rows = conn.execute(
+        "SELECT id, raw_body FROM inbox WHERE state = 'quarantined' AND raw_body IS NOT NULL"
+    ).fetchall()
+    return _drop_quarantined(conn, [i for i, body in rows if named(body) & subjects])
+
+
+def _drop_quarantined(conn: sqlite3.Connection, ids: Sequence[int]) -> bool:
+    """Quarantined deliveries about a forgotten user: dropped, with their payloads and
+    reasons (a reason may quote the payload)."""
+    conn.executemany(
+        "UPDATE inbox SET state = 'dropped', reason = ?, raw_body = NULL, headers = NULL"
+        " WHERE id = ?",
+        [(ERASED_REASON, inbox_id) for inbox_id in ids],
+    )
+    return bool(ids)
 
 
 # Everything from `prefix` up to (not including) `_upto(prefix)` starts with it: a range
