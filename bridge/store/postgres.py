@@ -5,19 +5,15 @@ native, and fully typed, so mypy strict checks every call here without stubs (as
 faster per round trip but untyped; per webhook the bridge's cost is Python CPU in the
 framework, not the driver: see PERF-NOTES).
 
-- Every operation is one transaction on a pooled connection. `accept` of a redelivery
-  racing its twin waits on the inbox's unique key and then says `duplicate`; a
-  transaction the server rolled back (a deadlock between two accepts that learn the same
-  identities) runs again.
-- Group commit: deliveries that only read what is known about their users (tracks, such
-  as a purchase by a provider's customer, and identifies of a user id: most of them) are
-  accepted together, one transaction and a handful of statements for every one waiting,
-  each caller answered after that commit; one that links, aliases or forgets is its own.
-  The driver's round trips, not the server, were the cost: about 460 us of the event
-  loop's CPU per accept one by one. A group the database refuses, or one held up past
-  2 s by a row lock (a twin mid-commit elsewhere), is run again one delivery at a time,
-  so that delivery fails or waits alone; when the database is out of reach, every
-  caller waiting hears it at once.
+- Every operation (`bridge.store.operations`, its statements in `queries/postgres.sql`)
+  is one transaction on a pooled connection; a transaction the server rolled back (a
+  deadlock, a serialization failure) runs again.
+- Group commit for intake: the deliveries waiting are appended together, one statement
+  and one commit for all of them, each caller answered after that commit. The driver's
+  round trips, not the server, were the cost of one at a time. A group the database
+  refuses, or one held up past 2 s by a row lock (a twin mid-commit at another instance),
+  is run again one delivery at a time, so that delivery fails or waits alone; when the
+  database is out of reach, every caller waiting hears it at once.
 - Migrations are numbered SQL files, applied in one transaction under an advisory lock,
   so instances starting together apply each once; a database newer than the code is
   refused.
@@ -57,46 +53,10 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bridge.database_url import redacted, scrubbed
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.events import Forget, ForgetVisitor, Purge
-from bridge.store import (
-    BACKLOG_SQL,
-    DELIVERED_SQL,
-    ERASED_REASON,
-    AcceptResult,
-    Backlog,
-    DeadLetter,
-    Delivery,
-    OutboxRow,
-    OutboxStats,
-    Retention,
-    Route,
-    Selection,
-    StoredDelivery,
-    Translation,
-    backlog_of,
-    declared,
-    hash_subject,
-    links,
-    named,
-    quarantined_letter,
-    route_of,
-    settle,
-    stored_delivery,
-    subject_of,
-    visitor_of,
-    with_event_id,
-)
-from bridge.store.identity import (
-    Known,
-    Plan,
-    Planned,
-    Row,
-    plan,
-    plannable,
-    quarantined_names,
-    segments,
-    wanted,
-)
+from bridge.store import AcceptResult, Delivery, settle
+from bridge.store import operations as ops
+from bridge.store.base import SQLStore
+from bridge.store.sql import Op, Step, drive_async, load
 
 __all__ = ["PostgresStore", "redacted"]
 
@@ -106,10 +66,6 @@ Connection = psycopg.AsyncConnection[TupleRow]
 
 log = structlog.get_logger("bridge.store")
 
-#: How long a claim lasts before the row is due again (a crashed send is retried).
-LEASE_SECONDS: Final = 900.0
-#: Rows a retention pass deletes per transaction, so intake is never stalled for long.
-CLEANUP_CHUNK: Final = 5000
 #: How often a standby instance tries the leader lock, and the leader checks it still has it.
 LEADER_POLL: Final = 1.0
 #: A lock check that takes longer than this means the lock connection is gone.
@@ -191,8 +147,8 @@ _SERVER_KEEPALIVES: Final = (
     " set_config('tcp_keepalives_count', '3', false)"
 )
 
+_QUERIES: Final = load("postgres")
 _encoder: Final = msgspec.json.Encoder()
-_forget_decoder: Final = msgspec.json.Decoder(Forget)
 
 
 def _migrations() -> list[tuple[int, str]]:
@@ -210,7 +166,7 @@ def _lock_key(purpose: str, schema: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-class PostgresStore:
+class PostgresStore(SQLStore):
     """`Store` on a PostgreSQL database (the schema its URL's search_path selects)."""
 
     def __init__(self, url: str) -> None:
@@ -325,7 +281,7 @@ class PostgresStore:
         await self._lost.wait()
 
     async def _release(self, now: float) -> int:
-        released = await self._run(_release_all_claims, now)
+        released = await self._release_claims(now)
         self._released = True
         return released
 
@@ -377,21 +333,8 @@ class PostgresStore:
 
     # -- the Store protocol ----------------------------------------------------------------
 
-    async def erase(self, user_id: str) -> int:
-        return await self._run(_erase_linked, hash_subject(user_id), time.time())
-
-    async def accept(self, delivery: Delivery) -> AcceptResult:
-        return await self._run(_accept, delivery)
-
-    async def untranslated(self, limit: int) -> list[StoredDelivery]:
-        return await self._run(_untranslated, limit)
-
-    async def record(self, translations: Sequence[Translation]) -> None:
-        if translations:
-            await self._run(_record, translations, time.time())
-
-    async def retranslate(self, selection: Selection) -> int:
-        return await self._run(_retranslate, selection)
+    async def _transact(self, operation: Callable[..., Op[T]], *args: Any, read: bool = False) -> T:
+        return await self._run(_steps, operation, args)
 
     async def append(self, delivery: Delivery) -> AcceptResult:
         if self._pool is None:
@@ -466,56 +409,6 @@ class PostgresStore:
             self._waiting.clear()
         self._grouping = None
 
-    async def claim(self, route: Route, limit: int, max_bytes: int, now: float) -> list[OutboxRow]:
-        return await self._run(_claim, route, limit, max_bytes, now)
-
-    async def delivered(self, ids: Sequence[int], now: float) -> None:
-        if ids:
-            await self._run(_delivered, list(ids), now)
-
-    async def retry(self, ids: Sequence[int], next_at: float, *, count_attempt: bool) -> None:
-        if ids:
-            await self._run(_retry, list(ids), next_at, count_attempt)
-
-    async def dead_letter(self, ids: Sequence[int], reason: str, now: float) -> None:
-        if ids:
-            await self._run(_dead_letter, list(ids), reason, now)
-
-    async def hasten(self, route: Route, now: float) -> int:
-        return await self._run(_execute, _HASTEN, (now, route, now))
-
-    async def backlog(self) -> Backlog:
-        return await self._run(_backlog)
-
-    async def stats(self, now: float) -> OutboxStats:
-        return await self._run(_stats)
-
-    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        return await self._run(_dead_letters, limit)
-
-    async def replay(self, selection: Selection, now: float) -> int:
-        return await self._run(_replay, selection, now)
-
-    async def purge(self, selection: Selection) -> int:
-        return await self._run(_purge, selection)
-
-    async def cleanup(self, retention: Retention, now: float) -> dict[str, int]:
-        counts = {"delivered": 0, "raw_payloads": 0, "inbox": 0}
-        for kind, statement, age in (
-            ("delivered", _CLEAN_DELIVERED, retention.delivered),
-            ("raw_payloads", _CLEAN_RAW, retention.raw_payloads),
-            ("inbox", _CLEAN_INBOX, retention.inbox),
-        ):
-            while True:  # in chunks, each its own transaction, so intake interleaves
-                done = await self._run(_execute, statement, (now - age, CLEANUP_CHUNK))
-                counts[kind] += done
-                if done < CLEANUP_CHUNK:
-                    break
-        return counts
-
-    async def set_paused(self, reason: str | None) -> None:
-        await self._run(_set_meta, "paused", reason)
-
 
 # -- the SQL, each function one transaction --------------------------------------------------
 
@@ -560,163 +453,22 @@ async def _migrate(cur: Cursor, lock_key: int) -> None:
             )
 
 
-async def _release_all_claims(cur: Cursor, now: float) -> int:
-    """The previous leader is gone: what it had in flight is due again now (Millimetric
-    deduplicates those sends by event_id)."""
-    await cur.execute(
-        "DELETE FROM outbox WHERE state = 'pending' AND claimed AND route != 'forget'"
-        " AND subject IN (SELECT subject FROM forgotten)"
-    )
-    await cur.execute(
-        "UPDATE outbox SET claimed = FALSE, next_at = %s WHERE state = 'pending' AND claimed",
-        (now,),
-    )
-    return cur.rowcount
+async def _steps(cur: Cursor, operation: Callable[..., Op[T]], args: tuple[Any, ...]) -> T:
+    """Run an operation's statements on `cur` (`bridge.store.sql`)."""
 
+    async def run(step: Step) -> Any:
+        sql = _QUERIES[step.query]
+        if step.kind == "write":  # one array a column
+            await cur.execute(sql, [list(column) for column in zip(*step.params, strict=True)])
+            return None
+        await cur.execute(sql, step.params)
+        return await cur.fetchall() if step.kind == "rows" else cur.rowcount
 
-async def _append(cur: Cursor, delivery: Delivery, state: str) -> int | None:
-    """The delivery's inbox row; its id, or None for a redelivery."""
-    found = await _one(
-        cur,
-        "INSERT INTO inbox (source, provider_event_id, received_at, raw_body, headers, calls,"
-        " state) VALUES (%s, %s, %s, %s, %s, 0, %s)"
-        " ON CONFLICT (source, provider_event_id) DO NOTHING RETURNING id",
-        (
-            delivery.source,
-            delivery.provider_event_id,
-            delivery.received_at,
-            delivery.raw_body,
-            _encoder.encode(delivery.headers),
-            state,
-        ),
-    )
-    return None if found is None else int(found)
+    return await drive_async(operation(*args), run)
 
 
 async def _append_one(cur: Cursor, delivery: Delivery) -> AcceptResult:
-    return "duplicate" if await _append(cur, delivery, "untranslated") is None else "accepted"
-
-
-async def _accept(cur: Cursor, delivery: Delivery) -> AcceptResult:
-    inbox_id = await _append(cur, delivery, "translated")
-    if inbox_id is None:
-        return "duplicate"
-    planned = Planned(
-        inbox_id=inbox_id,
-        source=delivery.source,
-        provider_event_id=delivery.provider_event_id,
-        outputs=delivery.calls,
-    )
-    if plannable(planned.outputs):
-        await _write_plan(cur, [planned], delivery.received_at)
-    else:
-        await _write_calls(cur, planned, delivery.received_at)
-    return "accepted"
-
-
-async def _untranslated(cur: Cursor, limit: int) -> list[StoredDelivery]:
-    # By state, not by a cursor over ids: groups of several instances commit out of id order.
-    await cur.execute(
-        "SELECT id, source, provider_event_id, received_at, raw_body, headers FROM inbox"
-        " WHERE state = 'untranslated' ORDER BY id LIMIT %s",
-        (limit,),
-    )
-    return [stored_delivery(row) for row in await cur.fetchall()]
-
-
-async def _record(cur: Cursor, translations: Sequence[Translation], now: float) -> None:
-    """Mark every delivery of the batch at once (a delivery another translator took in the
-    meantime is left to it), then write the calls of those marked translated: planned
-    together (`bridge.store.identity`), save that a delivery that erases goes alone, in order."""
-    # Pipelined: statements whose results are not read (inserts, updates) go without a
-    # round trip each; only the lookups wait for the server.
-    async with cur.connection.pipeline():
-        await _record_in(cur, translations, now)
-
-
-async def _record_in(cur: Cursor, translations: Sequence[Translation], now: float) -> None:
-    await cur.execute(
-        "UPDATE inbox SET state = given.state, reason = given.reason, calls = given.calls"
-        " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::int[])"
-        " AS given (id, state, reason, calls)"
-        " WHERE inbox.id = given.id AND inbox.state = 'untranslated' RETURNING inbox.id",
-        (
-            [t.delivery.id for t in translations],
-            ["translated" if t.failure is None else "quarantined" for t in translations],
-            [t.failure for t in translations],
-            [len(t.outputs) for t in translations],
-        ),
-    )
-    claimed = {found for (found,) in await cur.fetchall()}
-    for run, alone in segments(translations, claimed):
-        await _write_plan(cur, run, now)
-        if alone is not None:
-            await _write_calls(cur, alone, now)
-    if quarantined := quarantined_names(translations, claimed):
-        await cur.execute(
-            "SELECT subject FROM forgotten WHERE subject = ANY(%s)",
-            (sorted(set().union(*quarantined.values())),),
-        )
-        forgotten = {subject for (subject,) in await cur.fetchall()}
-        await _drop_quarantined(cur, [i for i, names in quarantined.items() if names & forgotten])
-
-
-async def _retranslate(cur: Cursor, selection: Selection) -> int:
-    where, params = _deliveries(selection, ["translated", "quarantined"])
-    await cur.execute(
-        "UPDATE inbox SET state = 'untranslated', reason = NULL WHERE raw_body IS NOT NULL"
-        f" AND {where}",
-        params,
-    )
-    return cur.rowcount
-
-
-def _deliveries(selection: Selection, states: list[str]) -> tuple[str, list[Any]]:
-    """The inbox rows a selection names, in `states` (as the SQLite backend's)."""
-    clauses = ["state = ANY(%s)"]
-    params: list[Any] = [states]
-    if selection.ids and not selection.deliveries:
-        clauses.append("FALSE")  # calls were named, and no delivery
-    if selection.deliveries:
-        clauses.append("id = ANY(%s)")
-        params.append(list(selection.deliveries))
-    if selection.source is not None:
-        clauses.append("source = %s")
-        params.append(selection.source)
-    if selection.since is not None:
-        clauses.append("received_at >= %s")
-        params.append(selection.since)
-    return " AND ".join(clauses), params
-
-
-async def _write_calls(cur: Cursor, delivery: Planned, now: float) -> None:
-    """A delivery that erases, alone (as in the SQLite backend): its links, its erasures
-    (`Purge`, `ForgetVisitor`, `Forget`), then its other calls as planned."""
-    await _link(cur, [(delivery.inbox_id, links(delivery.outputs))])
-    for index, item in enumerate(delivery.outputs):
-        forget: Forget | None = None
-        if isinstance(item, Purge):
-            await _purge_prefixes(cur, delivery.source, item, now)
-        elif isinstance(item, ForgetVisitor):
-            target = await _target(cur, item.anonymous_id)
-            known = await _one(
-                cur, "SELECT user_id FROM identities WHERE anonymous_id = %s", (target,)
-            )
-            if known is not None:
-                forget = Forget(user_id=known)
-                await _link(cur, [(delivery.inbox_id, {hash_subject(known)})])
-            else:  # no user to forget at Millimetric; what is stored about the visitor goes
-                visitors = sorted({hash_subject(item.anonymous_id), hash_subject(target)})
-                await cur.execute(_DROP_LINKED_RAW, (visitors,))
-                await _erase_quarantined(cur, set(visitors))
-        elif isinstance(item, Forget):
-            forget = item
-        if forget is not None:
-            await _forget(cur, forget.user_id, declared(delivery.outputs), now)
-            _, key = with_event_id(forget, delivery.source, delivery.provider_event_id, index)
-            row = Row(inbox_id=delivery.inbox_id, call=forget, event_id=key)
-            await _write(cur, Plan(rows=[row]), now)
-    await _write_plan(cur, [delivery], now)
+    return "duplicate" if await _steps(cur, ops.append, (delivery,)) is None else "accepted"
 
 
 def _unreachable(failure: StoreUnavailable) -> bool:
@@ -759,428 +511,3 @@ async def _append_group(cur: Cursor, deliveries: Sequence[Delivery]) -> list[Acc
         results.append("accepted" if key in inserted else "duplicate")
         inserted.discard(key)  # a twin in the same group: the first is the one inserted
     return results
-
-
-async def _write_plan(cur: Cursor, run: Sequence[Planned], now: float) -> None:
-    """Many deliveries' calls in a few statements (`bridge.store.identity`): what is known of
-    their visitors (alias and user) and which of their users are forgotten, read in one
-    round trip; then the plan's aliases, identities, links, outbox rows and dropped raw
-    bodies, one statement each."""
-    if not run:
-        return
-    visitors, subjects = wanted(run)
-    known = Known()
-    conn = cur.connection
-    async with conn.cursor() as aliased:
-        if visitors:
-            await aliased.execute(
-                "SELECT given, COALESCE(a.anonymous_id, given), i.user_id"
-                " FROM unnest(%s::text[]) AS v (given)"
-                " LEFT JOIN aliases a ON a.alias = given"
-                " LEFT JOIN identities i ON i.anonymous_id = COALESCE(a.anonymous_id, given)",
-                (visitors,),
-            )
-        if subjects:
-            await cur.execute("SELECT subject FROM forgotten WHERE subject = ANY(%s)", (subjects,))
-        if visitors:  # fetching syncs the pipeline: both queries go in one round trip
-            for given, target, user in await aliased.fetchall():
-                if target != given:
-                    known.targets[given] = target
-                if user is not None:
-                    known.users[target] = user
-        if subjects:
-            known.forgotten = {subject for (subject,) in await cur.fetchall()}
-    await _write(cur, plan(run, known), now)
-
-
-async def _write(cur: Cursor, planned: Plan, now: float) -> None:
-    if planned.aliases:
-        aliases = sorted(planned.aliases.items())
-        await cur.execute(
-            "INSERT INTO aliases (alias, anonymous_id) SELECT * FROM unnest(%s::text[],"
-            " %s::text[]) ON CONFLICT (alias) DO UPDATE SET anonymous_id = excluded.anonymous_id",
-            ([alias for alias, _ in aliases], [target for _, target in aliases]),
-        )
-    if planned.identities:
-        learned = sorted(planned.identities.items())
-        await cur.execute(
-            "INSERT INTO identities (anonymous_id, user_id, subject) SELECT * FROM unnest("
-            "%s::text[], %s::text[], %s::text[]) ON CONFLICT (anonymous_id) DO UPDATE"
-            " SET user_id = excluded.user_id, subject = excluded.subject",
-            (
-                [visitor for visitor, _ in learned],
-                [user for _, user in learned],
-                [hash_subject(user) for _, user in learned],
-            ),
-        )
-    await _link(cur, planned.links)
-    if planned.rows:
-        await cur.execute(
-            # A call already queued or sent under its key is not queued again.
-            "INSERT INTO outbox (inbox_id, route, subject, visitor, event_id, body, created_at,"
-            " next_at) SELECT inbox_id, route, subject, visitor, event_id, body, %s, %s"
-            " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],"
-            " %s::bytea[]) WITH ORDINALITY"
-            " AS given (inbox_id, route, subject, visitor, event_id, body, position)"
-            " ORDER BY position ON CONFLICT DO NOTHING",
-            (
-                now,
-                now,
-                [row.inbox_id for row in planned.rows],
-                [route_of(row.call) for row in planned.rows],
-                [subject_of(row.call) for row in planned.rows],
-                [visitor_of(row.call) for row in planned.rows],
-                [row.event_id for row in planned.rows],
-                [_encoder.encode(row.call) for row in planned.rows],
-            ),
-        )
-    if planned.emptied:
-        await cur.execute(
-            "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ANY(%s)",
-            (planned.emptied,),
-        )
-
-
-async def _target(cur: Cursor, anonymous_id: str) -> str:
-    found = await _one(cur, "SELECT anonymous_id FROM aliases WHERE alias = %s", (anonymous_id,))
-    return str(found) if found is not None else anonymous_id
-
-
-async def _link(cur: Cursor, linked: Sequence[tuple[int, set[str]]]) -> None:
-    """Record who each delivery is about (`links`), for erasure."""
-    pairs = sorted((subject, inbox_id) for inbox_id, subjects in linked for subject in subjects)
-    if pairs:
-        await cur.execute(
-            "INSERT INTO inbox_subjects (subject, inbox_id) SELECT * FROM"
-            " unnest(%s::text[], %s::bigint[]) ON CONFLICT DO NOTHING",
-            ([subject for subject, _ in pairs], [inbox_id for _, inbox_id in pairs]),
-        )
-
-
-async def _forget(cur: Cursor, user_id: str, beside: list[str], now: float) -> None:
-    """Erase at once what is linked to a user, and remember them as forgotten (as in the
-    SQLite backend: the visitors learned for them, their aliases and the identifiers
-    declared beside the forget are the user's links too); sends in flight stay (the
-    forget row waits for them)."""
-    subject = hash_subject(user_id)
-    await cur.execute(
-        "SELECT anonymous_id FROM identities WHERE subject = %s UNION"
-        " SELECT alias FROM aliases WHERE anonymous_id IN"
-        " (SELECT anonymous_id FROM identities WHERE subject = %s)",
-        (subject, subject),
-    )
-    visitors = [v for (v,) in await cur.fetchall()]
-    related = sorted({*beside, *(hash_subject(v) for v in visitors)} - {subject})
-    if related:
-        await cur.execute(
-            "UPDATE outbox SET subject = %s WHERE subject IS NULL AND route != 'forget'"
-            " AND visitor = ANY(%s)",
-            (subject, related),
-        )
-        await cur.execute(
-            "INSERT INTO inbox_subjects (subject, inbox_id) SELECT DISTINCT %s, inbox_id"
-            " FROM inbox_subjects WHERE subject = ANY(%s) ON CONFLICT DO NOTHING",
-            (subject, related),
-        )
-    await cur.execute(
-        "INSERT INTO forgotten (subject, at) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-        (subject, now),
-    )
-    await cur.execute(
-        "DELETE FROM aliases WHERE anonymous_id IN"
-        " (SELECT anonymous_id FROM identities WHERE subject = %s)",
-        (subject,),
-    )
-    await cur.execute("DELETE FROM identities WHERE subject = %s", (subject,))
-    await _erase_linked(cur, subject, now)
-    await _erase_quarantined(cur, {subject, *related})
-
-
-#: The raw payloads of the deliveries linked to any of some subjects.
-_DROP_LINKED_RAW: Final = (
-    "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE raw_body IS NOT NULL"
-    " AND id IN (SELECT inbox_id FROM inbox_subjects WHERE subject = ANY(%s))"
-)
-
-
-async def _erase_linked(cur: Cursor, subject: str, now: float) -> int:
-    """Delete the calls about a subject (not forgets, not sends in flight) and drop the
-    raw payloads of the deliveries linked to it; how many of both."""
-    await cur.execute(
-        "DELETE FROM outbox WHERE subject = %s AND route != 'forget'"
-        " AND NOT (state = 'pending' AND claimed AND next_at > %s)",
-        (subject, now),
-    )
-    erased = cur.rowcount
-    await cur.execute(_DROP_LINKED_RAW, ([subject],))
-    return erased + cur.rowcount
-
-
-async def _erase_quarantined(cur: Cursor, subjects: set[str]) -> None:
-    """Erase the quarantined deliveries whose bodies name any of `subjects` (as in the
-    SQLite backend: a scan of every quarantined body, on every forget)."""
-    await cur.execute(
-        "SELECT id, raw_body FROM inbox WHERE state = 'quarantined' AND raw_body IS NOT NULL"
-    )
-    rows = await cur.fetchall()
-    await _drop_quarantined(cur, [i for i, body in rows if named(body) & subjects])
-
-
-async def _drop_quarantined(cur: Cursor, ids: list[int]) -> None:
-    """Quarantined deliveries about a forgotten user: dropped, with their payloads and
-    reasons (a reason may quote the payload)."""
-    if ids:
-        await cur.execute(
-            "UPDATE inbox SET state = 'dropped', reason = %s, raw_body = NULL, headers = NULL"
-            " WHERE id = ANY(%s)",
-            (ERASED_REASON, ids),
-        )
-
-
-def _upto(prefix: str) -> str:
-    """Everything from `prefix` up to (not including) this starts with it, compared
-    byte-wise (the columns are COLLATE "C"): a range the indexes serve."""
-    return prefix + "\U0010ffff"
-
-
-async def _purge_prefixes(cur: Cursor, source: str, purge: Purge, now: float) -> None:
-    """Carry out a `Purge` (as in the SQLite backend)."""
-    deliveries = (source, purge.deliveries, _upto(purge.deliveries))
-    await cur.execute(
-        "DELETE FROM outbox WHERE inbox_id IN (SELECT id FROM inbox WHERE source = %s"
-        " AND provider_event_id >= %s AND provider_event_id < %s) AND route != 'forget'"
-        " AND NOT (state = 'pending' AND claimed AND next_at > %s)",
-        (*deliveries, now),
-    )
-    await cur.execute(
-        "UPDATE inbox SET raw_body = NULL, headers = NULL"
-        " WHERE source = %s AND provider_event_id >= %s AND provider_event_id < %s",
-        deliveries,
-    )
-    users = (purge.users, _upto(purge.users))
-    await cur.execute(
-        "DELETE FROM aliases WHERE anonymous_id IN"
-        " (SELECT anonymous_id FROM identities WHERE user_id >= %s AND user_id < %s)",
-        users,
-    )
-    await cur.execute("DELETE FROM identities WHERE user_id >= %s AND user_id < %s", users)
-
-
-async def _claim(
-    cur: Cursor, route: Route, limit: int, max_bytes: int, now: float
-) -> list[OutboxRow]:
-    if route == "forget":
-        # A forget waits until no earlier call about the same user is still pending; rows
-        # about a forgotten user that are not in flight are never sent (see SQLite).
-        await cur.execute(
-            "DELETE FROM outbox WHERE state = 'pending' AND route != 'forget'"
-            " AND subject IN (SELECT subject FROM outbox WHERE state = 'pending'"
-            "   AND route = 'forget') AND NOT (claimed AND next_at > %s)",
-            (now,),
-        )
-        await cur.execute(
-            "SELECT id, body, created_at, attempts FROM outbox AS f"
-            " WHERE state = 'pending' AND route = 'forget' AND next_at <= %s"
-            " AND NOT EXISTS (SELECT 1 FROM outbox AS o WHERE o.subject = f.subject"
-            "   AND o.state = 'pending' AND o.route != 'forget')"
-            " ORDER BY next_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
-            (now, limit),
-        )
-    else:
-        await cur.execute(
-            "SELECT id, body, created_at, attempts FROM outbox"
-            " WHERE state = 'pending' AND route = %s AND next_at <= %s"
-            " ORDER BY next_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
-            (route, now, limit),
-        )
-    rows: list[OutboxRow] = []
-    size = 0
-    for row_id, body, created_at, attempts in await cur.fetchall():
-        size += len(body) + 1
-        if rows and size > max_bytes:
-            break
-        rows.append(
-            OutboxRow(
-                id=row_id, route=route, body=bytes(body), created_at=created_at, attempts=attempts
-            )
-        )
-    if rows:
-        await cur.execute(
-            "UPDATE outbox SET claimed = TRUE, next_at = %s WHERE id = ANY(%s)",
-            (now + LEASE_SECONDS, [row.id for row in rows]),
-        )
-    return rows
-
-
-async def _delivered(cur: Cursor, ids: list[int], now: float) -> None:
-    await cur.execute("SELECT body FROM outbox WHERE route = 'forget' AND id = ANY(%s)", (ids,))
-    forgets = [bytes(body) for (body,) in await cur.fetchall()]
-    await cur.execute(
-        "UPDATE outbox SET state = 'delivered', claimed = FALSE, done_at = %s, reason = NULL"
-        " WHERE state = 'pending' AND id = ANY(%s)",
-        (now, ids),
-    )
-    for body in forgets:
-        # Millimetric has erased the user: the forget row and the sends that were in flight
-        # at forget time go too.
-        user_id = _forget_decoder.decode(body).user_id
-        await cur.execute(
-            "DELETE FROM outbox WHERE state != 'pending' AND subject = %s",
-            (hash_subject(user_id),),
-        )
-
-
-async def _retry(cur: Cursor, ids: list[int], next_at: float, count_attempt: bool) -> None:
-    await cur.execute(
-        "UPDATE outbox SET claimed = FALSE, next_at = %s, attempts = attempts + %s"
-        " WHERE state = 'pending' AND id = ANY(%s)",
-        (next_at, int(count_attempt), ids),
-    )
-    # A send that failed after its user was forgotten is not tried again.
-    await cur.execute(
-        "DELETE FROM outbox WHERE route != 'forget' AND id = ANY(%s)"
-        " AND subject IN (SELECT subject FROM forgotten)",
-        (ids,),
-    )
-
-
-async def _dead_letter(cur: Cursor, ids: list[int], reason: str, now: float) -> None:
-    await cur.execute(
-        "UPDATE outbox SET state = 'dead', claimed = FALSE, done_at = %s, reason = %s,"
-        " attempts = attempts + 1 WHERE state = 'pending' AND id = ANY(%s)",
-        (now, reason, ids),
-    )
-
-
-async def _backlog(cur: Cursor) -> Backlog:
-    await cur.execute(BACKLOG_SQL)
-    return backlog_of(await cur.fetchone() or (0, 0, None, 0, None, 0))
-
-
-async def _stats(cur: Cursor) -> OutboxStats:
-    backlog = await _backlog(cur)
-    delivered = await _one(cur, DELIVERED_SQL)
-    await cur.execute(
-        "SELECT COUNT(*), COUNT(raw_body), (SELECT value FROM meta WHERE key = 'paused') FROM inbox"
-    )
-    inbox, raw, paused = await cur.fetchone() or (0, 0, None)
-    return OutboxStats(
-        pending=backlog.pending,
-        delivered=delivered,
-        dead=backlog.dead,
-        oldest_pending_at=backlog.oldest_pending_at,
-        inbox=inbox,
-        raw_payloads=raw,
-        paused=paused,
-        untranslated=backlog.untranslated,
-        oldest_untranslated_at=backlog.oldest_untranslated_at,
-        quarantined=backlog.quarantined,
-    )
-
-
-async def _dead_letters(cur: Cursor, limit: int) -> list[DeadLetter]:
-    await cur.execute(
-        "SELECT o.id, o.route, i.source, o.event_id, o.reason, o.created_at, o.attempts, o.body"
-        " FROM outbox AS o LEFT JOIN inbox AS i ON i.id = o.inbox_id"
-        " WHERE o.state = 'dead' ORDER BY o.id LIMIT %s",
-        (limit,),
-    )
-    calls = [
-        DeadLetter(
-            id=r[0],
-            route=r[1],
-            source=r[2],
-            event_id=r[3],
-            reason=r[4] or "",
-            created_at=r[5],
-            attempts=r[6],
-            body=bytes(r[7]),
-        )
-        for r in await cur.fetchall()
-    ]
-    await cur.execute(
-        "SELECT id, source, provider_event_id, reason, received_at, raw_body FROM inbox"
-        " WHERE state = 'quarantined' ORDER BY id LIMIT %s",
-        (limit,),
-    )
-    return [*calls, *map(quarantined_letter, await cur.fetchall())]
-
-
-def _where(selection: Selection) -> tuple[str, list[Any]]:
-    states = "('dead', 'delivered')" if selection.include_delivered else "('dead')"
-    clauses: list[str] = [f"state IN {states}"]
-    params: list[Any] = []
-    if selection.deliveries and not selection.ids:
-        clauses.append("FALSE")  # deliveries were named, and no call
-    if selection.ids:
-        clauses.append("id = ANY(%s)")
-        params.append(list(selection.ids))
-    if selection.source is not None:
-        clauses.append("inbox_id IN (SELECT id FROM inbox WHERE source = %s)")
-        params.append(selection.source)
-    if selection.since is not None:
-        clauses.append("created_at >= %s")
-        params.append(selection.since)
-    return " AND ".join(clauses), params
-
-
-async def _replay(cur: Cursor, selection: Selection, now: float) -> int:
-    where, params = _where(selection)
-    await cur.execute(
-        # A replay starts the row's life again: its max age counts from now.
-        "UPDATE outbox SET state = 'pending', claimed = FALSE, next_at = %s, attempts = 0,"
-        f" created_at = %s, done_at = NULL, reason = NULL WHERE {where}",
-        (now, now, *params),
-    )
-    return cur.rowcount
-
-
-async def _purge(cur: Cursor, selection: Selection) -> int:
-    where, params = _where(msgspec.structs.replace(selection, include_delivered=False))
-    await cur.execute(f"DELETE FROM outbox WHERE {where}", params)
-    calls = cur.rowcount
-    # As on SQLite: a quarantined delivery loses its payload, its inbox row stays.
-    where, params = _deliveries(selection, ["quarantined"])
-    await cur.execute(
-        f"UPDATE inbox SET state = 'dropped', raw_body = NULL, headers = NULL WHERE {where}",
-        params,
-    )
-    return calls + cur.rowcount
-
-
-_CLEAN_DELIVERED: Final = (
-    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
-    " WHERE state = 'delivered' AND done_at < %s LIMIT %s)"
-)
-# As on SQLite, retention leaves untranslated and quarantined deliveries alone.
-_CLEAN_RAW: Final = (
-    "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id IN (SELECT id FROM inbox"
-    " WHERE raw_body IS NOT NULL AND received_at < %s AND state = 'translated' LIMIT %s)"
-)
-_CLEAN_INBOX: Final = (
-    "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE received_at < %s"
-    " AND state IN ('translated', 'dropped')"
-    " AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.inbox_id = inbox.id) LIMIT %s)"
-)
-
-
-_HASTEN: Final = (
-    "UPDATE outbox SET next_at = %s WHERE route = %s AND state = 'pending' AND NOT claimed"
-    " AND attempts > 0 AND next_at > %s"
-)
-
-
-async def _execute(cur: Cursor, statement: str, params: tuple[Any, ...]) -> int:
-    await cur.execute(statement, params)
-    return cur.rowcount
-
-
-async def _set_meta(cur: Cursor, key: str, value: str | None) -> None:
-    if value is None:
-        await cur.execute("DELETE FROM meta WHERE key = %s", (key,))
-    else:
-        await cur.execute(
-            "INSERT INTO meta (key, value) VALUES (%s, %s)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )

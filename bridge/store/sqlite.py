@@ -1,15 +1,17 @@
 """The SQLite outbox store: one writer thread, group commit, WAL, `synchronous=FULL`.
 
 One dedicated thread owns the connection and serialises every operation (SQLite has one
-writer anyway, and committing off the event loop keeps intake responsive). Deliveries
-accepted concurrently are committed together: the thread takes every `accept` waiting in
-its queue, runs them in one transaction (a failing one alone rolled back, in its own
-savepoint) and commits them with one fsync. Each caller is answered only after that
-commit, so durability per delivery is the same as a commit each, at a fraction of the
-cost.
+writer anyway, and committing off the event loop keeps intake responsive); it runs the
+store's operations (`bridge.store.operations`, their statements in `queries/sqlite.sql`).
+Deliveries appended concurrently are committed together: the thread takes every `append`
+waiting in its queue, runs them in one transaction (a failing one alone rolled back, in
+its own savepoint) and commits them with one fsync. Each caller is answered only after
+that commit, so durability per delivery is the same as a commit each, at a fraction of
+the cost.
 
 The statements of a group run on the event loop of its callers while the thread waits,
-and the thread commits (`_on_their_loops` says why); everything else runs on the thread.
+and the thread commits (`_on_their_loops` says why); everything else runs on the thread,
+save reads, which run on a read-only connection beside it (`_read`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import fcntl
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -30,45 +31,9 @@ import msgspec
 import structlog
 
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.events import Forget, ForgetVisitor, Purge
-from bridge.store import (
-    BACKLOG_SQL,
-    DELIVERED_SQL,
-    ERASED_REASON,
-    AcceptResult,
-    Backlog,
-    DeadLetter,
-    Delivery,
-    OutboxRow,
-    OutboxStats,
-    Retention,
-    Route,
-    Selection,
-    StoredDelivery,
-    Translation,
-    backlog_of,
-    declared,
-    hash_subject,
-    links,
-    named,
-    quarantined_letter,
-    route_of,
-    settle,
-    stored_delivery,
-    subject_of,
-    visitor_of,
-    with_event_id,
-)
-from bridge.store.identity import (
-    Known,
-    Planned,
-    Row,
-    plan,
-    plannable,
-    quarantined_names,
-    segments,
-    wanted,
-)
+from bridge.store import AcceptResult, Delivery, settle
+from bridge.store.base import SQLStore
+from bridge.store.sql import Op, Step, drive, load
 
 __all__ = ["SQLiteStore"]
 
@@ -78,15 +43,12 @@ SYNCHRONOUS: Final = ("FULL", "NORMAL", "EXTRA")
 
 #: How long the writer thread waits for another process's write lock.
 BUSY_TIMEOUT_MS: Final = 5000
-#: How long a claim lasts before the row is due again (a crashed send is retried).
-LEASE_SECONDS: Final = 900.0
 #: Most deliveries one group commit takes; bounds how long one transaction holds the lock.
 MAX_GROUP: Final = 512
-#: Rows a retention pass deletes per transaction, so intake is never stalled for long.
-CLEANUP_CHUNK: Final = 5000
 
+_QUERIES: Final = load("sqlite")
+_APPEND: Final = _QUERIES["append"]
 _encoder: Final = msgspec.json.Encoder()
-_forget_decoder: Final = msgspec.json.Decoder(Forget)
 
 
 def _migrations() -> list[tuple[int, str]]:
@@ -264,7 +226,7 @@ def _as_unavailable(error: BaseException) -> BaseException:
     return error
 
 
-class SQLiteStore:
+class SQLiteStore(SQLStore):
     """`Store` on one SQLite file."""
 
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
@@ -423,7 +385,7 @@ class SQLiteStore:
                 f"another millimetric-bridge process is forwarding from {self.path}"
             ) from None
         self._lock = lock
-        return await self._call(_release_all_claims, now)
+        return await self._release_claims(now)
 
     async def lead(self) -> int:
         # `recover` took the file lock: this process is the one forwarder already.
@@ -432,91 +394,21 @@ class SQLiteStore:
     async def lost(self) -> None:
         await asyncio.Event().wait()  # the file lock lasts as long as the process
 
-    async def erase(self, user_id: str) -> int:
-        erased = await self._call(_erase_linked, hash_subject(user_id), time.time())
-        await self._call(_checkpoint)
-        return erased
-
     async def append(self, delivery: Delivery) -> AcceptResult:
         return await self._submit(_appended, (delivery,), grouped=True)
 
-    async def untranslated(self, limit: int) -> list[StoredDelivery]:
-        return await self._read(_untranslated, limit)
+    async def _transact(self, operation: Callable[..., Op[T]], *args: Any, read: bool = False) -> T:
+        if read:
+            return await self._read(_steps, operation, args)
+        return await self._call(_steps, operation, args)
 
-    async def record(self, translations: Sequence[Translation]) -> None:
-        if await self._call(_record, translations, time.time()):
-            await asyncio.wait([self._checkpoint_soon()])
-
-    async def retranslate(self, selection: Selection) -> int:
-        return await self._call(_retranslate, selection)
-
-    async def accept(self, delivery: Delivery) -> AcceptResult:
-        accepted = self._submit(_accept, (delivery,), grouped=True)
-        if not any(isinstance(c, Purge) for c in delivery.calls):
-            return await accepted
-        # Queued behind the accept now, so it runs even if the caller goes away.
-        checkpoint = self._checkpoint_soon()
-        result = await accepted
-        await asyncio.wait([checkpoint])
-        return result
-
-    def _checkpoint_soon(self) -> asyncio.Future[None]:
-        """A checkpoint queued for the writer: the WAL's old frames still hold what was just
-        erased (as after `erase`). Awaited by the caller, so that its answer means gone;
-        its failure is logged, not the caller's (the erasure itself is committed)."""
+    async def _erased(self) -> None:
+        """A checkpoint, awaited, so that the caller's answer means gone: the WAL's old
+        frames still hold what was just erased. Its failure is logged, not the caller's
+        (the erasure itself is committed; the next checkpoint writes out what is left)."""
         checkpoint = self._submit(_checkpoint, ())
         checkpoint.add_done_callback(_checkpoint_failed)
-        return checkpoint
-
-    async def claim(self, route: Route, limit: int, max_bytes: int, now: float) -> list[OutboxRow]:
-        return await self._call(_claim, route, limit, max_bytes, now)
-
-    async def delivered(self, ids: Sequence[int], now: float) -> None:
-        await self._call(_delivered, list(ids), now)
-
-    async def retry(self, ids: Sequence[int], next_at: float, *, count_attempt: bool) -> None:
-        await self._call(_retry, list(ids), next_at, count_attempt)
-
-    async def dead_letter(self, ids: Sequence[int], reason: str, now: float) -> None:
-        await self._call(_dead_letter, list(ids), reason, now)
-
-    async def hasten(self, route: Route, now: float) -> int:
-        return await self._call(_execute, _HASTEN, (now, route, now))
-
-    async def backlog(self) -> Backlog:
-        # The write lock taken and let go at once: the store takes deliveries (the writer
-        # is not stuck, and no other process holds the lock past the busy timeout).
-        await self._call(_nothing)
-        return await self._read(_backlog)
-
-    async def stats(self, now: float) -> OutboxStats:
-        return await self._read(_stats)
-
-    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        return await self._read(_dead_letters, limit)
-
-    async def replay(self, selection: Selection, now: float) -> int:
-        return await self._call(_replay, selection, now)
-
-    async def purge(self, selection: Selection) -> int:
-        return await self._call(_purge, selection)
-
-    async def cleanup(self, retention: Retention, now: float) -> dict[str, int]:
-        counts = {"delivered": 0, "raw_payloads": 0, "inbox": 0}
-        for kind, statement, age in (
-            ("delivered", _CLEAN_DELIVERED, retention.delivered),
-            ("raw_payloads", _CLEAN_RAW, retention.raw_payloads),
-            ("inbox", _CLEAN_INBOX, retention.inbox),
-        ):
-            while True:  # in chunks, each its own transaction, so intake interleaves
-                done = await self._call(_execute, statement, (now - age, CLEANUP_CHUNK))
-                counts[kind] += done
-                if done < CLEANUP_CHUNK:
-                    break
-        return counts
-
-    async def set_paused(self, reason: str | None) -> None:
-        await self._call(_set_meta, "paused", reason)
+        await asyncio.wait([checkpoint])
 
 
 # -- the SQL, run on the writer thread -------------------------------------------------------
@@ -554,603 +446,46 @@ def _statements(sql: str) -> list[str]:
     return statements
 
 
-def _release_all_claims(conn: sqlite3.Connection, now: float) -> int:
-    """The forwarder of a previous process is gone: what it had in flight is due again now
-    (Millimetric deduplicates those sends by event_id)."""
-    conn.execute(
-        "DELETE FROM outbox WHERE state = 'pending' AND claimed = 1 AND route != 'forget'"
-        " AND subject IN (SELECT subject FROM forgotten)"
-    )
-    return conn.execute(
-        "UPDATE outbox SET claimed = 0, next_at = ? WHERE state = 'pending' AND claimed = 1",
-        (now,),
-    ).rowcount
+def _steps(conn: sqlite3.Connection, operation: Callable[..., Op[T]], args: tuple[Any, ...]) -> T:
+    """Run an operation's statements on `conn` (`bridge.store.sql`)."""
+
+    def run(step: Step) -> Any:
+        sql = _QUERIES[step.query]
+        if step.kind == "write":
+            conn.executemany(sql, step.params)
+            return None
+        params = step.params
+        if "?*" in sql:  # a statement of one list parameter, spread
+            (params,) = params
+            sql = sql.replace("?*", ",".join(["(?)"] * len(params)))
+        cursor = conn.execute(sql, _bound(params))
+        return cursor.fetchall() if step.kind == "rows" else cursor.rowcount
+
+    return drive(operation(*args), run)
 
 
-def _append(
-    conn: sqlite3.Connection, delivery: Delivery, state: str = "untranslated"
-) -> int | None:
-    """The delivery's inbox row; its id, or None for a redelivery."""
-    cursor = conn.execute(
-        "INSERT INTO inbox (source, provider_event_id, received_at, raw_body, headers, calls,"
-        " state) VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT (source, provider_event_id) DO NOTHING",
+def _bound(params: Any) -> Any:
+    """A list parameter as JSON text, which the statement reads with `json_each`."""
+    if isinstance(params, dict):
+        return {k: _listed(v) for k, v in params.items()}
+    return [_listed(v) for v in params]
+
+
+def _listed(value: Any) -> Any:
+    return _encoder.encode(value).decode() if isinstance(value, list) else value
+
+
+def _appended(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
+    """Intake's append, the hot path: one statement, run in a group on the event loop."""
+    found = conn.execute(
+        _APPEND,
         (
             delivery.source,
             delivery.provider_event_id,
             delivery.received_at,
             delivery.raw_body,
             _encoder.encode(delivery.headers),
-            state,
+            "untranslated",
         ),
-    )
-    return cursor.lastrowid if cursor.rowcount else None
-
-
-def _appended(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
-    return "duplicate" if _append(conn, delivery) is None else "accepted"
-
-
-def _accept(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
-    inbox_id = _append(conn, delivery, "translated")
-    if inbox_id is None:
-        return "duplicate"
-    planned = Planned(
-        inbox_id=inbox_id,
-        source=delivery.source,
-        provider_event_id=delivery.provider_event_id,
-        outputs=delivery.calls,
-    )
-    if plannable(planned.outputs):
-        _write_plan(conn, [planned], delivery.received_at)
-    else:
-        _write_calls(conn, planned, delivery.received_at)
-    return "accepted"
-
-
-def _record(conn: sqlite3.Connection, translations: Sequence[Translation], now: float) -> bool:
-    """Whether anything stored was erased (a forget, a purge, or a delivery about a
-    forgotten user): the WAL's old frames still hold it."""
-    claimed = {
-        translation.delivery.id
-        for translation in translations
-        if conn.execute(
-            "UPDATE inbox SET state = ?, reason = ?, calls = ?"
-            " WHERE id = ? AND state = 'untranslated'",
-            (
-                "translated" if translation.failure is None else "quarantined",
-                translation.failure,
-                len(translation.outputs),
-                translation.delivery.id,
-            ),
-        ).rowcount
-    }
-    erased = False
-    for run, alone in segments(translations, claimed):
-        erased = _write_plan(conn, run, now) or erased
-        if alone is not None:
-            erased = _write_calls(conn, alone, now) or erased
-    quarantined = quarantined_names(translations, claimed)
-    everyone = sorted(set().union(*quarantined.values()))
-    forgotten: set[str] = set()
-    for chunk in _chunks(everyone):
-        forgotten.update(
-            subject
-            for (subject,) in conn.execute(
-                f"SELECT subject FROM forgotten WHERE subject IN ({_marks(chunk)})", chunk
-            )
-        )
-    about = [inbox_id for inbox_id, names in quarantined.items() if names & forgotten]
-    return _drop_quarantined(conn, about) or erased
-
-
-def _write_calls(conn: sqlite3.Connection, delivery: Planned, now: float) -> bool:
-    """A delivery that erases, alone: its links, its erasures (`Purge`, `ForgetVisitor`,
-    `Forget`), then its other calls as planned; whether anything stored was erased."""
-    _link(conn, [(delivery.inbox_id, links(delivery.outputs))])
-    erased = False
-    for index, item in enumerate(delivery.outputs):
-        forget: Forget | None = None
-        if isinstance(item, Purge):
-            _purge_prefixes(conn, delivery.source, item, now)
-        elif isinstance(item, ForgetVisitor):
-            target = _target(conn, item.anonymous_id)
-            known = conn.execute(
-                "SELECT user_id FROM identities WHERE anonymous_id = ?", (target,)
-            ).fetchone()
-            if known:
-                forget = Forget(user_id=known[0])
-                _link(conn, [(delivery.inbox_id, {hash_subject(known[0])})])
-            else:  # no user to forget at Millimetric; what is stored about the visitor goes
-                visitors = {hash_subject(v) for v in (item.anonymous_id, target)}
-                for visitor in visitors:
-                    conn.execute(_DROP_LINKED_RAW, (visitor,))
-                _erase_quarantined(conn, visitors)
-        elif isinstance(item, Forget):
-            forget = item
-        else:
-            continue
-        erased = True
-        if forget is not None:
-            _forget(conn, forget.user_id, declared(delivery.outputs), now)
-            _, key = with_event_id(forget, delivery.source, delivery.provider_event_id, index)
-            _queue(conn, [Row(inbox_id=delivery.inbox_id, call=forget, event_id=key)], now)
-    return _write_plan(conn, [delivery], now) or erased
-
-
-def _write_plan(conn: sqlite3.Connection, run: Sequence[Planned], now: float) -> bool:
-    """Many deliveries' calls (`bridge.store.identity`): what is known of their visitors and
-    users read in a few statements, the plan written in a few more; whether a delivery's
-    raw body was dropped (about a forgotten user)."""
-    if not run:
-        return False
-    visitors, subjects = wanted(run)
-    known = Known()
-    for chunk in _chunks(visitors):
-        known.targets.update(
-            conn.execute(
-                f"SELECT alias, anonymous_id FROM aliases WHERE alias IN ({_marks(chunk)})", chunk
-            ).fetchall()
-        )
-    for chunk in _chunks(sorted({*visitors, *known.targets.values()})):
-        known.users.update(
-            conn.execute(
-                "SELECT anonymous_id, user_id FROM identities"
-                f" WHERE anonymous_id IN ({_marks(chunk)})",
-                chunk,
-            ).fetchall()
-        )
-    for chunk in _chunks(subjects):
-        known.forgotten.update(
-            subject
-            for (subject,) in conn.execute(
-                f"SELECT subject FROM forgotten WHERE subject IN ({_marks(chunk)})", chunk
-            )
-        )
-    planned = plan(run, known)
-    conn.executemany(
-        "INSERT INTO aliases (alias, anonymous_id) VALUES (?, ?)"
-        " ON CONFLICT (alias) DO UPDATE SET anonymous_id = excluded.anonymous_id",
-        sorted(planned.aliases.items()),
-    )
-    conn.executemany(
-        "INSERT INTO identities (anonymous_id, user_id, subject) VALUES (?, ?, ?)"
-        " ON CONFLICT (anonymous_id) DO UPDATE SET user_id = excluded.user_id,"
-        " subject = excluded.subject",
-        [
-            (visitor, user, hash_subject(user))
-            for visitor, user in sorted(planned.identities.items())
-        ],
-    )
-    _link(conn, planned.links)
-    _queue(conn, planned.rows, now)
-    conn.executemany(
-        "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id = ?",
-        [(inbox_id,) for inbox_id in planned.emptied],
-    )
-    return bool(planned.emptied)
-
-
-def _queue(conn: sqlite3.Connection, rows: Sequence[Row], now: float) -> None:
-    conn.executemany(
-        # A call already queued or sent under its key is not queued again.
-        "INSERT INTO outbox (inbox_id, route, subject, visitor, event_id, body, created_at,"
-        " next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-        [
-            (
-                row.inbox_id,
-                route_of(row.call),
-                subject_of(row.call),
-                visitor_of(row.call),
-                row.event_id,
-                _encoder.encode(row.call),
-                now,
-                now,
-            )
-            for row in rows
-        ],
-    )
-
-
-def _link(conn: sqlite3.Connection, linked: Sequence[tuple[int, set[str]]]) -> None:
-    """Record who each delivery is about (`links`), for erasure."""
-    conn.executemany(
-        "INSERT OR IGNORE INTO inbox_subjects (subject, inbox_id) VALUES (?, ?)",
-        [(subject, inbox_id) for inbox_id, subjects in linked for subject in subjects],
-    )
-
-
-def _chunks(values: Sequence[str], size: int = 500) -> list[Sequence[str]]:
-    return [values[start : start + size] for start in range(0, len(values), size)]
-
-
-def _target(conn: sqlite3.Connection, anonymous_id: str) -> str:
-    row = conn.execute(
-        "SELECT anonymous_id FROM aliases WHERE alias = ?", (anonymous_id,)
     ).fetchone()
-    return str(row[0]) if row else anonymous_id
-
-
-def _forget(conn: sqlite3.Connection, user_id: str, beside: list[str], now: float) -> None:
-    """Erase at once what is linked to a user, and remember them as forgotten.
-
-    The user's links are their own id, the visitors learned for them and those visitors'
-    aliases, and the identifiers declared beside the forget (`beside`). Calls about the
-    visitors become calls about the user (so the forget waits for those in flight, and
-    `erase` finds them later), deliveries linked to any of them become linked to the user,
-    then everything linked to the user goes. Sends in flight stay: the forget row waits
-    for them, and `erase` removes them once they are sent."""
-    subject = hash_subject(user_id)
-    visitors = [
-        v
-        for (v,) in conn.execute(
-            "SELECT anonymous_id FROM identities WHERE subject = ?", (subject,)
-        )
-    ]
-    aliases = [
-        a
-        for (a,) in conn.execute(
-            f"SELECT alias FROM aliases WHERE anonymous_id IN ({_marks(visitors)})", visitors
-        )
-    ]
-    related = sorted({*beside, *(hash_subject(v) for v in [*visitors, *aliases])} - {subject})
-    if related:
-        conn.execute(
-            f"UPDATE outbox SET subject = ? WHERE subject IS NULL AND route != 'forget'"
-            f" AND visitor IN ({_marks(related)})",
-            (subject, *related),
-        )
-        conn.execute(
-            f"INSERT OR IGNORE INTO inbox_subjects (subject, inbox_id) SELECT ?, inbox_id"
-            f" FROM inbox_subjects WHERE subject IN ({_marks(related)})",
-            (subject, *related),
-        )
-    conn.execute(
-        "INSERT INTO forgotten (subject, at) VALUES (?, ?) ON CONFLICT DO NOTHING", (subject, now)
-    )
-    conn.execute(
-        "DELETE FROM aliases WHERE anonymous_id IN"
-        " (SELECT anonymous_id FROM identities WHERE subject = ?)",
-        (subject,),
-    )
-    conn.execute("DELETE FROM identities WHERE subject = ?", (subject,))
-    _erase_linked(conn, subject, now)
-    _erase_quarantined(conn, {subject, *related})
-
-
-#: The raw payloads of the deliveries linked to a subject.
-_DROP_LINKED_RAW: Final = (
-    "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE raw_body IS NOT NULL"
-    " AND id IN (SELECT inbox_id FROM inbox_subjects WHERE subject = ?)"
-)
-
-
-def _erase_linked(conn: sqlite3.Connection, subject: str, now: float) -> int:
-    """Delete the calls about a subject (not forgets, not sends in flight) and drop the
-    raw payloads of the deliveries linked to it; how many of both."""
-    rows = conn.execute(
-        "DELETE FROM outbox WHERE subject = ? AND route != 'forget'"
-        " AND NOT (state = 'pending' AND claimed = 1 AND next_at > ?)",
-        (subject, now),
-    ).rowcount
-    return rows + conn.execute(_DROP_LINKED_RAW, (subject,)).rowcount
-
-
-def _erase_quarantined(conn: sqlite3.Connection, subjects: set[str]) -> bool:
-    """Erase the quarantined deliveries whose bodies name any of `subjects` (`named`):
-    nothing links them to anyone, their handler could not say whom they are about. A scan
-    of every quarantined body, on every forget: quarantine is the exception, and a
-    forget is rare."""
-    rows = conn.execute(
-        "SELECT id, raw_body FROM inbox WHERE state = 'quarantined' AND raw_body IS NOT NULL"
-    ).fetchall()
-    return _drop_quarantined(conn, [i for i, body in rows if named(body) & subjects])
-
-
-def _drop_quarantined(conn: sqlite3.Connection, ids: Sequence[int]) -> bool:
-    """Quarantined deliveries about a forgotten user: dropped, with their payloads and
-    reasons (a reason may quote the payload)."""
-    conn.executemany(
-        "UPDATE inbox SET state = 'dropped', reason = ?, raw_body = NULL, headers = NULL"
-        " WHERE id = ?",
-        [(ERASED_REASON, inbox_id) for inbox_id in ids],
-    )
-    return bool(ids)
-
-
-# Everything from `prefix` up to (not including) `_upto(prefix)` starts with it: a range
-# the (source, provider_event_id) index serves, where LIKE would need escaping and a scan.
-def _upto(prefix: str) -> str:
-    return prefix + "\U0010ffff"
-
-
-def _purge_prefixes(conn: sqlite3.Connection, source: str, purge: Purge, now: float) -> None:
-    """Carry out a `Purge`: the source's matching deliveries lose their raw payloads and
-    calls (forgets and sends in flight excepted); learned identities of matching users go."""
-    deliveries = (source, purge.deliveries, _upto(purge.deliveries))
-    conn.execute(
-        "DELETE FROM outbox WHERE inbox_id IN (SELECT id FROM inbox WHERE source = ?"
-        " AND provider_event_id >= ? AND provider_event_id < ?) AND route != 'forget'"
-        " AND NOT (state = 'pending' AND claimed = 1 AND next_at > ?)",
-        (*deliveries, now),
-    )
-    conn.execute(
-        "UPDATE inbox SET raw_body = NULL, headers = NULL"
-        " WHERE source = ? AND provider_event_id >= ? AND provider_event_id < ?",
-        deliveries,
-    )
-    users = (purge.users, _upto(purge.users))
-    conn.execute(
-        "DELETE FROM aliases WHERE anonymous_id IN"
-        " (SELECT anonymous_id FROM identities WHERE user_id >= ? AND user_id < ?)",
-        users,
-    )
-    conn.execute("DELETE FROM identities WHERE user_id >= ? AND user_id < ?", users)
-
-
-def _claim(
-    conn: sqlite3.Connection, route: Route, limit: int, max_bytes: int, now: float
-) -> list[OutboxRow]:
-    if route == "forget":
-        # A forget waits until no earlier call about the same user is still pending.
-        # Rows about a forgotten user that are not in flight (a send that was released or
-        # whose lease ran out) are never sent: drop them, then take the forgets that no
-        # send in flight for the same user could be overtaken by.
-        conn.execute(
-            "DELETE FROM outbox WHERE state = 'pending' AND route != 'forget'"
-            " AND subject IN (SELECT subject FROM outbox WHERE state = 'pending'"
-            "   AND route = 'forget') AND NOT (claimed = 1 AND next_at > ?)",
-            (now,),
-        )
-        query = (
-            "SELECT id, body, created_at, attempts FROM outbox AS f"
-            " WHERE state = 'pending' AND route = 'forget' AND next_at <= ?"
-            " AND NOT EXISTS (SELECT 1 FROM outbox AS o WHERE o.subject = f.subject"
-            "   AND o.state = 'pending' AND o.route != 'forget')"
-            " ORDER BY next_at, id LIMIT ?"
-        )
-        params: tuple[Any, ...] = (now, limit)
-    else:
-        query = (
-            "SELECT id, body, created_at, attempts FROM outbox"
-            " WHERE state = 'pending' AND route = ? AND next_at <= ?"
-            " ORDER BY next_at, id LIMIT ?"
-        )
-        params = (route, now, limit)
-    rows: list[OutboxRow] = []
-    size = 0
-    for row_id, body, created_at, attempts in conn.execute(query, params):
-        size += len(body) + 1
-        if rows and size > max_bytes:
-            break
-        rows.append(
-            OutboxRow(id=row_id, route=route, body=body, created_at=created_at, attempts=attempts)
-        )
-    if rows:
-        conn.executemany(
-            "UPDATE outbox SET claimed = 1, next_at = ? WHERE id = ?",
-            [(now + LEASE_SECONDS, row.id) for row in rows],
-        )
-    return rows
-
-
-def _delivered(conn: sqlite3.Connection, ids: list[int], now: float) -> None:
-    forgets = [
-        body
-        for (body,) in conn.execute(
-            f"SELECT body FROM outbox WHERE route = 'forget' AND id IN ({_marks(ids)})", ids
-        )
-    ]
-    conn.execute(
-        f"UPDATE outbox SET state = 'delivered', claimed = 0, done_at = ?, reason = NULL"
-        f" WHERE state = 'pending' AND id IN ({_marks(ids)})",
-        (now, *ids),
-    )
-    for body in forgets:
-        # Millimetric has erased the user: the forget row and the sends that were in flight
-        # at forget time go too (the forwarder then runs `erase` for the raw payloads of
-        # the deliveries those sends came from).
-        user_id = _forget_decoder.decode(body).user_id
-        conn.execute(
-            "DELETE FROM outbox WHERE state != 'pending' AND subject = ?", (hash_subject(user_id),)
-        )
-
-
-def _retry(conn: sqlite3.Connection, ids: list[int], next_at: float, count_attempt: bool) -> None:
-    conn.execute(
-        f"UPDATE outbox SET claimed = 0, next_at = ?, attempts = attempts + ?"
-        f" WHERE state = 'pending' AND id IN ({_marks(ids)})",
-        (next_at, int(count_attempt), *ids),
-    )
-    # A send that failed after its user was forgotten is not tried again.
-    conn.execute(
-        f"DELETE FROM outbox WHERE route != 'forget' AND id IN ({_marks(ids)})"
-        " AND subject IN (SELECT subject FROM forgotten)",
-        ids,
-    )
-
-
-_HASTEN: Final = (
-    "UPDATE outbox SET next_at = ? WHERE route = ? AND state = 'pending' AND claimed = 0"
-    " AND attempts > 0 AND next_at > ?"
-)
-
-
-def _dead_letter(conn: sqlite3.Connection, ids: list[int], reason: str, now: float) -> None:
-    conn.execute(
-        f"UPDATE outbox SET state = 'dead', claimed = 0, done_at = ?, reason = ?,"
-        f" attempts = attempts + 1 WHERE state = 'pending' AND id IN ({_marks(ids)})",
-        (now, reason, *ids),
-    )
-
-
-def _nothing(_conn: sqlite3.Connection) -> None:
-    pass
-
-
-def _backlog(conn: sqlite3.Connection) -> Backlog:
-    return backlog_of(conn.execute(BACKLOG_SQL).fetchone())
-
-
-def _untranslated(conn: sqlite3.Connection, limit: int) -> list[StoredDelivery]:
-    return [
-        stored_delivery(row)
-        for row in conn.execute(
-            "SELECT id, source, provider_event_id, received_at, raw_body, headers FROM inbox"
-            " WHERE state = 'untranslated' ORDER BY id LIMIT ?",
-            (limit,),
-        )
-    ]
-
-
-def _retranslate(conn: sqlite3.Connection, selection: Selection) -> int:
-    where, params = _deliveries(selection, ("translated", "quarantined"))
-    return conn.execute(
-        f"UPDATE inbox SET state = 'untranslated', reason = NULL WHERE raw_body IS NOT NULL"
-        f" AND {where}",
-        params,
-    ).rowcount
-
-
-def _deliveries(selection: Selection, states: Sequence[str]) -> tuple[str, list[Any]]:
-    """The inbox rows a selection names, in `states`."""
-    clauses = [f"state IN ({_marks(states)})"]
-    params: list[Any] = list(states)
-    if selection.ids and not selection.deliveries:
-        clauses.append("0")  # calls were named, and no delivery
-    if selection.deliveries:
-        clauses.append(f"id IN ({_marks(selection.deliveries)})")
-        params.extend(selection.deliveries)
-    if selection.source is not None:
-        clauses.append("source = ?")
-        params.append(selection.source)
-    if selection.since is not None:
-        clauses.append("received_at >= ?")
-        params.append(selection.since)
-    return " AND ".join(clauses), params
-
-
-def _stats(conn: sqlite3.Connection) -> OutboxStats:
-    backlog = _backlog(conn)
-    (delivered,) = conn.execute(DELIVERED_SQL).fetchone()
-    (inbox,) = conn.execute("SELECT COUNT(*) FROM inbox").fetchone()
-    (raw,) = conn.execute("SELECT COUNT(*) FROM inbox WHERE raw_body IS NOT NULL").fetchone()
-    paused = conn.execute("SELECT value FROM meta WHERE key = 'paused'").fetchone()
-    return OutboxStats(
-        pending=backlog.pending,
-        delivered=delivered,
-        dead=backlog.dead,
-        oldest_pending_at=backlog.oldest_pending_at,
-        inbox=inbox,
-        raw_payloads=raw,
-        paused=paused[0] if paused else None,
-        untranslated=backlog.untranslated,
-        oldest_untranslated_at=backlog.oldest_untranslated_at,
-        quarantined=backlog.quarantined,
-    )
-
-
-def _dead_letters(conn: sqlite3.Connection, limit: int) -> list[DeadLetter]:
-    rows = conn.execute(
-        "SELECT o.id, o.route, i.source, o.event_id, o.reason, o.created_at, o.attempts, o.body"
-        " FROM outbox AS o LEFT JOIN inbox AS i ON i.id = o.inbox_id"
-        " WHERE o.state = 'dead' ORDER BY o.id LIMIT ?",
-        (limit,),
-    )
-    calls = [
-        DeadLetter(
-            id=r[0],
-            route=r[1],
-            source=r[2],
-            event_id=r[3],
-            reason=r[4] or "",
-            created_at=r[5],
-            attempts=r[6],
-            body=r[7],
-        )
-        for r in rows
-    ]
-    quarantined = conn.execute(
-        "SELECT id, source, provider_event_id, reason, received_at, raw_body FROM inbox"
-        " WHERE state = 'quarantined' ORDER BY id LIMIT ?",
-        (limit,),
-    )
-    return [*calls, *map(quarantined_letter, quarantined)]
-
-
-def _where(selection: Selection) -> tuple[str, list[Any]]:
-    states = "('dead', 'delivered')" if selection.include_delivered else "('dead')"
-    clauses: list[str] = [f"state IN {states}"]
-    params: list[Any] = []
-    if selection.deliveries and not selection.ids:
-        clauses.append("0")  # deliveries were named, and no call
-    if selection.ids:
-        clauses.append(f"id IN ({_marks(selection.ids)})")
-        params.extend(selection.ids)
-    if selection.source is not None:
-        clauses.append("inbox_id IN (SELECT id FROM inbox WHERE source = ?)")
-        params.append(selection.source)
-    if selection.since is not None:
-        clauses.append("created_at >= ?")
-        params.append(selection.since)
-    return " AND ".join(clauses), params
-
-
-def _replay(conn: sqlite3.Connection, selection: Selection, now: float) -> int:
-    where, params = _where(selection)
-    return conn.execute(
-        # A replay starts the row's life again: its max age counts from now.
-        "UPDATE outbox SET state = 'pending', claimed = 0, next_at = ?, attempts = 0,"
-        f" created_at = ?, done_at = NULL, reason = NULL WHERE {where}",
-        (now, now, *params),
-    ).rowcount
-
-
-def _purge(conn: sqlite3.Connection, selection: Selection) -> int:
-    where, params = _where(msgspec.structs.replace(selection, include_delivered=False))
-    calls = conn.execute(f"DELETE FROM outbox WHERE {where}", params).rowcount
-    # Quarantined deliveries lose their raw payload; the inbox row stays, so that a
-    # redelivery of one is still recognised.
-    where, params = _deliveries(selection, ("quarantined",))
-    return (
-        calls
-        + conn.execute(
-            f"UPDATE inbox SET state = 'dropped', raw_body = NULL, headers = NULL WHERE {where}",
-            params,
-        ).rowcount
-    )
-
-
-_CLEAN_DELIVERED: Final = (
-    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
-    " WHERE state = 'delivered' AND done_at < ? LIMIT ?)"
-)
-# Retention leaves untranslated and quarantined deliveries alone: their raw payload is all
-# there is of them until they are translated or purged.
-_CLEAN_RAW: Final = (
-    "UPDATE inbox SET raw_body = NULL, headers = NULL WHERE id IN (SELECT id FROM inbox"
-    " WHERE raw_body IS NOT NULL AND received_at < ? AND state = 'translated' LIMIT ?)"
-)
-_CLEAN_INBOX: Final = (
-    "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE received_at < ?"
-    " AND state IN ('translated', 'dropped')"
-    " AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.inbox_id = inbox.id) LIMIT ?)"
-)
-
-
-def _execute(conn: sqlite3.Connection, statement: str, params: tuple[Any, ...]) -> int:
-    return conn.execute(statement, params).rowcount
-
-
-def _set_meta(conn: sqlite3.Connection, key: str, value: str | None) -> None:
-    if value is None:
-        conn.execute("DELETE FROM meta WHERE key = ?", (key,))
-    else:
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
-
-
-def _marks(ids: Sequence[object]) -> str:
-    return ",".join("?" * len(ids))
+    return "accepted" if found else "duplicate"
