@@ -39,7 +39,7 @@ from bridge.plugin import Handler, Sample, SignatureScheme, SourceOptions, Webho
 from bridge.signatures import HmacScheme
 from bridge.standard_webhooks import StandardWebhooksScheme, message_id
 from handlers.auth0 import AuthorizationScheme
-from handlers.mapped_rules import Rule, Value, compiled_value, rule
+from handlers.mapped_rules import Rule, Value, compiled_value, rule, toml_key
 
 __all__ = [
     "BearerScheme",
@@ -71,7 +71,7 @@ class MappedOptions(SourceOptions, frozen=True, kw_only=True, forbid_unknown_fie
     event_type: str | None = None
     test_event: str | None = None  # true for a test event (ignored unless included)
     samples: str | None = None  # a folder of <event type>.json, beside bridge.toml
-    on: dict[str, dict[str, Any]]
+    on: dict[str, Any]  # each a table, converted by `rule` to name the event type in errors
 
 
 class BearerScheme:
@@ -276,6 +276,8 @@ class MappedTemplate:
         for name, table in options.on.items():
             if not name:
                 raise ConfigError("on", "an event type must not be empty")
+            if not isinstance(table, dict):
+                raise ConfigError(toml_key("on", name), "must be a table of what it becomes")
             on[name] = rule(name, table)
         event_type = compiled_value(("event_type",), options.event_type)
         if event_type is None and set(on) != {CATCH_ALL}:
