@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import jmespath
 import msgspec
-from jmespath import exceptions, functions
+from jmespath import exceptions, functions, visitor
 
 from bridge.errors import PayloadInvalid
 
@@ -126,7 +126,9 @@ class _ExactFunctions(functions.Functions):
         return kind
 
 
-_OPTIONS: Final = jmespath.Options(custom_functions=_ExactFunctions())
+# One interpreter for every search: it holds no state but a cache of its own methods,
+# which `ParsedResult.search` would build again for each search, a new one each time.
+_INTERPRETER: Final = visitor.TreeInterpreter(jmespath.Options(custom_functions=_ExactFunctions()))
 _FUNCTIONS: Final[Mapping[str, Any]] = _ExactFunctions.FUNCTION_TABLE
 
 
@@ -193,6 +195,9 @@ class Expression:
         self.text = text
         self.header: str | None = None
         self._compiled: Any = None
+        # A plain field path (`payment.customer.user_id`, most expressions) is read by
+        # walking the body, as JMESPath would, at a fraction of an interpreter's cost.
+        self._path: tuple[str, ...] | None = None
         if text.startswith(HEADER_PREFIX):
             self.header = header_name(text.removeprefix(HEADER_PREFIX).strip())
             return
@@ -202,6 +207,12 @@ class Expression:
             first = str(error).splitlines()[0].removesuffix(", for expression:")
             raise ExpressionInvalid(f"not a JMESPath expression: {first}") from None
         _check_calls(self._compiled.parsed)
+        tree = self._compiled.parsed
+        if tree["type"] == "field" or (
+            tree["type"] == "subexpression"
+            and all(child["type"] == "field" for child in tree["children"])
+        ):
+            self._path = next(_paths(tree))
 
     def __repr__(self) -> str:
         return f"Expression({self.text!r})"
@@ -222,7 +233,13 @@ class Expression:
         wrong type is `PayloadInvalid`, naming the expression."""
         if self.header is not None:
             return headers.get(self.header)
+        if self._path is not None:
+            for name in self._path:
+                if not isinstance(body, dict):
+                    return None
+                body = body.get(name)
+            return body
         try:
-            return self._compiled.search(body, _OPTIONS)
+            return _INTERPRETER.visit(self._compiled.parsed, body)
         except exceptions.JMESPathError as error:
             raise PayloadInvalid(f"`{self.text}` failed: {error}") from None
