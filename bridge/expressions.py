@@ -13,6 +13,7 @@ on the first delivery. `header:NAME` reads a request header instead of the body.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterator, Mapping
 from decimal import Decimal
@@ -139,6 +140,18 @@ def _nodes(node: Any) -> Iterator[dict[str, Any]]:
             yield from _nodes(child)
 
 
+def _exact(value: Any) -> Any:
+    """A JSON literal of the expression with its floats as the decimals written (`1.5`),
+    so that arithmetic on them and on the body's decimals never mixes in a float."""
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    if isinstance(value, list):
+        return [_exact(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _exact(v) for k, v in value.items()}
+    return value
+
+
 def _check_calls(tree: Any) -> None:
     """Every function called exists and gets as many arguments as it takes."""
     for node in _nodes(tree):
@@ -194,7 +207,7 @@ class Expression:
     def __init__(self, text: str) -> None:
         self.text = text
         self.header: str | None = None
-        self._compiled: Any = None
+        self._tree: Any = None  # what is searched: the parsed tree, literals made exact
         # A plain field path (`payment.customer.user_id`, most expressions) is read by
         # walking the body, as JMESPath would, at a fraction of an interpreter's cost.
         self._path: tuple[str, ...] | None = None
@@ -202,12 +215,16 @@ class Expression:
             self.header = header_name(text.removeprefix(HEADER_PREFIX).strip())
             return
         try:
-            self._compiled = jmespath.compile(text)
+            parsed = jmespath.compile(text).parsed
         except exceptions.JMESPathError as error:
             first = str(error).splitlines()[0].removesuffix(", for expression:")
             raise ExpressionInvalid(f"not a JMESPath expression: {first}") from None
-        _check_calls(self._compiled.parsed)
-        tree = self._compiled.parsed
+        _check_calls(parsed)
+        # A copy: jmespath caches the trees it parses, for any caller in the process.
+        tree = self._tree = copy.deepcopy(parsed)
+        for node in _nodes(tree):
+            if node.get("type") == "literal":
+                node["value"] = _exact(node["value"])
         if tree["type"] == "field" or (
             tree["type"] == "subexpression"
             and all(child["type"] == "field" for child in tree["children"])
@@ -220,13 +237,13 @@ class Expression:
     @property
     def literal(self) -> Any:
         """The constant this expression always gives (`'USD'`), else None."""
-        tree = self._compiled.parsed if self._compiled is not None else None
+        tree = self._tree
         return tree["value"] if tree is not None and tree["type"] == "literal" else None
 
     def paths(self) -> list[tuple[str, ...]]:
         """The plain field paths it reads from the top of the body (for `send-test`,
         which makes a new delivery out of a sample by changing the values it reads)."""
-        return [] if self._compiled is None else list(_paths(self._compiled.parsed))
+        return [] if self._tree is None else list(_paths(self._tree))
 
     def search(self, headers: Mapping[str, str], body: Any) -> Any:
         """The value, or None where the body has none. A function given a value of the
@@ -240,6 +257,10 @@ class Expression:
                 body = body.get(name)
             return body
         try:
-            return _INTERPRETER.visit(self._compiled.parsed, body)
+            return _INTERPRETER.visit(self._tree, body)
         except exceptions.JMESPathError as error:
             raise PayloadInvalid(f"`{self.text}` failed: {error}") from None
+        except (TypeError, ValueError, ArithmeticError) as error:
+            # What a function does with a value of a type it does not expect (`sum` of a
+            # string and a number): the delivery's, not a bug to answer 503 for.
+            raise PayloadInvalid(f"`{self.text}` failed: {type(error).__name__}: {error}") from None
