@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,19 @@ def test_the_example_works_as_written(tmp_path: Path) -> None:
         Identify(user_id="9007199254740993", traits={"email": "ada@example.com", "name": "Ada"}),
         Track(event="signup", event_id="signup:9007199254740993", user_id="9007199254740993"),
     ]
+
+
+def test_mapped_registers_as_a_template_beside_the_handlers(tmp_path: Path) -> None:
+    assert "mapped" in load_templates()
+    assert "mapped" not in load_handlers()  # no source of its own, no /webhooks/mapped
+    (tmp_path / "bridge.toml").write_text(EXAMPLE)
+    env = {"BRIDGE_CONFIG": str(tmp_path / "bridge.toml")}
+    assert "mapped" not in load_sources(env, load_handlers(), templates=load_templates())
+    with pytest.raises(ConfigError, match="no handler named 'mapped' is installed"):
+        load_sources(env, load_handlers())
+    renamed = EntryPoint("other", "handlers.mapped:template", "millimetric_bridge.handlers")
+    with pytest.raises(ConfigError, match="must equal the entry-point name"):
+        load_templates([renamed])
 
 
 # -- signature schemes ------------------------------------------------------------------
