@@ -33,7 +33,7 @@ from bridge.errors import (
     StoreUnavailable,
 )
 from bridge.http_metrics import HttpMetrics
-from bridge.registry import Source, load_handlers, load_sources
+from bridge.registry import Source, load_handlers, load_sources, load_templates
 from bridge.stages.forward import Forwarder
 from bridge.stages.intake import intake_route
 from bridge.stages.translate import Translator
@@ -111,7 +111,7 @@ def create_app(
 ) -> Litestar:
     """Build the app. `http`, `store` and `sources` replace what the settings would build."""
     if sources is None:
-        sources = load_sources(settings.env, load_handlers(), dev=dev)
+        sources = load_sources(settings.env, load_handlers(), templates=load_templates(), dev=dev)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -17,11 +17,16 @@ stores the raw body with the headers `kept_headers` names, then answers 200; tra
 runs later, from the store, on a request rebuilt from that body and those headers alone.
 So `delivery_id` reads the request without parsing it, and `parse` and `translate` may
 read only the headers that `scheme.headers` and `headers` list.
+
+A `HandlerTemplate`, registered the same way, is a handler that each source builds from
+its own table in `bridge.toml` (the built-in `mapped` handler: a provider without code).
+It has no source of its own; a source names it with `handler = "<name>"`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Protocol, runtime_checkable
 
 import msgspec
@@ -30,6 +35,7 @@ from bridge.events import Output
 
 __all__ = [
     "Handler",
+    "HandlerTemplate",
     "Sample",
     "SignatureScheme",
     "SourceOptions",
@@ -123,6 +129,23 @@ class Handler(Protocol):
 
     def samples(self) -> Mapping[str, Sample]:
         """Recorded samples by event type, for `send-test` and the contract test."""
+        ...
+
+
+@runtime_checkable
+class HandlerTemplate(Protocol):
+    """A handler built per source from that source's options (`bridge.toml`)."""
+
+    name: str  # what a source's `handler = "..."` names
+    options_type: type[SourceOptions]  # the source's table, checked by msgspec first
+
+    def configure(
+        self, source: str, options: Any, *, secret_variable: str, folder: Path
+    ) -> Handler:
+        """The handler for one source, from its converted `options`; `folder` is where
+        `bridge.toml` is, for paths in it. Raises `ConfigError(key, problem)`, naming
+        the key in the source's table, for anything that cannot work: at start-up, never
+        on the first delivery."""
         ...
 
 
