@@ -61,6 +61,14 @@ RECORDED_IDS: dict[str, dict[str, str]] = {
             "subscription_payment_success:subscription-invoices:1650377:"
             "2026-12-10T16:30:12.000000Z:2c8d4e6f-9b1a-4d3c-8e5f-6a7b8c9d0e1f"
         ),
+        "subscription_payment_refunded": (
+            "subscription_payment_refunded:subscription-invoices:1650377:"
+            "2026-12-14T11:02:37.000000Z:5b1e7c2a-3f4d-4a8b-9c6e-1d2f3a4b5c6d"
+        ),
+        "subscription_expired": (
+            "subscription_expired:subscriptions:771204:"
+            "2026-12-24T16:31:40.000000Z:9e8d7c6b-5a4f-4e3d-8c2b-1a0f9e8d7c6b"
+        ),
     },
     "paddle": {
         "adjustment.created": "evt_01h8c6tc8aa58zqj6h8a13r103",
