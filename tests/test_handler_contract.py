@@ -31,6 +31,7 @@ RECORDED_IDS: dict[str, dict[str, str]] = {
         "batch": "sha256:6afcdd86d26a64246d558b1fb6d528b5d33196746f97004d2204c6769c8894d6",
         "s": "sha256:f55642dc16498ed393acaa666eddc3e86a3cb4d00954f49155da9cff55c946ce",
         "sdu": "sha256:1a3a1a74bf6db0b673c9c38b7297cbf54c8506cf1b2fa504bc972d072e2cea48",
+        "sens": "sha256:46dcfb362aa61641afd42041701f2db2b2143ad265032eff03968d239651dc85",
         "ss": "sha256:26e7cd9b287779b236edeac908aa30752677e8ec6b09d185ae35af19b74f50f9",
     },
     "clerk": {
