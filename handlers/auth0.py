@@ -4,7 +4,7 @@ The log types read are Auth0's current event codes (auth0.com/docs, "Log Event T
 and the log streams' event filters): `ss` (the "Signup - Success" filter), `s` and `sens`
 (a native social login: Sign in with Apple or Facebook from a native app) of the "Login -
 Success" filter, and `sdu`. A login whose record counts the user's first login is also
-their sign-up: Auth0 logs `ss` for database and passwordless sign-ups only, so a user
+their sign-up: Auth0 logs `ss` for sign-ups through database connections, and a user
 created by a first social, native social or enterprise login would have none.
 
 Auth0 does not sign log-stream deliveries. It sends the "Authorization Token" configured on
