@@ -1,5 +1,6 @@
 """Money in a currency's minor unit, exactly: for providers that send decimal strings in
-major units ("404.95", Shopify), where Millimetric wants an integer `amount_cents`.
+major units ("404.95", Shopify), or integers counted in another number of decimals than the
+currency's ISO 4217 one (Stripe's ISK), where Millimetric wants an integer `amount_cents`.
 
 The number of minor-unit digits is the currency's ISO 4217 exponent: JPY has none, USD two,
 KWD three. The conversion is integer arithmetic on the decimal digits, never a float, so
@@ -17,7 +18,7 @@ from typing import Final
 
 from bridge.errors import PayloadInvalid
 
-__all__ = ["CURRENCIES", "EXPONENTS", "exponent", "to_minor_units"]
+__all__ = ["CURRENCIES", "EXPONENTS", "exponent", "rescale_minor_units", "to_minor_units"]
 
 
 def _table(codes: str, digits: int) -> dict[str, int]:
@@ -98,3 +99,26 @@ def to_minor_units(amount: str, currency: str, *, known_only: bool = False) -> i
                 f"{amount} has more decimals than {currency.upper()} has ({places})"
             )
     return -minor if sign else minor
+
+
+def rescale_minor_units(amount: int, currency: str, digits: int) -> int:
+    """`amount`, an integer count of 10**-`digits` of the currency's major unit (how a
+    provider with its own idea of the currency's decimals counts it), in ISO 4217 minor
+    units: 500000 ISK counted with two digits is 5000, 5000 MGA counted with none 500000.
+
+    Raises PayloadInvalid for anything but an integer (a bool or a float included) and for
+    an amount that is not a whole number of the currency's minor units, never rounding it.
+    """
+    places = exponent(currency)
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise PayloadInvalid(f"not an integer amount: {amount!r}")
+    scale: int = 10 ** abs(places - digits)
+    if digits <= places:
+        return amount * scale
+    minor, rest = divmod(abs(amount), scale)
+    if rest:
+        raise PayloadInvalid(
+            f"{amount} counted in {digits} decimals is not a whole amount of "
+            f"{currency.upper()}, which has {places}"
+        )
+    return -minor if amount < 0 else minor

@@ -102,7 +102,14 @@ def subscription(n: str, **extra: Any) -> bytes:
             "type": "customer.subscription.created",
             "livemode": True,
             "created": int(time.time()),
-            "data": {"object": {"id": f"sub_{n}", "object": "subscription", "customer": "cus_h"}},
+            "data": {
+                "object": {
+                    "id": f"sub_{n}",
+                    "object": "subscription",
+                    "customer": "cus_h",
+                    "status": "active",
+                }
+            },
             **extra,
         }
     )
