@@ -171,8 +171,8 @@ async def test_the_published_pace_provokes_no_429(
 async def test_an_outage_then_recovery(
     store: Store, http: httpx.AsyncClient, sink: RunningSink
 ) -> None:
-    await knobs(http, sink, fail_for_seconds=2.0)
     await fill(store, 700)
+    await knobs(http, sink, fail_for_seconds=2.0)  # after the fill, however long it took
     fwd = forwarder(store, http, sink)
     fwd.start()
     await wait_until(lambda: drained(store), within=30)
