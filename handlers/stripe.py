@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Final
@@ -17,8 +17,9 @@ from typing import Any, Final
 import msgspec
 
 from bridge import About, Alias, Forget, ForgetVisitor, Identify, Output, PayloadInvalid, Track
-from bridge.plugin import Sample, SourceOptions, WebhookRequest
+from bridge.plugin import ApiAccess, ListedEvent, Sample, SourceOptions, WebhookRequest
 from bridge.signatures import StripeScheme
+from handlers import stripe_events
 
 __all__ = ["StripeHandler", "StripeOptions", "handler"]
 
@@ -138,6 +139,18 @@ class StripeHandler:
     scheme = StripeScheme()
     options_type = StripeOptions
     headers: tuple[str, ...] = ()  # everything read is in the signed body
+    # Backfill and reconcile, from Stripe's Events API (`bridge.plugin.EventLister`).
+    api_key_variable = "STRIPE_API_KEY"
+    api_base_variable = "STRIPE_API_BASE"
+
+    def check_api_key(self, access: ApiAccess) -> str:
+        return stripe_events.check_api_key(access)
+
+    def list_events(
+        self, access: ApiAccess, since: float, until: float, after: ListedEvent | None
+    ) -> AsyncIterator[ListedEvent]:
+        """The events of the types translated, as Stripe's Events API lists them."""
+        return stripe_events.list_events(access, TRANSLATED, since, until, after)
 
     def delivery_id(self, request: WebhookRequest) -> str:
         try:

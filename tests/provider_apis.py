@@ -1,0 +1,189 @@
+"""Local stand-ins of providers' event list APIs, served over real HTTP (`ServerThread`).
+
+`StripeEvents` answers `GET /v1/events` as Stripe does: newest first, `limit` (at most
+100) a page, `starting_after` the cursor, `has_more`, filtered by `types[N]` and
+`created[gte|gt|lt|lte]`; `Authorization: Bearer <key>` checked (401 for an unknown key,
+403 for one without access to events). `faults` holds statuses to answer, one a
+request, before answering normally again; `requests` records each request's query.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import msgspec
+
+FIXTURES = Path(__file__).parent / "fixtures" / "stripe"
+STRIPE_KEY = "rk_test_standinkey0123456789"
+STRIPE_LIVE_KEY = "rk_live_standinkey0123456789"
+#: A restricted key without access to events: 403.
+STRIPE_KEY_WITHOUT_EVENTS = "rk_test_noeventsaccess0123"
+
+_CHECKOUT: dict[str, Any] = msgspec.json.decode(
+    (FIXTURES / "checkout.session.completed.json").read_bytes()
+)
+
+
+def stripe_purchase(
+    i: int, created: int, *, livemode: bool = True, prefix: str = "evt"
+) -> dict[str, Any]:
+    """A Stripe `checkout.session.completed` event of a paid one-off payment (its own
+    payment intent, so each is one purchase), `id` `{prefix}_{i}`."""
+    obj = {
+        **_CHECKOUT["data"]["object"],
+        "id": f"cs_{prefix}_{i}",
+        "mode": "payment",
+        "payment_status": "paid",
+        "payment_intent": f"pi_{prefix}_{i}",
+        "invoice": None,
+        "customer": f"cus_{prefix}_{i % 50}",
+        "client_reference_id": f"user_{i % 50}",
+        "amount_total": 1000 + i,
+    }
+    return {
+        **_CHECKOUT,
+        "id": f"{prefix}_{i}",
+        "created": created,
+        "livemode": livemode,
+        "data": {"object": obj},
+    }
+
+
+def stripe_event(event_id: str, event_type: str, created: int, **obj: Any) -> dict[str, Any]:
+    """An event of any type around a small object (for the type filter)."""
+    return {
+        "id": event_id,
+        "object": "event",
+        "api_version": "2025-03-31.basil",
+        "created": created,
+        "livemode": True,
+        "pending_webhooks": 0,
+        "type": event_type,
+        "data": {"object": {"id": f"obj_{event_id}", "object": "thing", **obj}},
+    }
+
+
+class _Listed(msgspec.Struct, frozen=True):
+    id: str
+    type: str
+    created: int
+    body: bytes  # the event's JSON, as the page carries it
+
+
+class StripeEvents:
+    """The stand-in ASGI app. Thread-safe: tests change it while a server serves it."""
+
+    def __init__(
+        self,
+        events: Iterable[Mapping[str, Any]] = (),
+        *,
+        keys: Iterable[str] = (STRIPE_KEY, STRIPE_LIVE_KEY),
+        keys_without_events: Iterable[str] = (STRIPE_KEY_WITHOUT_EVENTS,),
+    ) -> None:
+        self.keys = set(keys)
+        self.keys_without_events = set(keys_without_events)
+        self.faults: deque[int] = deque()
+        self.requests: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        self._events: list[_Listed] = []  # newest first
+        self._position: dict[str, int] = {}
+        self.add(events)
+
+    def add(self, events: Iterable[Mapping[str, Any]]) -> None:
+        """Events Stripe now holds (they list newest first, the later added first among
+        those created in the same second)."""
+        listed = [
+            _Listed(id=e["id"], type=e["type"], created=e["created"], body=msgspec.json.encode(e))
+            for e in events
+        ]
+        with self._lock:
+            merged = [*reversed(listed), *self._events]
+            merged.sort(key=lambda e: e.created, reverse=True)  # stable: ties keep that order
+            self._events = merged
+            self._position = {e.id: i for i, e in enumerate(merged)}
+
+    def fail(self, *statuses: int) -> None:
+        """Answer the next requests with these statuses, one each."""
+        with self._lock:
+            self.faults.extend(statuses)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = (await receive())["type"]  # startup, then shutdown
+                await send({"type": f"{message}.complete"})
+                if message == "lifespan.shutdown":
+                    return
+        query = dict(parse_qsl(scope["query_string"].decode(), keep_blank_values=True))
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        status, body = self._answer(scope["method"], scope["path"], query, headers)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _answer(
+        self, method: str, path: str, query: dict[str, str], headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        with self._lock:
+            self.requests.append(query)
+            if method != "GET" or path != "/v1/events":
+                return _error(404, "invalid_request_error", f"Unrecognized request URL ({path})")
+            key = headers.get("authorization", "").removeprefix("Bearer ")
+            if key in self.keys_without_events:
+                return _error(403, "invalid_request_error", "The provided key does not have access")
+            if key not in self.keys:
+                return _error(401, "invalid_request_error", "Invalid API Key provided")
+            if self.faults:
+                status = self.faults.popleft()
+                return _error(status, "api_error", f"stand-in fault {status}")
+            return self._page(query)
+
+    def _page(self, query: dict[str, str]) -> tuple[int, bytes]:
+        types = {v for k, v in query.items() if k.startswith("types[")}
+        bounds = {k: int(v) for k, v in query.items() if k.startswith("created[")}
+        limit = min(100, int(query.get("limit", "10")))
+        start = 0
+        if "starting_after" in query:
+            found = self._position.get(query["starting_after"])
+            if found is None:
+                return _error(400, "invalid_request_error", "No such event")
+            start = found + 1
+        page: list[bytes] = []
+        more = False
+        for event in self._events[start:]:
+            if not _matches(event, types, bounds):
+                continue
+            if len(page) == limit:
+                more = True
+                break
+            page.append(event.body)
+        head = b'{"object":"list","url":"/v1/events","has_more":%s,"data":[' % (
+            b"true" if more else b"false"
+        )
+        return 200, head + b",".join(page) + b"]}"
+
+
+def _matches(event: _Listed, types: set[str], bounds: Mapping[str, int]) -> bool:
+    if types and event.type not in types:
+        return False
+    created = event.created
+    return not (
+        ("created[gte]" in bounds and created < bounds["created[gte]"])
+        or ("created[gt]" in bounds and created <= bounds["created[gt]"])
+        or ("created[lt]" in bounds and created >= bounds["created[lt]"])
+        or ("created[lte]" in bounds and created > bounds["created[lte]"])
+    )
+
+
+def _error(status: int, kind: str, message: str) -> tuple[int, bytes]:
+    return status, msgspec.json.encode({"error": {"type": kind, "message": message}})
