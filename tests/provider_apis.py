@@ -3,8 +3,10 @@
 `StripeEvents` answers `GET /v1/events` as Stripe does: newest first, `limit` (at most
 100) a page, `starting_after` the cursor, `has_more`, filtered by `types[N]` and
 `created[gte|gt|lt|lte]`; `Authorization: Bearer <key>` checked (401 for an unknown key,
-403 for one without access to events). `faults` holds statuses to answer, one a
-request, before answering normally again; `requests` records each request's query.
+403 for one without access to events), and as at Stripe a `_test_` key lists the
+test-mode events (`livemode: false`), a `_live_` key the others. `faults` holds statuses
+to answer, one a request, before answering normally again; `requests` records each
+request's query.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class _Listed(msgspec.Struct, frozen=True):
     id: str
     type: str
     created: int
+    livemode: bool
     body: bytes  # the event's JSON, as the page carries it
 
 
@@ -98,7 +101,13 @@ class StripeEvents:
         """Events Stripe now holds (they list newest first, the later added first among
         those created in the same second)."""
         listed = [
-            _Listed(id=e["id"], type=e["type"], created=e["created"], body=msgspec.json.encode(e))
+            _Listed(
+                id=e["id"],
+                type=e["type"],
+                created=e["created"],
+                livemode=e.get("livemode", False),
+                body=msgspec.json.encode(e),
+            )
             for e in events
         ]
         with self._lock:
@@ -146,9 +155,9 @@ class StripeEvents:
             if self.faults:
                 status = self.faults.popleft()
                 return _error(status, "api_error", f"stand-in fault {status}")
-            return self._page(query)
+            return self._page(query, livemode="_live_" in key)
 
-    def _page(self, query: dict[str, str]) -> tuple[int, bytes]:
+    def _page(self, query: dict[str, str], *, livemode: bool) -> tuple[int, bytes]:
         types = {v for k, v in query.items() if k.startswith("types[")}
         bounds = {k: int(v) for k, v in query.items() if k.startswith("created[")}
         limit = min(100, int(query.get("limit", "10")))
@@ -161,7 +170,7 @@ class StripeEvents:
         page: list[bytes] = []
         more = False
         for event in self._events[start:]:
-            if not _matches(event, types, bounds):
+            if event.livemode != livemode or not _matches(event, types, bounds):
                 continue
             if len(page) == limit:
                 more = True
