@@ -90,7 +90,7 @@ class StripeEvents:
     ) -> None:
         self.keys = set(keys)
         self.keys_without_events = set(keys_without_events)
-        self.faults: deque[int] = deque()
+        self.faults: deque[int | None] = deque()  # None: answer that request normally
         self.requests: list[dict[str, str]] = []
         self._lock = threading.Lock()
         self._events: list[_Listed] = []  # newest first
@@ -116,9 +116,11 @@ class StripeEvents:
             self._events = merged
             self._position = {e.id: i for i, e in enumerate(merged)}
 
-    def fail(self, *statuses: int) -> None:
-        """Answer the next requests with these statuses, one each."""
+    def fail(self, *statuses: int, skip: int = 0) -> None:
+        """Answer `skip` more requests normally, then the next ones with these statuses,
+        one each."""
         with self._lock:
+            self.faults.extend([None] * skip)
             self.faults.extend(statuses)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -152,8 +154,8 @@ class StripeEvents:
                 return _error(403, "invalid_request_error", "The provided key does not have access")
             if key not in self.keys:
                 return _error(401, "invalid_request_error", "Invalid API Key provided")
-            if self.faults:
-                status = self.faults.popleft()
+            status = self.faults.popleft() if self.faults else None
+            if status is not None:
                 return _error(status, "api_error", f"stand-in fault {status}")
             return self._page(query, livemode="_live_" in key)
 
