@@ -20,7 +20,7 @@ from typing import Any, Final
 import msgspec
 
 from bridge.errors import ConfigError
-from bridge.plugin import EventLister, Handler, SignatureScheme, SourceOptions, kept_headers
+from bridge.plugin import Handler, SignatureScheme, SourceOptions, kept_headers
 
 __all__ = ["HANDLER_GROUP", "Source", "check_handler", "load_handlers", "load_sources"]
 
@@ -104,16 +104,15 @@ def check_handler(registered_as: str, handler: object) -> Handler:
 
 def _check_lister(where: str, handler: object) -> None:
     """A handler that offers `list_events` keeps the rest of `EventLister` too."""
-    members = ("api_key_variable", "api_base_variable", "check_api_key", "list_events")
-    if not isinstance(handler, EventLister):
-        missing = [m for m in members if not hasattr(handler, m)]
-        raise ConfigError(where, f"offers list_events but not the EventLister protocol {missing}")
-    for variable in (handler.api_key_variable, handler.api_base_variable):
-        if not isinstance(variable, str) or not _VARIABLE.match(variable):
-            raise ConfigError(where, f"{variable!r} is not an environment variable name")
+    for member in ("api_key_variable", "api_base_variable"):
+        value = getattr(handler, member, None)
+        if not isinstance(value, str) or not _VARIABLE.match(value):
+            raise ConfigError(
+                where, f"offers list_events: {member} {value!r} is not an environment variable name"
+            )
     for method in ("check_api_key", "list_events"):
-        if not callable(getattr(handler, method)):
-            raise ConfigError(where, f"{method} is not callable")
+        if not callable(getattr(handler, method, None)):
+            raise ConfigError(where, f"offers list_events: {method} is not callable (EventLister)")
 
 
 def _check_headers(where: str, headers: object) -> None:

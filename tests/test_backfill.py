@@ -4,6 +4,7 @@ over real HTTP, through the real `stripe` package, into a real store of each bac
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,14 +12,15 @@ from typing import Any
 import msgspec
 import pytest
 
-from bridge.backfill import Progress, RetryPolicy, Target, backfill, targets
+from bridge.backfill import Progress, RetryPolicy, Tally, Target, backfill, targets
+from bridge.backfill_cli import Display
 from bridge.errors import ConfigError, ProviderError
 from bridge.events import Track
 from bridge.plugin import ListedEvent
-from bridge.registry import load_sources
+from bridge.registry import check_handler, load_sources
 from bridge.stages.translate import translate_one
 from bridge.store import Delivery, Store
-from handlers.stripe import TRANSLATED
+from handlers.stripe import TRANSLATED, StripeHandler
 from handlers.stripe import handler as stripe
 from tests.conftest import ServerThread
 from tests.provider_apis import (
@@ -277,3 +279,53 @@ async def test_appends_from_a_backfill_and_a_webhook_at_once_store_one(
     )
     assert tally.listed == tally.received + tally.queued == 100
     assert len(await store.untranslated(1000)) == 100
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_progress_is_one_line_redrawn_then_cleared() -> None:
+    screen, out = Terminal(), io.StringIO()
+    display = Display(screen, out, dry_run=False)
+    display.batch(Tally(listed=100, received=40, queued=60))
+    display.batch(Tally(listed=200, received=40, queued=160))  # within a tenth of a second
+    time.sleep(0.11)
+    display.batch(Tally(listed=300, received=40, queued=260))
+    display.finish()
+    drawn = screen.getvalue().split("\r\x1b[2K")
+    assert [d.split("  ")[:3] for d in drawn if d] == [
+        ["listed 100", "already received 40", "queued 60"],
+        ["listed 300", "already received 40", "queued 260"],
+    ]
+    assert screen.getvalue().endswith("\r\x1b[2K")  # cleared for the summary
+    assert "\n" not in screen.getvalue()
+    assert out.getvalue() == ""
+
+
+def test_off_a_terminal_the_progress_is_a_plain_line_now_and_then() -> None:
+    log, out = io.StringIO(), io.StringIO()
+    display = Display(log, out, dry_run=True)
+    for n in range(1, 4):
+        display.batch(Tally(listed=100 * n))
+    assert log.getvalue().count("\n") == 1  # then one every LINE_EVERY seconds
+    assert log.getvalue().startswith("backfill: listed 100  already received 0  would queue 0")
+    assert "\r" not in log.getvalue()
+
+
+def test_a_handler_offering_list_events_must_keep_the_whole_protocol() -> None:
+    class Partial(StripeHandler):
+        name = "partial"
+        api_base_variable = "partial api base"
+
+    with pytest.raises(ConfigError, match="api_base_variable 'partial api base' is not an env"):
+        check_handler("partial", Partial())
+
+    class Bare(StripeHandler):
+        name = "bare"
+        check_api_key = None  # type: ignore[assignment]
+
+    with pytest.raises(ConfigError, match="check_api_key is not callable"):
+        check_handler("bare", Bare())
+    assert check_handler("stripe", stripe) is stripe
