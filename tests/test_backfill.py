@@ -20,14 +20,20 @@ from bridge.plugin import ListedEvent
 from bridge.registry import check_handler, load_sources
 from bridge.stages.translate import translate_one
 from bridge.store import Delivery, Store
+from bridge.testing import signed_request
+from handlers.paddle import handler as paddle
 from handlers.stripe import TRANSLATED, StripeHandler
 from handlers.stripe import handler as stripe
 from tests.conftest import ServerThread
 from tests.provider_apis import (
+    PADDLE_KEY,
+    PADDLE_KEY_WITHOUT_EVENTS,
     STRIPE_KEY,
     STRIPE_KEY_WITHOUT_EVENTS,
     STRIPE_LIVE_KEY,
+    PaddleEvents,
     StripeEvents,
+    paddle_purchase,
     stripe_event,
     stripe_purchase,
 )
@@ -329,3 +335,108 @@ def test_a_handler_offering_list_events_must_keep_the_whole_protocol() -> None:
     with pytest.raises(ConfigError, match="check_api_key is not callable"):
         check_handler("bare", Bare())
     assert check_handler("stripe", stripe) is stripe
+
+
+class PaddleStandIn:
+    def __init__(self, app: PaddleEvents, url: str) -> None:
+        self.app = app
+        self.url = url
+
+    def target(self, key: str = PADDLE_KEY) -> Target:
+        env = {"PADDLE_API_KEY": key, "PADDLE_API_BASE": self.url}
+        (found,) = targets(load_sources(env, {"paddle": paddle}), env)
+        return found
+
+
+@pytest.fixture
+def paddle_api() -> Iterator[PaddleStandIn]:
+    app = PaddleEvents()
+    with ServerThread(app) as server:
+        yield PaddleStandIn(app, server.url)
+
+
+async def test_paddle_events_are_walked_newest_first_down_to_the_window(
+    store: Store, paddle_api: PaddleStandIn
+) -> None:
+    now = float(int(time.time()))  # whole seconds: exact through `occurred_at`
+    events = [paddle_purchase(i, now - 9000 + 20 * i) for i in range(450)]
+    paddle_api.app.add(events)
+    paddle_api.app.add(
+        [paddle_purchase(1000 + i, now - 3000, "customer.updated") for i in range(5)]
+    )
+    target = paddle_api.target()
+    assert target.lists == "live events"
+    tally = await backfill(store, target, now - 5000, now - 1000)
+    # Only those that occurred in the window, of the types translated.
+    assert (tally.listed, tally.queued) == (200, 200)
+    stored = {d.provider_event_id: d for d in await store.untranslated(1000)}
+    assert stored.keys() == {e["event_id"] for e in events[200:400]}
+    assert stored[events[300]["event_id"]].raw_body == msgspec.json.encode(events[300])
+    # A page of 200 at a time from the newest, each after the last id of the one before;
+    # the walk stops an hour past the window's start, not at the end of the stream.
+    requests = paddle_api.app.requests
+    assert [(r["order_by"], r["per_page"]) for r in requests] == [("id[DESC]", "200")] * 3
+    assert [r.get("after") for r in requests] == [None, f"evt_{255:026d}", f"evt_{55:026d}"]
+    again = await backfill(store, target, now - 5000, now - 1000)
+    assert (again.listed, again.received, again.queued) == (200, 200, 0)
+
+
+async def test_paddle_429_is_retried_and_a_later_webhook_is_a_duplicate(
+    store: Store, paddle_api: PaddleStandIn
+) -> None:
+    now = time.time()
+    events = [paddle_purchase(i, now - 1000 + i) for i in range(250)]
+    paddle_api.app.add(events)
+    paddle_api.app.fail(429, skip=1)
+    tally = await backfill(store, paddle_api.target(), now - 3600, now + 1, retry=FAST)
+    assert (tally.queued, tally.retries) == (250, 1)
+    assert [r.get("after") for r in paddle_api.app.requests] == [
+        None,
+        f"evt_{50:026d}",
+        f"evt_{50:026d}",
+    ]
+    # The webhook of one of them, as Paddle delivers it (with its notification id).
+    webhook = msgspec.json.encode({**events[7], "notification_id": "ntf_standin_7"})
+    request = signed_request(paddle, webhook)
+    delivery = Delivery(
+        source="paddle",
+        provider_event_id=paddle.delivery_id(request),
+        received_at=time.time(),
+        raw_body=webhook,
+    )
+    assert await store.append(delivery) == "duplicate"
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        ("pdl_ntfset_01abc_secret", "notification destination's secret key"),
+        ("live_7d279f61a3499fed520f7cd8c08", "client-side token"),
+        ("not a key", "is not a Paddle API key"),
+    ],
+)
+def test_a_paddle_key_of_the_wrong_kind_is_refused(key: str, says: str) -> None:
+    env = {"PADDLE_API_KEY": key}
+    with pytest.raises(ConfigError) as refused:
+        targets(load_sources(env, {"paddle": paddle}), env)
+    assert (refused.value.variable, key in str(refused.value)) == ("PADDLE_API_KEY", False)
+    assert says in refused.value.reason
+    sandbox = {"PADDLE_API_KEY": "pdl_sdbx_apikey_01abc_secret"}
+    (target,) = targets(load_sources(sandbox, {"paddle": paddle}), sandbox)
+    assert target.lists == "sandbox events"
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        ("pdl_live_apikey_01unknown_secret", "Paddle refused the key (401)"),
+        (PADDLE_KEY_WITHOUT_EVENTS, "may not read events (403)"),
+    ],
+)
+async def test_a_key_paddle_refuses_is_a_config_error(
+    store: Store, paddle_api: PaddleStandIn, key: str, says: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        await backfill(store, paddle_api.target(key), 0, time.time(), retry=FAST)
+    assert refused.value.variable == "PADDLE_API_KEY"
+    assert says in refused.value.reason
