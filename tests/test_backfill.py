@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 import pytest
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from bridge.backfill import Progress, RetryPolicy, Tally, Target, backfill, targets
 from bridge.backfill_cli import Display
@@ -18,6 +21,7 @@ from bridge.errors import ConfigError, ProviderError
 from bridge.events import Track
 from bridge.plugin import ListedEvent
 from bridge.registry import check_handler, load_sources
+from bridge.stages.reconcile import ReconcileConfig, Reconciler
 from bridge.stages.translate import translate_one
 from bridge.store import Delivery, Store
 from bridge.testing import signed_request
@@ -440,3 +444,53 @@ async def test_a_key_paddle_refuses_is_a_config_error(
         await backfill(store, paddle_api.target(key), 0, time.time(), retry=FAST)
     assert refused.value.variable == "PADDLE_API_KEY"
     assert says in refused.value.reason
+
+
+def reconciled() -> float:
+    return REGISTRY.get_sample_value("bridge_reconciled_total", {"source": "stripe"}) or 0.0
+
+
+async def test_a_round_for_a_source_never_received_starts_its_checkpoint_now(
+    store: Store, stripe_api: StandIn
+) -> None:
+    now = time.time()
+    target = stripe_api.target()
+    reconciler = Reconciler(store, [target], ReconcileConfig(settle=300), clock=lambda: now)
+    assert await reconciler.round(target) is None
+    assert await store.reconciled_until("stripe") == now - 300
+    assert stripe_api.app.requests == []  # nothing listed: nothing of it was ever received
+
+
+async def test_a_round_lists_no_further_back_than_the_inbox_remembers(
+    store: Store, stripe_api: StandIn
+) -> None:
+    now = time.time()
+    stripe_api.app.add([stripe_purchase(i, int(now - 86400 * (i + 1) + 60)) for i in range(10)])
+    await store.set_reconciled_until("stripe", now - 40 * 86400)  # down for 40 days
+    target = stripe_api.target()
+    reconciler = Reconciler(store, [target], inbox_retention=7 * 86400, clock=lambda: now)
+    before = reconciled()
+    tally = await reconciler.round(target)
+    assert tally is not None
+    assert int(stripe_api.app.requests[0]["created[gte]"]) == math.floor(now - 7 * 86400)
+    assert tally.queued == 7  # created up to 7 days ago; older ones the inbox has forgotten
+    assert reconciled() == before + 7
+    assert await store.reconciled_until("stripe") == now - ReconcileConfig().settle
+
+
+async def test_a_round_that_fails_keeps_its_checkpoint_and_is_counted(
+    store: Store, stripe_api: StandIn
+) -> None:
+    now = time.time()
+    await store.set_reconciled_until("stripe", now - 3600)
+    target = stripe_api.target("rk_live_revokedkey00000")
+    reconciler = Reconciler(store, [target], clock=lambda: now)
+    labels = {"source": "stripe", "reason": "key"}
+    before = REGISTRY.get_sample_value("bridge_reconcile_failures_total", labels) or 0.0
+    with capture_logs() as logs:
+        assert await reconciler.round(target) is None
+    assert REGISTRY.get_sample_value("bridge_reconcile_failures_total", labels) == before + 1
+    assert await store.reconciled_until("stripe") == now - 3600
+    (failed,) = [line for line in logs if line["event"].startswith("reconcile failed")]
+    assert "Stripe refused the key (401)" in failed["reason"]
+    assert "rk_live_revokedkey00000" not in str(logs)

@@ -168,6 +168,16 @@ class Reconciler:
                 log.info("reconcile starts now: nothing received yet", source=name)
                 return None
             checkpoint = first
+        elif checkpoint - self.config.overlap < floor:
+            # Down longer than the inbox remembers: what was received then is forgotten,
+            # and would be queued again (`backfill --since` says as much to an operator).
+            log.warning(
+                "reconcile: the checkpoint is older than the inbox remembers; listing from "
+                "the start of what it remembers",
+                source=name,
+                checkpoint=_iso(checkpoint),
+                since=_iso(floor),
+            )
         since = max(floor, checkpoint - self.config.overlap)
         return (since, until) if since < until else None
 
