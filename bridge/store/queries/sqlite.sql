@@ -1,7 +1,8 @@
 -- The store's statements for SQLite, by name (`bridge.store.sql`); postgres.sql defines
 -- the same names. Parameters are positional (`?`), or named (`:name`) where a statement
 -- reads one twice. A list parameter arrives as JSON text, which `json_each(?)` reads: ids
--- and hashes only (SQLite's JSON cuts a text at a NUL); `?*` spreads a list of any text (the first parameter).
+-- and hashes only (SQLite's JSON cuts a text at a NUL); `?*` spreads a list of any text
+-- (the statement's first parameter).
 
 -- name: append
 -- A delivery's inbox row; its id, or no row for a redelivery.
