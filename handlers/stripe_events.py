@@ -1,10 +1,10 @@
 """Stripe's Events API for backfill and reconcile, through the `stripe` package.
 
-`GET /v1/events` keeps 30 days of events, newest first; the package pages through them
-(`starting_after` the last event of a page, while `has_more`). Each event is the object a
-webhook endpoint would have been sent, so its JSON is stored as the delivery's body and
-its id is the delivery id, as for a webhook. Test or live mode follows the key: an
-`sk_test_`/`rk_test_` key lists test-mode events.
+`GET /v1/events` keeps 30 days of events, newest first, listed a page at a time through
+the package's client (`starting_after` the last event of a page, while `has_more`). Each
+event is the object a webhook endpoint would have been sent, so its JSON is stored as the
+delivery's body and its id is the delivery id, as for a webhook. Test or live mode
+follows the key: an `sk_test_`/`rk_test_` key lists test-mode events.
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ async def list_events(
     The package's client makes each request (the key, the API version, Stripe's errors as
     its exceptions) and the pages are walked as its auto-pager walks them (`starting_after`
     the last event, while `has_more`), but each page is read raw: the package's objects
-    cost 0.9 ms an event, which on the serving event loop held intake up for 90 ms a page,
-    and the raw JSON is what a webhook of the event carries."""
+    cost 0.9 ms an event (profiled), which would hold the serving event loop, and intake
+    with it, for about 90 ms a page; and the raw JSON is what a webhook of the event
+    carries."""
     http = stripe.HTTPXClient(timeout=TIMEOUT)
     client = stripe.StripeClient(
         access.key,
