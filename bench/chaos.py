@@ -85,7 +85,12 @@ def subscription_created(run: str, n: int) -> bytes:
             "livemode": True,
             "created": int(time.time()),
             "data": {
-                "object": {"id": f"sub_{run}_{n}", "object": "subscription", "customer": "cus_x"}
+                "object": {
+                    "id": f"sub_{run}_{n}",
+                    "object": "subscription",
+                    "customer": "cus_x",
+                    "status": "active",  # a subscription started (not `incomplete`)
+                }
             },
         }
     )

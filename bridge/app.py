@@ -34,7 +34,7 @@ from bridge.errors import (
     StoreUnavailable,
 )
 from bridge.http_metrics import HttpMetrics
-from bridge.registry import Source, load_handlers, load_sources
+from bridge.registry import Source, load_handlers, load_sources, load_templates
 from bridge.stages.forward import Forwarder
 from bridge.stages.intake import intake_route
 from bridge.stages.reconcile import Reconciler
@@ -115,7 +115,7 @@ def create_app(
     """Build the app. `http`, `store`, `sources` and `reconciled` (the sources the periodic
     reconcile lists) replace what the settings would build."""
     if sources is None:
-        sources = load_sources(settings.env, load_handlers(), dev=dev)
+        sources = load_sources(settings.env, load_handlers(), templates=load_templates(), dev=dev)
     if reconciled is None:
         reconciled = targets(sources, settings.env)
 

@@ -16,7 +16,7 @@ from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError, ProviderError
 from bridge.outbox_cli import parse_since, with_store
 from bridge.plugin import ListedEvent, event_lister
-from bridge.registry import Source, load_handlers, load_sources
+from bridge.registry import Source, load_handlers, load_sources, load_templates
 from bridge.startup import refuse
 from bridge.store import Store
 
@@ -170,7 +170,7 @@ def backfill_command(source: str, since: float, until: float | None, dry_run: bo
     """
     try:
         settings = load_settings(os.environ, require_key=False)
-        sources = load_sources(os.environ, load_handlers())
+        sources = load_sources(os.environ, load_handlers(), templates=load_templates())
     except ConfigError as error:
         refuse(error)
     target = _target(_source(sources, source))

@@ -22,8 +22,9 @@ from bridge.backfill_cli import backfill_command
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError
 from bridge.logs import configure_logging
+from bridge.map_cli import map_body
 from bridge.outbox_cli import forget, outbox
-from bridge.registry import HANDLER_GROUP, Source, load_handlers, load_sources
+from bridge.registry import HANDLER_GROUP, Source, load_handlers, load_sources, load_templates
 from bridge.startup import open_outbox, refuse
 from bridge.store import Store, open_store
 
@@ -49,7 +50,7 @@ def _settings(env: Mapping[str, str], **kwargs: Any) -> Settings:
 
 def _sources(env: Mapping[str, str], *, dev: bool = False) -> dict[str, Source]:
     try:
-        return load_sources(env, load_handlers(), dev=dev)
+        return load_sources(env, load_handlers(), templates=load_templates(), dev=dev)
     except ConfigError as error:
         refuse(error)
 
@@ -249,6 +250,9 @@ def handlers() -> None:
             else f"not configured: set {source.secret_variable}"
         )
         click.echo(f"{name:16} handler={source.handler.name:12} /webhooks/{name:16} {state}")
+        describe = getattr(source.handler, "describe", None)
+        if callable(describe):  # a mapped source: the event types it maps
+            click.echo(f"{'':16} {describe()}")
 
 
 @main.command("send-test")
@@ -289,3 +293,4 @@ def send_test(source: str, event: str, url: str) -> None:
 main.add_command(outbox)
 main.add_command(forget)
 main.add_command(backfill_command)
+main.add_command(map_body)

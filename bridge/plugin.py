@@ -18,6 +18,10 @@ runs later, from the store, on a request rebuilt from that body and those header
 So `delivery_id` reads the request without parsing it, and `parse` and `translate` may
 read only the headers that `scheme.headers` and `headers` list.
 
+A `HandlerTemplate`, registered the same way, is a handler that each source builds from
+its own table in `bridge.toml` (the built-in `mapped` handler: a provider without code).
+It has no source of its own; a source names it with `handler = "<name>"`.
+
 A handler whose provider lists its past events through an API may also keep
 `EventLister`: `millimetric-bridge backfill SOURCE` and the periodic reconcile of `serve`
 then append the events its webhooks never brought, as deliveries of the source whose
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Protocol, runtime_checkable
 
 import msgspec
@@ -39,6 +44,7 @@ __all__ = [
     "ApiAccess",
     "EventLister",
     "Handler",
+    "HandlerTemplate",
     "ListedEvent",
     "Sample",
     "SignatureScheme",
@@ -193,6 +199,23 @@ class EventLister(Protocol):
 def event_lister(handler: Handler) -> EventLister | None:
     """The handler as an `EventLister`, if it is one."""
     return handler if isinstance(handler, EventLister) else None
+
+
+@runtime_checkable
+class HandlerTemplate(Protocol):
+    """A handler built per source from that source's options (`bridge.toml`)."""
+
+    name: str  # what a source's `handler = "..."` names
+    options_type: type[SourceOptions]  # the source's table, checked by msgspec first
+
+    def configure(
+        self, source: str, options: Any, *, secret_variable: str, folder: Path
+    ) -> Handler:
+        """The handler for one source, from its converted `options`; `folder` is where
+        `bridge.toml` is, for paths in it. Raises `ConfigError(key, problem)`, naming
+        the key in the source's table, for anything that cannot work: at start-up, never
+        on the first delivery."""
+        ...
 
 
 def kept_headers(handler: Handler) -> tuple[str, ...]:

@@ -3,6 +3,10 @@
 Built-in handlers register through the same entry-point group a third-party package uses.
 Every handler is checked at start-up; a broken one stops start-up with a line naming it.
 A source is mounted at `/webhooks/<source>` only when its secret variable is set.
+
+A handler template (`bridge.plugin.HandlerTemplate`, such as `mapped`) registers in the
+same group but has no source of its own: each `bridge.toml` table that names it builds a
+handler from its options, checked like any other.
 """
 
 from __future__ import annotations
@@ -20,9 +24,16 @@ from typing import Any, Final
 import msgspec
 
 from bridge.errors import ConfigError
-from bridge.plugin import Handler, SignatureScheme, SourceOptions, kept_headers
+from bridge.plugin import Handler, HandlerTemplate, SignatureScheme, SourceOptions, kept_headers
 
-__all__ = ["HANDLER_GROUP", "Source", "check_handler", "load_handlers", "load_sources"]
+__all__ = [
+    "HANDLER_GROUP",
+    "Source",
+    "check_handler",
+    "load_handlers",
+    "load_sources",
+    "load_templates",
+]
 
 HANDLER_GROUP: Final = "millimetric_bridge.handlers"
 _NAME: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -143,9 +154,14 @@ def _check_delivery_id(where: str, handler: Handler) -> None:
         ) from None
 
 
-def load_handlers(found: Iterable[EntryPoint] | None = None) -> dict[str, Handler]:
-    """Every installed handler, checked."""
-    handlers: dict[str, Handler] = {}
+def _is_template(plugin: object) -> bool:
+    return isinstance(plugin, HandlerTemplate) and not isinstance(plugin, Handler)
+
+
+def _plugins(found: Iterable[EntryPoint] | None) -> Iterable[tuple[str, object]]:
+    """Every entry point of the group, loaded, once per name (the same package may be
+    seen twice on sys.path)."""
+    seen = set()
     for ep in found if found is not None else entry_points(group=HANDLER_GROUP):
         try:
             loaded = ep.load()
@@ -153,10 +169,38 @@ def load_handlers(found: Iterable[EntryPoint] | None = None) -> dict[str, Handle
             raise ConfigError(
                 f"handler {ep.name!r}", f"cannot be loaded from {ep.value}: {error}"
             ) from error
-        if ep.name in handlers:
-            continue  # the same package seen twice on sys.path
-        handlers[ep.name] = check_handler(ep.name, loaded)
-    return handlers
+        if ep.name not in seen:
+            seen.add(ep.name)
+            yield ep.name, loaded
+
+
+def load_handlers(found: Iterable[EntryPoint] | None = None) -> dict[str, Handler]:
+    """Every installed handler, checked (templates aside: see `load_templates`)."""
+    return {
+        name: check_handler(name, loaded)
+        for name, loaded in _plugins(found)
+        if not _is_template(loaded)
+    }
+
+
+def load_templates(found: Iterable[EntryPoint] | None = None) -> dict[str, HandlerTemplate]:
+    """Every installed handler template (`mapped`), checked."""
+    templates: dict[str, HandlerTemplate] = {}
+    for name, loaded in _plugins(found):
+        if not _is_template(loaded):
+            continue
+        assert isinstance(loaded, HandlerTemplate)  # for mypy: _is_template said so
+        where = f"handler {name!r}"
+        if loaded.name != name:
+            raise ConfigError(where, f"its name {loaded.name!r} must equal the entry-point name")
+        if not (
+            isinstance(loaded.options_type, type) and issubclass(loaded.options_type, SourceOptions)
+        ):
+            raise ConfigError(where, "options_type must be a subclass of SourceOptions")
+        if not callable(loaded.configure):
+            raise ConfigError(where, "configure is not callable")
+        templates[name] = loaded
+    return templates
 
 
 def _secrets(value: str | None) -> tuple[str, ...]:
@@ -182,10 +226,24 @@ def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
     return sources
 
 
+def _described(error: msgspec.ValidationError) -> str:
+    """msgspec's message with the key first: `tolerance: Expected `int`, got `str``."""
+    message, found, path = str(error).rpartition(" - at `$")
+    if not found:
+        return str(error)
+    return f"{path.removesuffix('`').lstrip('.')}: {message}"
+
+
 def load_sources(
-    env: Mapping[str, str], handlers: Mapping[str, Handler], *, dev: bool = False
+    env: Mapping[str, str],
+    handlers: Mapping[str, Handler],
+    *,
+    templates: Mapping[str, HandlerTemplate] | None = None,
+    dev: bool = False,
 ) -> dict[str, Source]:
-    """Every source: one per handler by default, plus those `bridge.toml` declares."""
+    """Every source: one per handler by default, plus those `bridge.toml` declares,
+    including those built from a template (`handler = "mapped"`)."""
+    templates = templates or {}
     config_path = Path(env.get("BRIDGE_CONFIG", "bridge.toml"))
     declared: dict[str, dict[str, Any]] = {}
     if config_path.exists():
@@ -200,13 +258,17 @@ def load_sources(
         handler_name = options.pop("handler", name)
         if not isinstance(handler_name, str):
             raise ConfigError(where, "handler must be a handler's name")
-        handler = handlers.get(handler_name)
-        if handler is None:
+        plugin: Handler | HandlerTemplate | None = handlers.get(handler_name) or templates.get(
+            handler_name
+        )
+        if plugin is None:
             raise ConfigError(where, f"no handler named {handler_name!r} is installed")
         if not _NAME.match(name):
             raise ConfigError(where, "a source name is lower-case letters, digits, - or _")
         default_variable = (
-            handler.secret_variable if name == handler.name else _default_variable(name)
+            plugin.secret_variable
+            if isinstance(plugin, Handler) and name == plugin.name
+            else _default_variable(name)
         )
         variable = options.pop("secret_variable", default_variable)
         if not isinstance(variable, str) or not _VARIABLE.match(variable):
@@ -214,9 +276,14 @@ def load_sources(
         if dev:
             options.setdefault("include_test_events", True)
         try:
-            parsed = msgspec.convert(options, handler.options_type)
+            parsed = msgspec.convert(options, plugin.options_type)
         except msgspec.ValidationError as error:
-            raise ConfigError(where, str(error)) from error
+            raise ConfigError(where, _described(error)) from None
+        handler = (
+            plugin
+            if isinstance(plugin, Handler)
+            else _configure(where, plugin, name, parsed, variable, config_path.parent)
+        )
         sources[name] = Source(
             name=name,
             handler=handler,
@@ -225,3 +292,19 @@ def load_sources(
             options=parsed,
         )
     return sources
+
+
+def _configure(
+    where: str,
+    template: HandlerTemplate,
+    name: str,
+    options: SourceOptions,
+    variable: str,
+    folder: Path,
+) -> Handler:
+    """The source's own handler, built by its template and checked like any handler."""
+    try:
+        built = template.configure(name, options, secret_variable=variable, folder=folder)
+        return check_handler(template.name, built)
+    except ConfigError as error:
+        raise ConfigError(where, str(error)) from None

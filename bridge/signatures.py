@@ -106,7 +106,7 @@ class HmacScheme:
         digest: str = "sha256",
     ) -> None:
         self.header = header.lower()
-        self.headers = (self.header,)
+        self.headers: tuple[str, ...] = (self.header,)
         self.encoding = encoding
         self.prefix = prefix
         self.digest = digest

@@ -94,6 +94,7 @@ class SinkState:
         self.seen_event_ids: set[str] = set()
         self.answers: Counter[str] = Counter()  # "route status" -> count
         self.duplicates = 0
+        self.in_flight = 0  # ingest requests arrived and not yet answered
         self.buckets: dict[tuple[str, str], TokenBucket] = {}
         self.knobs = SinkKnobs()
         self.fail_until = 0.0
@@ -262,7 +263,11 @@ def create_sink_app(state: SinkState | None = None) -> Litestar:
     ) -> Response[bytes] | Stream:
         if route not in _DECODERS:
             return _error(404, "not_found")
-        response = await _ingest(sink, route, request)
+        sink.in_flight += 1
+        try:
+            response = await _ingest(sink, route, request)
+        finally:
+            sink.in_flight -= 1
         if sink.knobs.drop_rate and random.random() < sink.knobs.drop_rate:  # noqa: S311
             # Handled (events may be stored), but the answer is lost on the way back.
             sink.answers[f"{route} dropped"] += 1
@@ -287,6 +292,7 @@ def create_sink_app(state: SinkState | None = None) -> Litestar:
             "unique_event_ids": len(sink.seen_event_ids),
             "duplicates": sink.duplicates,
             "answers": dict(sink.answers),
+            "in_flight": sink.in_flight,
         }
 
     @get("/_sink/knobs")

@@ -1,5 +1,12 @@
 """Auth0 log streams (custom webhook): sign-ups, logins and user deletions.
 
+The log types read are Auth0's current event codes (auth0.com/docs, "Log Event Type Codes"
+and the log streams' event filters): `ss` (the "Signup - Success" filter), `s` and `sens`
+(a native social login: Sign in with Apple or Facebook from a native app) of the "Login -
+Success" filter, and `sdu`. A login whose record counts the user's first login is also
+their sign-up: Auth0 logs `ss` for sign-ups through database connections, and a user
+created by a first social, native social or enterprise login would have none.
+
 Auth0 does not sign log-stream deliveries. It sends the "Authorization Token" configured on
 the stream as the `Authorization` header, verbatim, so the bridge compares that whole value
 (e.g. `Bearer 3f9c...`) in constant time against each configured token.
@@ -26,6 +33,7 @@ import msgspec
 
 from bridge import Forget, Identify, Output, PayloadInvalid, Track
 from bridge.errors import EventInvalid, SignatureInvalid
+from bridge.events import NAME_MAX_CHARS
 from bridge.plugin import Sample, SourceOptions, WebhookRequest
 
 __all__ = ["Auth0Handler", "Auth0Options", "AuthorizationScheme", "LogBatch", "handler"]
@@ -91,6 +99,22 @@ class Auth0Options(SourceOptions, frozen=True, kw_only=True, forbid_unknown_fiel
     forget_on_user_deleted: bool = False  # `sdu` erases the user at Millimetric
 
 
+class LoginStats(msgspec.Struct, frozen=True):
+    logins_count: int | None = msgspec.field(default=None, name="loginsCount")
+
+
+class Prompt(msgspec.Struct, frozen=True):
+    stats: LoginStats | None = None
+
+
+class Details(msgspec.Struct, frozen=True):
+    """Where a login record counts the user's logins: `details.stats.loginsCount`, or that
+    of the prompt that authenticated them (`details.prompts[].stats.loginsCount`)."""
+
+    stats: LoginStats | None = None
+    prompts: list[Prompt] | None = None
+
+
 class LogData(msgspec.Struct, frozen=True):
     """The fields read from a record's `data`; user names, e-mails, IPs and user agents
     are in the payload too and deliberately left unread."""
@@ -103,6 +127,9 @@ class LogData(msgspec.Struct, frozen=True):
     client_id: str | None = None
     client_name: str | None = None
     strategy: str | None = None
+    # Read only for a login, and leniently: a record whose details are not of the shape
+    # expected is still a login, just not known to be the first.
+    details: msgspec.Raw = msgspec.Raw(b"null")
 
 
 class LogRecord(msgspec.Struct, frozen=True):
@@ -120,9 +147,14 @@ class LogBatch(msgspec.Struct, frozen=True):
 _raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
 _array_decoder: Final = msgspec.json.Decoder(list[msgspec.Raw])
 _record_decoder: Final = msgspec.json.Decoder(LogRecord)
+_details_decoder: Final = msgspec.json.Decoder(Details)
 
+#: Successful logins: `s`, and `sens`, a native social login. Auth0's "Login - Success"
+#: filter also lists `scoa` (cross-origin authentication), a step of an embedded login
+#: whose /authorize logs the login's own `s`: counting it too would count logins twice.
+LOGINS: Final = frozenset({"s", "sens"})
 #: The log types translated; every other type is acknowledged and ignored.
-TRANSLATED: Final = frozenset({"ss", "s", "sdu"})
+TRANSLATED: Final = frozenset({"ss", "sdu", *LOGINS})
 
 
 def _split(body: bytes) -> list[bytes]:
@@ -211,13 +243,17 @@ class Auth0Handler:
             "client_name": data.client_name,
         }
         properties = {k: v for k, v in context.items() if v}
-        if data.type == "s":
-            return [_track("login", log_id, data.date, user_id, properties)]
         traits = {k: v for k, v in properties.items() if k in ("connection", "strategy")}
-        return [
+        # One sign-up per user, whichever record says it (an `ss`, or the first login that
+        # follows it or stands for it): its event_id names the user, so they collapse.
+        signup: list[Output] = [
             Identify(user_id=user_id, traits=traits),
-            _track("signup", log_id, data.date, user_id, properties),
+            _track("signup", _signup_id(user_id), data.date, user_id, properties),
         ]
+        if data.type in LOGINS:
+            login = _track("login", f"login:auth0:{log_id}", data.date, user_id, properties)
+            return [*signup, login] if _first_login(data) else [login]
+        return signup
 
     def samples(self) -> Mapping[str, Sample]:
         folder = resources.files("handlers").joinpath("samples", "auth0")
@@ -228,28 +264,51 @@ class Auth0Handler:
         }
 
     def freshen(self, sample: Sample) -> Sample:
-        """A new delivery from a sample, for `send-test`: fresh log ids and dates, so the
-        records are not taken for ones already counted."""
+        """A new delivery from a sample, for `send-test`: fresh log ids and dates, and a new
+        user (the same one for every record of the sample), so the records are not taken
+        for ones already counted, nor the sign-up for that of a user already signed up."""
         decoded: Any = msgspec.json.decode(sample.body)
         records = decoded if isinstance(decoded, list) else [decoded]
         now = datetime.fromtimestamp(time.time(), UTC).isoformat(timespec="milliseconds")
+        user = f"auth0|test{uuid.uuid4().hex[:20]}"
         for record in records:
             log_id = "900" + uuid.uuid4().hex + uuid.uuid4().hex[:21]  # 56 chars, like Auth0's
             record["log_id"] = log_id
             record["data"].update(log_id=log_id, date=now.replace("+00:00", "Z"))
+            if record["data"].get("user_id"):
+                record["data"]["user_id"] = user
         return Sample(body=msgspec.json.encode(decoded), headers=sample.headers)
 
 
 def _track(
-    event: str, log_id: str, when: datetime, user_id: str, properties: dict[str, Any]
+    event: str, event_id: str, when: datetime, user_id: str, properties: dict[str, Any]
 ) -> Track:
     return Track(
         event=event,
-        event_id=f"{event}:auth0:{log_id}",  # the record's own id: resent records collapse
+        event_id=event_id,
         timestamp=when,
         user_id=user_id,
         properties=properties,
     )
+
+
+def _signup_id(user_id: str) -> str:
+    """The user's sign-up, whatever record tells of it; a user id too long for an event id
+    is named by its digest."""
+    event_id = f"signup:auth0:{user_id}"
+    if len(event_id) <= NAME_MAX_CHARS:
+        return event_id
+    return "signup:auth0:sha256:" + hashlib.sha256(user_id.encode()).hexdigest()[:32]
+
+
+def _first_login(data: LogData) -> bool:
+    """Whether the login record counts this login as the user's first."""
+    try:
+        details = _details_decoder.decode(data.details)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return False
+    stats = [details.stats, *(prompt.stats for prompt in details.prompts or ())]
+    return any(found is not None and found.logins_count == 1 for found in stats)
 
 
 handler: Final = Auth0Handler()

@@ -6,6 +6,9 @@ carry no event id of their own.
 
 Only ids and times leave the bridge: Clerk's user object is full of personal data (email
 addresses, names, phone numbers, IP addresses), and none of it is sent.
+
+A session whose `actor` is set was started by someone else signed in as the user (a support
+admin impersonating them): it is not counted as the user's login.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ class ClerkObject(msgspec.Struct, frozen=True):
     id: str | None = None
     user_id: str | None = None  # sessions
     created_at: int | None = None  # unix milliseconds
+    # Sessions: set when someone else signed in as the user (an impersonation from the
+    # dashboard or an actor token), e.g. {"sub": "user_<the admin>"}; null otherwise.
+    actor: Any = None
     # Set by the browser at sign-up (`signUp.create({unsafeMetadata})`): the visitor's
     # Millimetric anonymous id, so the sign-up is attributed to the visit that led to it.
     unsafe_metadata: dict[str, Any] | None = None
@@ -145,6 +151,10 @@ class ClerkHandler:
                 user_id, session = _text(obj.user_id), _text(obj.id)
                 if user_id is None or session is None:
                     raise PayloadInvalid("session.created without data.id and data.user_id")
+                if obj.actor:
+                    # An impersonation (a support admin signed in as the user) is not the
+                    # user's own login: left out, as no login of theirs.
+                    return []
                 return [
                     Track(
                         event="login", event_id=f"login:{session}", timestamp=when, user_id=user_id

@@ -9,7 +9,10 @@ naming another event than the body's. Amounts are integer minor units with the o
 `currency`.
 
 Revenue is counted once per payment: a purchase's `event_id` comes from the order (first
-payments and one-off sales) or the subscription invoice (renewals), not from the webhook.
+payments and one-off sales) or the subscription invoice (renewals), not from the webhook,
+and a refund takes its id from the same order or invoice, so revenue nets out. Churn is
+counted once per cancellation: each cancellation is named by when it happened, and the
+expiry that follows one adds nothing; an expiry without one (failed dunning) is churn.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class Attributes(msgspec.Struct, frozen=True):
     product_id: int | None = None
     variant_id: int | None = None
     status: str | None = None
+    cancelled: bool | None = None  # subscriptions: cancelled (by the customer or the store)
     billing_reason: str | None = None
     currency: str | None = None
     total: int | None = None
@@ -116,7 +120,14 @@ _versioned_decoder: Final = msgspec.json.Decoder(Versioned)
 #: prorated charge of a plan change. The first payment ("initial") is its order's.
 _INVOICE_REVENUE: Final = frozenset({"renewal", "updated"})
 #: The events that carry money, and so need its currency.
-_MONEY: Final = frozenset({"order_created", "order_refunded", "subscription_payment_success"})
+_MONEY: Final = frozenset(
+    {
+        "order_created",
+        "order_refunded",
+        "subscription_payment_success",
+        "subscription_payment_refunded",
+    }
+)
 #: The events translated; every other event is acknowledged and ignored unread.
 TRANSLATED: Final = frozenset(
     {
@@ -124,7 +135,9 @@ TRANSLATED: Final = frozenset(
         "order_refunded",
         "subscription_created",
         "subscription_cancelled",
+        "subscription_expired",
         "subscription_payment_success",
+        "subscription_payment_refunded",
     }
 )
 
@@ -290,14 +303,55 @@ class LemonSqueezyHandler:
                             billing_reason=attrs.billing_reason,
                         )
                     ]
-                case "subscription_created" | "subscription_cancelled":
-                    started = name == "subscription_created"
-                    event = "subscription_started" if started else "subscription_canceled"
+                case "subscription_payment_refunded":
+                    # A renewal's refund, named by its invoice like the renewal's purchase.
+                    # The first payment's refund is its order's (order_refunded), as its
+                    # purchase is.
+                    if attrs.billing_reason not in _INVOICE_REVENUE:
+                        return []
+                    amount = _refunded(attrs)
+                    if amount <= 0 or currency is None:
+                        return []
                     return [
                         track(
-                            event,
-                            f"{event}:lemonsqueezy:{object_id}",
-                            attrs.created_at if started else attrs.updated_at,
+                            "refund",
+                            # As for orders: the invoice's first refund event counts, and a
+                            # later one (a running total) collapses into it.
+                            f"refund:lemonsqueezy:invoice:{object_id}",
+                            attrs.refunded_at,
+                            amount_cents=amount,
+                            currency=currency,
+                            invoice=object_id,
+                            subscription=_text(attrs.subscription_id),
+                            billing_reason=attrs.billing_reason,
+                            fully_refunded=attrs.total is not None and amount >= attrs.total,
+                        )
+                    ]
+                case "subscription_created":
+                    return [
+                        track(
+                            "subscription_started",
+                            f"subscription_started:lemonsqueezy:{object_id}",
+                            attrs.created_at,
+                            subscription=object_id,
+                            order=_text(attrs.order_id),
+                            status=attrs.status,
+                            quantity=item.quantity,
+                            **product,
+                        )
+                    ]
+                case "subscription_cancelled" | "subscription_expired":
+                    if name == "subscription_expired" and attrs.cancelled:
+                        return []  # the end of a cancellation already counted
+                    # One churn per cancellation: named by when it happened (a resumed
+                    # subscription cancelled again is another), the same on a resend.
+                    moment = attrs.updated_at or attrs.ends_at
+                    when = f":{moment.astimezone(UTC):%Y%m%dT%H%M%SZ}" if moment else ""
+                    return [
+                        track(
+                            "subscription_canceled",
+                            f"subscription_canceled:lemonsqueezy:{object_id}{when}",
+                            attrs.updated_at,
                             subscription=object_id,
                             order=_text(attrs.order_id),
                             status=attrs.status,

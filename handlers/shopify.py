@@ -21,6 +21,8 @@ or customer body belongs to (those bodies name no shop), and the delivery id.
 Revenue is counted once per order: `orders/paid` is the `purchase`, `orders/create` is an
 `order_placed` that carries the same total but is not revenue, and both take their
 `event_id` from the order, so redeliveries and a second subscription to a topic collapse.
+Purchases and refunds are counted in the currency the buyer paid in (the presentment
+currency, which on a multi-currency order is not the shop's), so a refund nets out.
 
 Identity: a Shopify customer is a known user of the shop, so every call about one carries
 `user_id` `shopify:<shop domain>:<customer id>` (orders, identify, and the forget that
@@ -79,6 +81,7 @@ class Order(msgspec.Struct, frozen=True):
     created_at: datetime | None = None
     processed_at: datetime | None = None
     currency: str | None = None  # the shop's currency, that of total_price
+    presentment_currency: str | None = None  # the buyer's, that of the payment
     total_price: str | None = None
     total_price_set: MoneySet | None = None
     landing_site: str | None = None
@@ -99,6 +102,14 @@ class RefundLineItem(msgspec.Struct, frozen=True):
     subtotal_set: MoneySet | None = None
 
 
+class RefundShippingLine(msgspec.Struct, frozen=True):
+    subtotal_amount_set: MoneySet | None = None
+
+
+class OrderAdjustment(msgspec.Struct, frozen=True):
+    amount_set: MoneySet | None = None
+
+
 class Refund(msgspec.Struct, frozen=True):
     id: int
     order_id: int | None = None
@@ -106,6 +117,8 @@ class Refund(msgspec.Struct, frozen=True):
     processed_at: datetime | None = None
     transactions: list[Transaction] | None = None
     refund_line_items: list[RefundLineItem] | None = None
+    refund_shipping_lines: list[RefundShippingLine] | None = None
+    order_adjustments: list[OrderAdjustment] | None = None
     total_duties_set: MoneySet | None = None
 
 
@@ -397,19 +410,35 @@ def _order_calls(topic: str, shop: str, order: Order, options: SourceOptions) ->
 
 
 def _order_total(order: Order) -> tuple[int, str] | None:
-    """The order's total in the shop's currency, in minor units."""
-    money = order.total_price_set.shop_money if order.total_price_set else None
-    if money is not None:
+    """The order's total in the currency the buyer paid in (its presentment currency), in
+    minor units: the currency its refunds' transactions give money back in, so that a
+    refund nets out against its purchase whatever the shop's own currency."""
+    sets = order.total_price_set
+    if sets is not None and sets.presentment_money is not None:
+        money = sets.presentment_money
         return to_minor_units(money.amount, money.currency_code), money.currency_code.upper()
-    if order.total_price is not None and order.currency:  # versions without the _set fields
-        return to_minor_units(order.total_price, order.currency), order.currency.upper()
-    return None
+    # Payloads without presentment money (versions without the _set fields): the shop's
+    # amount is the buyer's only when the order was in the shop's currency.
+    if sets is not None and sets.shop_money is not None:
+        amount, currency = sets.shop_money.amount, sets.shop_money.currency_code
+    elif order.total_price is not None and order.currency:
+        amount, currency = order.total_price, order.currency
+    else:
+        return None
+    paid_in = (order.presentment_currency or currency).upper()
+    if paid_in != currency.upper():
+        raise PayloadInvalid(
+            f"the order's total is given in the shop's {currency.upper()} only, and the "
+            f"buyer paid in {paid_in}: its refunds could not net out against it"
+        )
+    return to_minor_units(amount, currency), currency.upper()
 
 
 def _refund_calls(shop: str, refund: Refund, options: SourceOptions) -> list[Output]:
     # What the refund's transactions gave back, not what its line items are worth (a
     # merchant may refund less, or more for shipping). Transactions move money in the
-    # currency the customer paid in: the refund's presentment currency when they omit it.
+    # currency the customer paid in, that of the purchase (`_order_total`): the refund's
+    # presentment currency when they omit it.
     fallback = _presentment_currency(refund)
     moved = [
         (t.amount, (t.currency or fallback or "").upper())
@@ -444,7 +473,12 @@ def _refund_calls(shop: str, refund: Refund, options: SourceOptions) -> list[Out
 
 
 def _presentment_currency(refund: Refund) -> str | None:
-    sets = [item.subtotal_set for item in refund.refund_line_items or ()]
+    """The currency the buyer paid in, as the refund's own amounts name it."""
+    sets = [
+        *(item.subtotal_set for item in refund.refund_line_items or ()),
+        *(line.subtotal_amount_set for line in refund.refund_shipping_lines or ()),
+        *(adjustment.amount_set for adjustment in refund.order_adjustments or ()),
+    ]
     for money_set in (*sets, refund.total_duties_set):
         if money_set and money_set.presentment_money:
             return money_set.presentment_money.currency_code

@@ -3,10 +3,16 @@
 Revenue is counted once per payment: the purchase's `event_id` comes from the payment (the
 invoice, or the payment intent), not from the webhook, so Checkout's event and the
 invoice's event for the same payment collapse into one purchase at Millimetric.
+
+Every amount goes through `amount_in_minor_units`: Stripe counts some currencies in other
+decimals than ISO 4217 does (ISK and UGX with two, MGA with none), and Millimetric's
+`amount_cents` is the ISO minor unit. Payloads of every API version are read: from
+2025-03-31 (basil) an invoice names its subscription under `parent.subscription_details`.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -15,20 +21,87 @@ from importlib import resources
 from typing import Any, Final
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from bridge import About, Alias, Forget, ForgetVisitor, Identify, Output, PayloadInvalid, Track
+from bridge.money import rescale_minor_units
 from bridge.plugin import ApiAccess, ListedEvent, Sample, SourceOptions, WebhookRequest
 from bridge.signatures import StripeScheme
 from handlers import stripe_events
 
-__all__ = ["StripeHandler", "StripeOptions", "handler"]
+__all__ = ["StripeHandler", "StripeOptions", "amount_in_minor_units", "handler", "stripe_decimals"]
 
 Expandable = str | dict[str, Any] | None
+
+#: The first API version whose payment intents no longer name their invoice (and whose
+#: invoices name their subscription under `parent`): 2025-03-31.basil.
+BASIL: Final = "2025-03-31"
+_API_VERSION: Final = re.compile(r"\d{4}-\d{2}-\d{2}(?:\.[a-z]+)?")
+
+# Stripe's decimals per currency, from docs.stripe.com/currencies: its zero-decimal list and
+# its three-decimal list; every other currency is two-decimal in Stripe's API. That includes
+# the page's special cases: ISK and UGX, which Stripe keeps two-decimal for backwards
+# compatibility though they are zero-decimal in ISO 4217 (an ISK amount of 100 is 1 króna,
+# and Stripe takes only multiples of 100), and HUF and TWD, two-decimal in both. UGX is
+# also in the page's zero-decimal list; its special case and Stripe's API, which refuses
+# UGX amounts not divisible by 100, say two.
+# fmt: off
+_STRIPE_ZERO_DECIMAL: Final = frozenset({
+    "BIF", "CLP", "DJF", "GNF", "JPY", "KMF", "KRW", "MGA", "PYG", "RWF", "VND", "VUV", "XAF",
+    "XOF", "XPF",
+})
+# fmt: on
+_STRIPE_THREE_DECIMAL: Final = frozenset({"BHD", "JOD", "KWD", "OMR", "TND"})
+
+
+def stripe_decimals(currency: str) -> int:
+    """How many decimals of the major unit Stripe's integer amounts in `currency` count."""
+    code = currency.upper()
+    if code in _STRIPE_ZERO_DECIMAL:
+        return 0
+    return 3 if code in _STRIPE_THREE_DECIMAL else 2
+
+
+def amount_in_minor_units(amount: int, currency: str | None) -> tuple[int, str]:
+    """A Stripe amount and its currency as Millimetric's `amount_cents` (the ISO 4217
+    minor unit) and upper-case `currency`: 500000 ISK is 5000, 5000 MGA is 500000, 1999 USD
+    stays 1999. PayloadInvalid for an amount without a currency, a code that is not one, or
+    an amount that is not a whole number of the currency's minor units (never rounded)."""
+    if not currency:
+        raise PayloadInvalid("an amount without its currency")
+    code = currency.upper()
+    return rescale_minor_units(amount, code, stripe_decimals(code)), code
 
 
 class StripeOptions(SourceOptions, frozen=True, kw_only=True, forbid_unknown_fields=True):
     purchases_from_payment_intents: bool = False  # for integrations with neither Checkout
     forget_on_customer_deleted: bool = False  # nor invoices; and erasure on deletion
+    # The API version of the source's webhook endpoint; needed with
+    # purchases_from_payment_intents, which is only safe before BASIL.
+    api_version: str | None = None
+
+    def __post_init__(self) -> None:
+        # A ValueError here is start-up's one line (bridge.toml [sources.NAME]: ...).
+        if self.api_version is not None and not _API_VERSION.fullmatch(self.api_version):
+            raise ValueError(
+                f"api_version {self.api_version!r} is not a Stripe API version "
+                "(like 2024-06-20 or 2025-03-31.basil)"
+            )
+        if not self.purchases_from_payment_intents:
+            return
+        if self.api_version is None:
+            raise ValueError(
+                "purchases_from_payment_intents needs api_version, the API version of the "
+                "Stripe webhook endpoint: from 2025-03-31 a payment intent no longer names "
+                "its invoice, and an invoice's payment would count twice"
+            )
+        if self.api_version >= BASIL:
+            raise ValueError(
+                f"purchases_from_payment_intents cannot be used with API version "
+                f"{self.api_version}: from 2025-03-31 a payment intent no longer names its "
+                "invoice, and an invoice's payment would count twice; count purchases from "
+                "Checkout and invoices instead"
+            )
 
 
 class Price(msgspec.Struct, frozen=True):
@@ -48,6 +121,17 @@ class Item(msgspec.Struct, frozen=True):
 
 class Items(msgspec.Struct, frozen=True):
     data: list[Item] = []
+
+
+class SubscriptionDetails(msgspec.Struct, frozen=True):
+    subscription: Expandable = None
+    metadata: dict[str, Any] | None = None  # the subscription's, when the invoice was made
+
+
+class InvoiceParent(msgspec.Struct, frozen=True):
+    """What made an invoice (API versions from 2025-03-31)."""
+
+    subscription_details: SubscriptionDetails | None = None
 
 
 class Refund(msgspec.Struct, frozen=True):
@@ -73,9 +157,13 @@ class StripeObject(msgspec.Struct, frozen=True):
     customer: Expandable = None
     client_reference_id: str | None = None
     metadata: dict[str, Any] | None = None
-    invoice: Expandable = None
+    # UNSET: the payload has no such field (a payment intent from API version 2025-03-31
+    # on), which is not the same as null (one that pays no invoice).
+    invoice: Expandable | UnsetType = UNSET
     payment_intent: Expandable = None
-    subscription: Expandable = None
+    subscription: Expandable = None  # invoices before 2025-03-31
+    subscription_details: SubscriptionDetails | None = None  # invoices before 2025-03-31
+    parent: InvoiceParent | None = None  # invoices from 2025-03-31
     billing_reason: str | None = None
     items: Items | None = None
     plan: Price | None = None
@@ -94,6 +182,7 @@ class Event(msgspec.Struct, frozen=True):
     created: int
     data: Data
     livemode: bool = False
+    api_version: str | None = None
 
 
 class EventId(msgspec.Struct, frozen=True):
@@ -114,6 +203,7 @@ TRANSLATED: Final = frozenset(
         "payment_intent.succeeded",
         "charge.refunded",
         "customer.subscription.created",
+        "customer.subscription.updated",
         "customer.subscription.deleted",
         "customer.created",
         "customer.updated",
@@ -122,7 +212,16 @@ TRANSLATED: Final = frozenset(
 )
 
 
-def _id(value: Expandable) -> str | None:
+#: Subscription statuses of a subscription that has started: paid, or in its trial.
+#: `incomplete` (the first payment failed or awaits the customer) has not; from there it
+#: becomes `active` once paid, or `incomplete_expired` (terminal) 23 hours later.
+_STARTED: Final = frozenset({"active", "trialing"})
+_NEVER_STARTED: Final = frozenset({"incomplete", "incomplete_expired"})
+
+
+def _id(value: Expandable | UnsetType) -> str | None:
+    if isinstance(value, UnsetType):
+        return None
     if isinstance(value, dict):
         found = value.get("id")
         return found if isinstance(found, str) else None
@@ -200,7 +299,10 @@ class StripeHandler:
             raise PayloadInvalid(f"unexpected {payload.type} object: {error}") from None
         except (ValueError, OverflowError, OSError):
             raise PayloadInvalid("created is not a usable time") from None
-        metadata = obj.metadata or {}
+        # An invoice carries its subscription's metadata beside its own (the user and the
+        # browser a renewal is about); the object's own metadata wins.
+        details = _subscription_details(obj)
+        metadata = {**((details.metadata if details else None) or {}), **(obj.metadata or {})}
         customer = (
             obj.id
             if payload.type.startswith("customer.")
@@ -231,6 +333,10 @@ class StripeHandler:
                 properties={k: v for k, v in properties.items() if v is not None},
             )
 
+        def money(amount: int) -> dict[str, Any]:
+            minor, currency = amount_in_minor_units(amount, obj.currency)
+            return {"amount_cents": minor, "currency": currency}
+
         def mapped() -> list[Output]:
             match payload.type:
                 case "checkout.session.completed" | "checkout.session.async_payment_succeeded":
@@ -248,8 +354,7 @@ class StripeHandler:
                         track(
                             "purchase",
                             f"purchase:{payment}",
-                            amount_cents=obj.amount_total,
-                            currency=_upper(obj.currency),
+                            **money(obj.amount_total),
                             checkout_session=obj.id,
                             subscription=_id(obj.subscription),
                         )
@@ -261,16 +366,16 @@ class StripeHandler:
                         track(
                             "purchase",
                             f"purchase:{obj.id}",
-                            amount_cents=obj.amount_paid,
-                            currency=_upper(obj.currency),
+                            **money(obj.amount_paid),
                             invoice=obj.id,
-                            subscription=_id(obj.subscription),
+                            subscription=_id(details.subscription if details else None),
                             billing_reason=obj.billing_reason,
                         )
                     ]
                 case "payment_intent.succeeded":
                     if not options.purchases_from_payment_intents or _id(obj.invoice):
                         return []
+                    _require_invoice_field(payload, obj)
                     amount = obj.amount_received or obj.amount
                     if not amount:
                         return []
@@ -278,8 +383,7 @@ class StripeHandler:
                         track(
                             "purchase",
                             f"purchase:{obj.id}",
-                            amount_cents=amount,
-                            currency=_upper(obj.currency),
+                            **money(amount),
                             payment_intent=obj.id,
                         )
                     ]
@@ -292,16 +396,27 @@ class StripeHandler:
                         track(
                             "refund",
                             f"refund:{obj.id}:{total}",
-                            amount_cents=amount,
-                            currency=_upper(obj.currency),
+                            **money(amount),
                             charge=obj.id,
                             payment_intent=_id(obj.payment_intent),
                             fully_refunded=(obj.amount is not None and total >= obj.amount),
                         )
                     ]
-                case "customer.subscription.created" | "customer.subscription.deleted":
-                    started = payload.type.endswith("created")
-                    name = "subscription_started" if started else "subscription_canceled"
+                case "customer.subscription.created" | "customer.subscription.updated":
+                    previous = (payload.data.previous_attributes or {}).get("status")
+                    if obj.status not in _STARTED or (
+                        # An update starts a subscription only when it leaves `incomplete`
+                        # (its first payment made); any other change is not a start.
+                        payload.type.endswith("updated") and previous not in _NEVER_STARTED
+                    ):
+                        return []
+                    name = "subscription_started"
+                    return [track(name, f"{name}:{obj.id}", subscription=obj.id, **_plan(obj))]
+                case "customer.subscription.deleted":
+                    previous = (payload.data.previous_attributes or {}).get("status")
+                    if obj.status in _NEVER_STARTED or previous in _NEVER_STARTED:
+                        return []  # it never started: no churn
+                    name = "subscription_canceled"
                     return [track(name, f"{name}:{obj.id}", subscription=obj.id, **_plan(obj))]
                 case "customer.created" | "customer.updated":
                     return self._identify(user_id, anonymous_id)
@@ -323,6 +438,32 @@ class StripeHandler:
         return [Identify(user_id=user_id, anonymous_id=anonymous_id)]
 
 
+def _subscription_details(obj: StripeObject) -> SubscriptionDetails | None:
+    """An invoice's subscription and that subscription's metadata: under `parent` from API
+    version 2025-03-31, else the older top-level fields."""
+    newer = obj.parent.subscription_details if obj.parent else None
+    if newer is not None and (newer.subscription or newer.metadata):
+        return newer
+    if obj.subscription or obj.subscription_details:
+        older = obj.subscription_details or SubscriptionDetails()
+        return SubscriptionDetails(subscription=obj.subscription, metadata=older.metadata)
+    return newer
+
+
+def _require_invoice_field(event: Event, obj: StripeObject) -> None:
+    """A payment intent counted as a purchase must be able to say it pays no invoice (else
+    the invoice's payment counts twice). From 2025-03-31 it has no `invoice` field at all:
+    that delivery is quarantined, saying why, rather than counted or dropped unseen."""
+    newer = event.api_version is not None and event.api_version >= BASIL
+    if newer or isinstance(obj.invoice, UnsetType):
+        version = event.api_version or "without an invoice field"
+        raise PayloadInvalid(
+            f"payment_intent.succeeded of API version {version} does not say whether it "
+            "pays an invoice (payment intents no longer name theirs from 2025-03-31): "
+            "purchases_from_payment_intents needs an endpoint on an older version"
+        )
+
+
 def _refunded_now(obj: StripeObject, previous: Mapping[str, Any] | None) -> int:
     """What this event refunded: the change in amount_refunded, else the newest refund.
     Never the cumulative total: after a partial refund that would count it twice."""
@@ -335,25 +476,27 @@ def _refunded_now(obj: StripeObject, previous: Mapping[str, Any] | None) -> int:
 
 
 def _plan(obj: StripeObject) -> dict[str, Any]:
+    """The subscription's status, and its first item's price, interval, quantity and list
+    price per interval (not revenue: the invoices are)."""
     item = obj.items.data[0] if obj.items and obj.items.data else None
     price = (item.price or item.plan) if item else obj.plan
     if price is None:
-        return {}
+        return {"status": obj.status}
     quantity = (item.quantity if item else obj.quantity) or 1
     unit = price.unit_amount if price.unit_amount is not None else price.amount
     interval = (price.recurring or {}).get("interval") or price.interval
-    return {
+    found: dict[str, Any] = {
+        "status": obj.status,
         "price": price.id,
         "interval": interval,
         "quantity": quantity,
-        "amount_cents": unit * quantity if unit is not None else None,
-        "currency": _upper(price.currency),
+        "currency": price.currency.upper() if price.currency else None,
     }
-
-
-def _upper(currency: str | None) -> str | None:
-    """ISO 4217 codes upper-case, as every other handler sends them (Stripe's are lower)."""
-    return currency.upper() if currency else None
+    if unit is not None:
+        found["amount_cents"], found["currency"] = amount_in_minor_units(
+            unit * quantity, price.currency
+        )
+    return found
 
 
 handler: Final = StripeHandler()

@@ -168,7 +168,14 @@ def event(n: str) -> bytes:
             "type": "customer.subscription.created",
             "livemode": True,
             "created": int(time.time()),
-            "data": {"object": {"id": f"sub_{n}", "object": "subscription", "customer": "cus_b"}},
+            "data": {
+                "object": {
+                    "id": f"sub_{n}",
+                    "object": "subscription",
+                    "customer": "cus_b",
+                    "status": "active",
+                }
+            },
         }
     )
 

@@ -3,6 +3,7 @@ class, and Retry-After in both of its forms."""
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import gc
 import time
@@ -116,12 +117,18 @@ async def test_key_problems_are_auth_problems(
 async def test_rate_limit_gives_rate_limited_with_the_wait(
     http: httpx.AsyncClient, sink: RunningSink
 ) -> None:
+    # All at once: one at a time, a busy machine gives the bucket time to refill (5/s).
     client = client_for(http, sink)
-    outcomes = [await client.batch([Track(event="x", event_id=f"r{i}")]) for i in range(21)]
-    assert outcomes[:20] == [Accepted(202)] * 20  # burst 20
-    limited = outcomes[20]
-    assert isinstance(limited, RateLimited)
-    assert limited.retry_after >= 1.0  # Retry-After is whole seconds
+    started = time.monotonic()
+    outcomes = await asyncio.gather(
+        *(client.batch([Track(event="x", event_id=f"r{i}")]) for i in range(40))
+    )
+    refilled = 5 * (time.monotonic() - started)
+    accepted = outcomes.count(Accepted(202))
+    assert 20 <= accepted <= 20 + refilled + 1  # burst 20
+    limited = [o for o in outcomes if isinstance(o, RateLimited)]
+    assert len(limited) == 40 - accepted
+    assert all(o.retry_after >= 1.0 for o in limited)  # Retry-After is whole seconds
 
 
 async def test_server_errors_are_retryable(http: httpx.AsyncClient, sink: RunningSink) -> None:

@@ -103,8 +103,8 @@ def test_sigterm_finishes_the_send_in_flight(sink: RunningSink, tmp_path: Path) 
     seed(db, 5000)
     httpx.post(f"{sink.url}/_sink/knobs", json={"latency_ms": 1500}).raise_for_status()
     proc = start(db, sink)
-    wait_for(lambda: httpx.get(f"{sink.url}/_sink/stats").status_code == 200, within=5)
-    time.sleep(1.2)  # the first batch is on its way, its answer 1.5 s out
+    # The first batch is at the sink, its answer 1.5 s out (however long start-up took).
+    wait_for(lambda: sink_stats(sink)["in_flight"] > 0, within=30)
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(20)
     assert code == 0

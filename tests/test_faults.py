@@ -41,7 +41,12 @@ SECRET = "whsec_faults_secret"
 
 def delivery(n: str, pad: int = 0) -> bytes:
     """A live Stripe delivery that becomes one track call, `subscription_started:sub_<n>`."""
-    obj: dict[str, Any] = {"id": f"sub_{n}", "object": "subscription", "customer": "cus_f"}
+    obj: dict[str, Any] = {
+        "id": f"sub_{n}",
+        "object": "subscription",
+        "customer": "cus_f",
+        "status": "active",
+    }
     if pad:
         obj["metadata"] = {"pad": "x" * pad}
     return msgspec.json.encode(

@@ -31,6 +31,7 @@ RECORDED_IDS: dict[str, dict[str, str]] = {
         "batch": "sha256:6afcdd86d26a64246d558b1fb6d528b5d33196746f97004d2204c6769c8894d6",
         "s": "sha256:f55642dc16498ed393acaa666eddc3e86a3cb4d00954f49155da9cff55c946ce",
         "sdu": "sha256:1a3a1a74bf6db0b673c9c38b7297cbf54c8506cf1b2fa504bc972d072e2cea48",
+        "sens": "sha256:46dcfb362aa61641afd42041701f2db2b2143ad265032eff03968d239651dc85",
         "ss": "sha256:26e7cd9b287779b236edeac908aa30752677e8ec6b09d185ae35af19b74f50f9",
     },
     "clerk": {
@@ -60,6 +61,14 @@ RECORDED_IDS: dict[str, dict[str, str]] = {
         "subscription_payment_success": (
             "subscription_payment_success:subscription-invoices:1650377:"
             "2026-12-10T16:30:12.000000Z:2c8d4e6f-9b1a-4d3c-8e5f-6a7b8c9d0e1f"
+        ),
+        "subscription_payment_refunded": (
+            "subscription_payment_refunded:subscription-invoices:1650377:"
+            "2026-12-14T11:02:37.000000Z:5b1e7c2a-3f4d-4a8b-9c6e-1d2f3a4b5c6d"
+        ),
+        "subscription_expired": (
+            "subscription_expired:subscriptions:771204:"
+            "2026-12-24T16:31:40.000000Z:9e8d7c6b-5a4f-4e3d-8c2b-1a0f9e8d7c6b"
         ),
     },
     "paddle": {

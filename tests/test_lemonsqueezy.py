@@ -186,7 +186,7 @@ def test_subscriptions_start_and_cancel() -> None:
     (canceled,) = run(fixture("subscription_cancelled"))
     assert (canceled.event, canceled.event_id) == (
         "subscription_canceled",
-        "subscription_canceled:lemonsqueezy:771204",
+        "subscription_canceled:lemonsqueezy:771204:20261120T081445Z",  # when it happened
     )
     assert canceled.timestamp.isoformat() == "2026-11-20T08:14:45+00:00"
     assert canceled.properties["ends_at"] == "2026-12-10T16:30:02+00:00"
@@ -270,7 +270,9 @@ def test_samples_translate_the_same_every_time_and_freshen_into_new_deliveries()
         "order_refunded",
         "subscription_created",
         "subscription_cancelled",
+        "subscription_expired",
         "subscription_payment_success",
+        "subscription_payment_refunded",
     }
     for event, sample in samples.items():
         assert sample.headers == {"x-event-name": event}

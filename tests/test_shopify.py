@@ -210,7 +210,7 @@ def test_orders_paid_is_a_purchase_with_attribution() -> None:
         url=f"https://{SHOP}/products/lounger?utm_source=newsletter&utm_campaign=spring",
         referrer="https://www.google.com/",
         properties={
-            "amount_cents": 40495,  # total_price_set.shop_money "404.95"
+            "amount_cents": 40495,  # total_price_set.presentment_money "404.95"
             "currency": "USD",
             "order_id": str(ORDER_ID),
             "order_name": "#9999",
@@ -234,25 +234,36 @@ def test_orders_create_is_an_order_placed_that_never_collapses_into_the_purchase
     assert placed.properties == purchase.properties
 
 
-def test_the_shop_money_is_counted_in_its_currencys_minor_unit() -> None:
+def test_the_buyers_money_is_counted_in_its_currencys_minor_unit() -> None:
     def total(shop: tuple[str, str], presentment: tuple[str, str]) -> dict[str, Any]:
         return {
             "shop_money": {"amount": shop[0], "currency_code": shop[1]},
             "presentment_money": {"amount": presentment[0], "currency_code": presentment[1]},
         }
 
+    # The presentment money: what the buyer paid, in the currency refunds give back in.
     cases = [
-        (total(("1500", "JPY"), ("9.15", "EUR")), (1500, "JPY")),
-        (total(("1500.00", "JPY"), ("9.15", "EUR")), (1500, "JPY")),
-        (total(("12.345", "KWD"), ("40.10", "USD")), (12345, "KWD")),
-        (total(("0.29", "USD"), ("0.27", "EUR")), (29, "USD")),
+        (total(("9.15", "EUR"), ("1500", "JPY")), (1500, "JPY")),
+        (total(("9.15", "EUR"), ("1500.00", "JPY")), (1500, "JPY")),
+        (total(("40.10", "USD"), ("12.345", "KWD")), (12345, "KWD")),
+        (total(("0.27", "EUR"), ("0.29", "USD")), (29, "USD")),
     ]
     for money, expected in cases:
         (purchase,) = run("orders/paid", order(total_price_set=money))
         assert (purchase.properties["amount_cents"], purchase.properties["currency"]) == expected
+    # Without presentment money, the shop's amount is the buyer's when both are one currency;
     # API versions without the _set fields: total_price is in the shop's currency.
-    (old,) = run("orders/paid", order(total_price_set=None, total_price="19.99", currency="EUR"))
-    assert (old.properties["amount_cents"], old.properties["currency"]) == (1999, "EUR")
+    shop_only = {"shop_money": {"amount": "19.99", "currency_code": "EUR"}}
+    (call,) = run("orders/paid", order(total_price_set=shop_only, presentment_currency="EUR"))
+    assert (call.properties["amount_cents"], call.properties["currency"]) == (1999, "EUR")
+    old = order(
+        total_price_set=None, total_price="19.99", currency="EUR", presentment_currency=None
+    )
+    (call,) = run("orders/paid", old)
+    assert (call.properties["amount_cents"], call.properties["currency"]) == (1999, "EUR")
+    # A shop-currency total of an order paid in another currency is not the buyer's money.
+    with pytest.raises(PayloadInvalid, match="buyer paid in USD"):
+        run("orders/paid", order(total_price_set=shop_only, presentment_currency="USD"))
 
 
 @pytest.mark.parametrize(
@@ -267,7 +278,7 @@ def test_the_shop_money_is_counted_in_its_currencys_minor_unit() -> None:
 )
 def test_amounts_that_are_not_exact_money_are_refused(money: dict[str, Any]) -> None:
     with pytest.raises(PayloadInvalid):
-        run("orders/paid", order(total_price_set={"shop_money": money}))
+        run("orders/paid", order(total_price_set={"presentment_money": money}))
 
 
 def test_test_orders_stay_out_unless_the_source_includes_them() -> None:

@@ -279,6 +279,7 @@ def test_subscriptions_and_customer_deletion(bridge: Bridge) -> None:
     ]
     assert calls[0]["properties"] == {
         "subscription": "sub_00000000000000",
+        "status": "active",
         "price": "FFBEGINNER_00000000000000",
         "interval": "month",
         "quantity": 2,

@@ -478,7 +478,7 @@ def _listed(value: Any) -> Any:
 
 def _appended(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
     """Intake's append, the hot path: one statement, run in a group on the event loop."""
-    found = conn.execute(
+    inserted = conn.execute(
         _APPEND,
         (
             delivery.source,
@@ -488,5 +488,5 @@ def _appended(conn: sqlite3.Connection, delivery: Delivery) -> AcceptResult:
             _encoder.encode(delivery.headers),
             "untranslated",
         ),
-    ).fetchone()
-    return "accepted" if found else "duplicate"
+    ).rowcount
+    return "accepted" if inserted else "duplicate"

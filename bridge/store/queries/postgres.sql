@@ -5,10 +5,13 @@
 -- them all in one statement through unnest.
 
 -- name: append
--- A delivery's inbox row; its id, or no row for a redelivery.
+-- A delivery's inbox row; none for a redelivery (a row count of 0).
 INSERT INTO inbox (source, provider_event_id, received_at, raw_body, headers, calls, state)
 VALUES (%s, %s, %s, %s, %s, 0, %s)
-ON CONFLICT (source, provider_event_id) DO NOTHING RETURNING id;
+ON CONFLICT (source, provider_event_id) DO NOTHING;
+
+-- name: inbox_id
+SELECT id FROM inbox WHERE source = %s AND provider_event_id = %s;
 
 -- name: untranslated
 -- By state, not by a cursor over ids: groups of several instances commit out of id order.

@@ -5,10 +5,13 @@
 -- (the statement's first parameter).
 
 -- name: append
--- A delivery's inbox row; its id, or no row for a redelivery.
+-- A delivery's inbox row; none for a redelivery (a row count of 0).
 INSERT INTO inbox (source, provider_event_id, received_at, raw_body, headers, calls, state)
 VALUES (?, ?, ?, ?, ?, 0, ?)
-ON CONFLICT (source, provider_event_id) DO NOTHING RETURNING id;
+ON CONFLICT (source, provider_event_id) DO NOTHING;
+
+-- name: inbox_id
+SELECT id FROM inbox WHERE source = ? AND provider_event_id = ?;
 
 -- name: untranslated
 SELECT id, source, provider_event_id, received_at, raw_body, headers FROM inbox
