@@ -17,6 +17,7 @@ from bridge.errors import (
     ConfigError,
     EventInvalid,
     PayloadInvalid,
+    ProviderError,
     SignatureInvalid,
     StoreUnavailable,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "Outcome",
     "Output",
     "PayloadInvalid",
+    "ProviderError",
     "Purge",
     "RateLimited",
     "Retryable",

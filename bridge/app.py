@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
@@ -22,6 +22,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from bridge import metrics
 from bridge.admin import admin_router
+from bridge.backfill import Target, targets
 from bridge.client import MillimetricClient, build_http_client
 from bridge.config import Settings
 from bridge.errors import (
@@ -36,6 +37,7 @@ from bridge.http_metrics import HttpMetrics
 from bridge.registry import Source, load_handlers, load_sources, load_templates
 from bridge.stages.forward import Forwarder
 from bridge.stages.intake import intake_route
+from bridge.stages.reconcile import Reconciler
 from bridge.stages.translate import Translator
 from bridge.store import Store, open_store
 
@@ -108,10 +110,14 @@ def create_app(
     store: Store | None = None,
     sources: Mapping[str, Source] | None = None,
     dev: bool = False,
+    reconciled: Sequence[Target] | None = None,
 ) -> Litestar:
-    """Build the app. `http`, `store` and `sources` replace what the settings would build."""
+    """Build the app. `http`, `store`, `sources` and `reconciled` (the sources the periodic
+    reconcile lists) replace what the settings would build."""
     if sources is None:
         sources = load_sources(settings.env, load_handlers(), templates=load_templates(), dev=dev)
+    if reconciled is None:
+        reconciled = targets(sources, settings.env)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -128,11 +134,20 @@ def create_app(
                 await client.aclose()
             raise
         translator = Translator(outbox, sources)
+        reconciler = None
+        if reconciled and settings.reconcile.every > 0:
+            reconciler = Reconciler(
+                outbox,
+                reconciled,
+                settings.reconcile,
+                inbox_retention=settings.forwarder.retention.inbox,
+            )
         forwarder = Forwarder(
             outbox,
             MillimetricClient(client, key=settings.millimetric_key, host=settings.millimetric_host),
             settings.forwarder,
             translator=translator,
+            reconciler=reconciler,
         )
         app.state.store = outbox
         app.state.translator = translator

@@ -17,6 +17,8 @@ import click
 import httpx
 import uvicorn
 
+from bridge.backfill import Target, targets
+from bridge.backfill_cli import backfill_command
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError
 from bridge.logs import configure_logging
@@ -49,6 +51,14 @@ def _settings(env: Mapping[str, str], **kwargs: Any) -> Settings:
 def _sources(env: Mapping[str, str], *, dev: bool = False) -> dict[str, Source]:
     try:
         return load_sources(env, load_handlers(), templates=load_templates(), dev=dev)
+    except ConfigError as error:
+        refuse(error)
+
+
+def _reconciled(env: Mapping[str, str], sources: Mapping[str, Source]) -> list[Target]:
+    """The sources the periodic reconcile lists: a key of the wrong kind stops start-up."""
+    try:
+        return targets(sources, env)
     except ConfigError as error:
         refuse(error)
 
@@ -138,11 +148,12 @@ def serve(host: str | None, port: int | None) -> None:
     """
     settings = _settings(os.environ, host=host, port=port)
     sources = _sources(os.environ)
+    reconciled = _reconciled(os.environ, sources)
     configure_logging("json", settings.log_level)
     from bridge.app import create_app
 
     store = _store(settings)
-    app = create_app(settings, sources=sources, store=store)
+    app = create_app(settings, sources=sources, store=store, reconciled=reconciled)
     _run(
         _server(app, settings.host, settings.port),
         first=lambda: open_outbox(store, settings.database_url),
@@ -176,6 +187,7 @@ def dev(port: int, sink_port: int) -> None:
         env.setdefault(source.secret_variable, DEV_SECRET)
     settings = _settings(env, host="127.0.0.1", port=port, log_format="console")
     sources = _sources(env, dev=True)
+    reconciled = _reconciled(env, sources)
     configure_logging("console", settings.log_level)
     store = _store(settings)
 
@@ -191,7 +203,11 @@ def dev(port: int, sink_port: int) -> None:
 
     _run(
         _server(create_sink_app(), "127.0.0.1", sink_port),
-        _server(create_app(settings, sources=sources, store=store), "127.0.0.1", port),
+        _server(
+            create_app(settings, sources=sources, store=store, reconciled=reconciled),
+            "127.0.0.1",
+            port,
+        ),
         first=first,
     )
 
@@ -276,4 +292,5 @@ def send_test(source: str, event: str, url: str) -> None:
 
 main.add_command(outbox)
 main.add_command(forget)
+main.add_command(backfill_command)
 main.add_command(map_body)

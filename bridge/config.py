@@ -18,13 +18,26 @@ from bridge.database_url import check_postgresql_url
 from bridge.errors import ConfigError
 from bridge.ratelimit import RateLimit
 from bridge.stages.forward import ForwarderConfig
+from bridge.stages.reconcile import ReconcileConfig
 from bridge.store import Retention
 
-__all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_HOST", "Settings", "check_key", "load_settings"]
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "DEFAULT_HOST",
+    "Settings",
+    "check_key",
+    "check_url",
+    "load_settings",
+    "parse_duration",
+]
 
 DEFAULT_HOST: Final = "https://api.millimetric.ai"
 DEFAULT_DATABASE_URL: Final = "sqlite:///data/bridge.db"
 _KEY: Final = re.compile(r"^(pk|sk|rk)_[A-Za-z0-9]+_[A-Za-z0-9]+_[A-Za-z0-9]+$")
+_DURATION: Final = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: The shortest reconcile interval: each round calls the providers' APIs.
+MIN_RECONCILE_EVERY: Final = 60.0
 
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
@@ -42,6 +55,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     sqlite_synchronous: str = "FULL"
     forwarder: ForwarderConfig = ForwarderConfig()
+    reconcile: ReconcileConfig = ReconcileConfig()
     ready_max_lag: float = 900.0  # /readyz says degraded when the oldest pending is older
     shutdown_grace: float = 10.0
     max_body_bytes: int = 1024 * 1024
@@ -76,7 +90,7 @@ def check_key(key: str | None, variable: str = "MILLIMETRIC_KEY") -> str:
     return key
 
 
-def _check_url(variable: str, value: str) -> str:
+def check_url(variable: str, value: str) -> str:
     """A base URL httpx can send to; the message never repeats it (it may carry a login)."""
     if any(c.isspace() or not c.isprintable() for c in value):
         raise ConfigError(variable, "must be an http:// or https:// URL without spaces")
@@ -148,6 +162,26 @@ def _forwarder(env: Mapping[str, str]) -> ForwarderConfig:
     )
 
 
+def parse_duration(value: str) -> float | None:
+    """Seconds in a duration such as `90s`, `15m`, `2h` or `7d`; None if it is not one."""
+    match = _DURATION.match(value.strip())
+    return float(match.group(1)) * _UNITS[match.group(2)] if match else None
+
+
+def _reconcile(env: Mapping[str, str]) -> ReconcileConfig:
+    raw = env.get("BRIDGE_RECONCILE_EVERY", "").strip()
+    if not raw:
+        return ReconcileConfig()
+    every = 0.0 if raw == "0" else parse_duration(raw)
+    if every is None:
+        raise ConfigError(
+            "BRIDGE_RECONCILE_EVERY", "must be a duration like 15m or 1h, or 0 to turn it off"
+        )
+    if 0 < every < MIN_RECONCILE_EVERY:
+        raise ConfigError("BRIDGE_RECONCILE_EVERY", "must be at least 1m (or 0: off)")
+    return ReconcileConfig(every=every)
+
+
 def _days(env: Mapping[str, str], variable: str, default_seconds: float) -> float:
     return _number(env, variable, default_seconds / 86400) * 86400
 
@@ -173,7 +207,7 @@ def load_settings(
         key = check_key(key)
     return Settings(
         millimetric_key=key or "",
-        millimetric_host=_check_url("MILLIMETRIC_HOST", env.get("MILLIMETRIC_HOST", DEFAULT_HOST)),
+        millimetric_host=check_url("MILLIMETRIC_HOST", env.get("MILLIMETRIC_HOST", DEFAULT_HOST)),
         database_url=_check_database_url(env.get("BRIDGE_DATABASE_URL", DEFAULT_DATABASE_URL)),
         admin_token=env.get("BRIDGE_ADMIN_TOKEN") or None,
         host=host or env.get("BRIDGE_HOST", "0.0.0.0"),  # noqa: S104 (see Settings.host)
@@ -188,6 +222,7 @@ def load_settings(
             ("FULL", "NORMAL", "EXTRA"),
         ),
         forwarder=_forwarder(env),
+        reconcile=_reconcile(env),
         ready_max_lag=_number(env, "BRIDGE_READY_MAX_LAG_SECONDS", 900.0),
         max_body_bytes=int(_number(env, "BRIDGE_MAX_BODY_BYTES", 1024 * 1024, minimum=1023)),
         body_timeout=_number(env, "BRIDGE_BODY_TIMEOUT_SECONDS", 30.0),

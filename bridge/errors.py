@@ -9,7 +9,9 @@ maps them to status codes and exit codes in one place each::
     ├── SignatureInvalid     a webhook's signature is bad, missing or stale (401)
     ├── PayloadInvalid       a verified body cannot be understood (400)
     ├── HandlerFailed        a handler's code raised what it should not have (503)
-    └── StoreUnavailable     the store cannot take or give data right now (503)
+    ├── StoreUnavailable     the store cannot take or give data right now (503)
+    └── ProviderError        a provider's event API did not answer what was asked
+                             (`retryable`: a 429, a 5xx or the network; try again later)
 
 Anything else that escapes a request (a bug) is answered 503 by the app's last-resort
 handler, which logs the exception's type and counts it: never a bare 500.
@@ -23,6 +25,7 @@ __all__ = [
     "EventInvalid",
     "HandlerFailed",
     "PayloadInvalid",
+    "ProviderError",
     "SignatureInvalid",
     "StoreUnavailable",
 ]
@@ -74,3 +77,20 @@ class HandlerFailed(BridgeError):
 
 class StoreUnavailable(BridgeError):
     """The outbox store cannot be reached or written; the provider should retry."""
+
+
+class ProviderError(BridgeError):
+    """A provider's API (its event list, for backfill and reconcile) failed to answer.
+
+    `retryable` for what passes (a 429, a 5xx, a timeout, the network): the bridge tries
+    again after a backoff, at least `retry_after` seconds when the provider said so. A
+    refused API key is a `ConfigError` naming its variable instead. The message never
+    quotes the key."""
+
+    def __init__(
+        self, reason: str, *, retryable: bool = False, retry_after: float | None = None
+    ) -> None:
+        self.reason = reason
+        self.retryable = retryable
+        self.retry_after = retry_after
+        super().__init__(reason)

@@ -33,6 +33,8 @@ _SECRET_NAME: Final = re.compile(
 )
 _SECRET_VALUE: Final = re.compile(
     r"\b(?:sk|pk|rk)_[A-Za-z0-9]+_[A-Za-z0-9]+_[A-Za-z0-9]+\b"  # Millimetric keys
+    r"|\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{8,}"  # Stripe API keys (backfill)
+    r"|\bpdl_(?:live|sdbx|ntfset)_[A-Za-z0-9_]{8,}"  # Paddle API keys and secret keys
     r"|\bwhsec_[A-Za-z0-9+/=_-]+"  # Stripe and Standard Webhooks secrets
     r"|\b[Bb]earer\s+[^\s,;\"']+"  # bearer tokens
     r"|\b(?:v1|h1|sha256|v1a)=[0-9a-fA-F]{16,}"  # hex signatures in signature headers
@@ -59,6 +61,7 @@ def _scrub_text(value: str) -> str:
     # ids) hold none and skip the regular expression.
     if (
         "k_" in value  # sk_, pk_, rk_
+        or "pdl_" in value
         or "whsec_" in value
         or "=" in value
         or "earer" in value

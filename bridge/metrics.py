@@ -19,6 +19,8 @@ __all__ = [
     "OUTBOX_PENDING",
     "PAUSED",
     "QUARANTINED",
+    "RECONCILED",
+    "RECONCILE_FAILURES",
     "RETRY_WAIT",
     "TRANSLATED",
     "TRANSLATE_FAILURES",
@@ -83,6 +85,19 @@ UNTRANSLATED_OLDEST_AGE: Final = Gauge(
 )
 QUARANTINED: Final = Gauge(
     "bridge_inbox_quarantined", "Deliveries their handler could not translate, kept."
+)
+
+RECONCILED: Final = Counter(
+    "bridge_reconciled",
+    "Events a provider's event list showed that its webhooks never brought, appended by the "
+    "periodic reconcile, by source: above zero, webhooks were missed.",
+    ["source"],
+)
+RECONCILE_FAILURES: Final = Counter(
+    "bridge_reconcile_failures",
+    "Reconcile rounds that did not finish, by source and reason (key: the provider refused "
+    "the API key; provider: its API failed; store; error: a bug).",
+    ["source", "reason"],
 )
 
 

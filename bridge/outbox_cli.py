@@ -5,30 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 import click
 
-from bridge.config import load_settings
+from bridge.config import load_settings, parse_duration
 from bridge.database_url import scrubbed
 from bridge.errors import ConfigError, EventInvalid, StoreUnavailable
 from bridge.events import Forget
 from bridge.startup import open_outbox, refuse
 from bridge.store import Delivery, Selection, Store, open_store
 
-__all__ = ["forget", "outbox"]
+__all__ = ["forget", "outbox", "parse_since", "with_store"]
 
 T = TypeVar("T")
-_DURATION: Final = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _with_store(work: Callable[[Store], Awaitable[T]]) -> T:
+def with_store(work: Callable[[Store], Awaitable[T]]) -> T:
     """`work` on the opened outbox. Configuration, the store's included, is refused as
     `serve` refuses it (one line, exit code 2); a failure of the work itself is exit 1."""
     try:
@@ -53,12 +50,12 @@ def _with_store(work: Callable[[Store], Awaitable[T]]) -> T:
         raise click.ClickException(message) from None
 
 
-def _parse_since(_ctx: Any, _param: Any, value: str | None) -> float | None:
+def parse_since(_ctx: Any, _param: Any, value: str | None) -> float | None:
     """`--since 2h` (a duration back from now) or an ISO 8601 time with a zone."""
     if value is None:
         return None
-    if match := _DURATION.match(value):
-        return time.time() - float(match.group(1)) * _UNITS[match.group(2)]
+    if (seconds := parse_duration(value)) is not None:
+        return time.time() - seconds
     try:
         when = datetime.fromisoformat(value)
     except ValueError:
@@ -97,7 +94,7 @@ def _selection(
 _select = [
     click.option("--id", "ids", type=int, multiple=True, help="An outbox row id (repeatable)."),
     click.option("--source", help="Rows from one source, e.g. stripe."),
-    click.option("--since", callback=_parse_since, help="Rows created since: 2h, 3d or a time."),
+    click.option("--since", callback=parse_since, help="Rows created since: 2h, 3d or a time."),
     click.option("--all", "every", is_flag=True, help="Every dead letter."),
 ]
 _delivery = click.option(
@@ -125,7 +122,7 @@ def status() -> None:
     """Counts by state, the age of the oldest pending call, and whether forwarding is
     paused."""
     now = time.time()
-    stats = _with_store(lambda store: store.stats(now))
+    stats = with_store(lambda store: store.stats(now))
     oldest = _age(now - stats.oldest_pending_at) if stats.oldest_pending_at else "-"
     waiting = stats.oldest_untranslated_at
     click.echo(
@@ -146,7 +143,7 @@ def dead(limit: int) -> None:
     """Dead letters with Millimetric's reason (replay them once the cause is fixed), and
     deliveries their handler could not translate, quarantined with the reason (retranslate
     them once the handler or its options are fixed)."""
-    letters = _with_store(lambda store: store.dead_letters(limit))
+    letters = with_store(lambda store: store.dead_letters(limit))
     if not letters:
         click.echo("no dead letters, no quarantined deliveries")
     for d in letters:
@@ -178,7 +175,7 @@ def replay(
 ) -> None:
     """Send selected dead letters (or delivered rows) again."""
     selection = _selection(ids, source, since, every, include_delivered)
-    count = _with_store(lambda store: store.replay(selection, time.time()))
+    count = with_store(lambda store: store.replay(selection, time.time()))
     click.echo(f"{count} rows are pending again; the running bridge sends them")
 
 
@@ -196,14 +193,14 @@ def purge(
     """Delete selected dead letters, and the raw payloads of selected quarantined
     deliveries, for good."""
     selection = _selection(ids, source, since, every, deliveries=deliveries)
-    count = _with_store(lambda store: store.purge(selection))
+    count = with_store(lambda store: store.purge(selection))
     click.echo(f"{count} dead letters deleted")
 
 
 @outbox.command()
 @click.option("--id", "ids", type=int, multiple=True, help="A stored delivery's id (repeatable).")
 @click.option("--source", help="Deliveries of one source, e.g. stripe.")
-@click.option("--since", callback=_parse_since, help="Deliveries received since: 2h, 3d, a time.")
+@click.option("--since", callback=parse_since, help="Deliveries received since: 2h, 3d, a time.")
 @click.option("--all", "every", is_flag=True, help="Every stored delivery whose body is kept.")
 def retranslate(ids: tuple[int, ...], source: str | None, since: float | None, every: bool) -> None:
     """Run the current handler and bridge.toml options again over stored deliveries.
@@ -216,7 +213,7 @@ def retranslate(ids: tuple[int, ...], source: str | None, since: float | None, e
     if not (ids or source or since is not None or every):
         raise click.UsageError("say which deliveries: --id, --source, --since, or --all")
     selection = Selection(deliveries=ids, source=source, since=since)
-    count = _with_store(lambda store: store.retranslate(selection))
+    count = with_store(lambda store: store.retranslate(selection))
     click.echo(
         f"{count} deliveries are waiting for translation; the running bridge translates them"
     )
@@ -247,5 +244,5 @@ def forget(user_id: str) -> None:
         await store.accept(delivery)
         await store.erase(user_id)
 
-    _with_store(purge_now)
+    with_store(purge_now)
     click.echo("local data purged; forget is queued and the running bridge sends it")

@@ -21,11 +21,18 @@ read only the headers that `scheme.headers` and `headers` list.
 A `HandlerTemplate`, registered the same way, is a handler that each source builds from
 its own table in `bridge.toml` (the built-in `mapped` handler: a provider without code).
 It has no source of its own; a source names it with `handler = "<name>"`.
+
+A handler whose provider lists its past events through an API may also keep
+`EventLister`: `millimetric-bridge backfill SOURCE` and the periodic reconcile of `serve`
+then append the events its webhooks never brought, as deliveries of the source whose
+delivery id is the one a webhook of the same event carries, so that either way round the
+second is a duplicate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Protocol, runtime_checkable
 
@@ -34,12 +41,16 @@ import msgspec
 from bridge.events import Output
 
 __all__ = [
+    "ApiAccess",
+    "EventLister",
     "Handler",
     "HandlerTemplate",
+    "ListedEvent",
     "Sample",
     "SignatureScheme",
     "SourceOptions",
     "WebhookRequest",
+    "event_lister",
     "kept_headers",
 ]
 
@@ -130,6 +141,64 @@ class Handler(Protocol):
     def samples(self) -> Mapping[str, Sample]:
         """Recorded samples by event type, for `send-test` and the contract test."""
         ...
+
+
+class ListedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One event from a provider's event list, as the bridge appends it to the inbox: the
+    delivery a webhook of the same event would have been."""
+
+    delivery_id: str  # what `Handler.delivery_id` reads from a webhook of this event
+    type: str  # the provider's event type (what `backfill --dry-run` prints)
+    created: float  # unix seconds: when the provider created the event
+    body: bytes  # a webhook body of this event: what `parse` reads
+    headers: Mapping[str, str] = {}  # of the handler's `headers`, those a webhook would carry
+
+
+@dataclass(frozen=True)
+class ApiAccess:
+    """How to reach a provider's API for one source: the key (kept out of `repr`, so out of
+    tracebacks and logs), the variable it was read from (what a `ConfigError` names) and a
+    base URL (None: the provider's own)."""
+
+    variable: str
+    key: str = field(repr=False)
+    base: str | None = None
+
+
+@runtime_checkable
+class EventLister(Protocol):
+    """Optional, beside `Handler`: the provider's API lists its past events.
+
+    The bridge pages through them, appends each one the inbox does not hold (by source and
+    delivery id) and lets the translate stage take it like any webhook. Listing is
+    read-only at the provider; the key needs only read access to events."""
+
+    # The default source's variables; another source on the handler reads
+    # <SOURCE>_API_KEY and <SOURCE>_API_BASE.
+    api_key_variable: str
+    api_base_variable: str
+
+    def check_api_key(self, access: ApiAccess) -> str:
+        """Before any request: what the key lists, in a few words for the operator (e.g.
+        "test-mode events"); `ConfigError(access.variable, why)` for a key that cannot
+        list events (a publishable key, a webhook secret pasted by mistake)."""
+        ...
+
+    def list_events(
+        self, access: ApiAccess, since: float, until: float, after: ListedEvent | None
+    ) -> AsyncIterator[ListedEvent]:
+        """The events created in [since, until) (unix seconds) that `translate` may turn into
+        calls (other types may be left out), in the provider's own order, after the event
+        `after` when it is given. Raise `ConfigError(access.variable, why)` when the
+        provider refuses the key, and `ProviderError(retryable=True)` for what passes (a
+        429, a 5xx, the network): the bridge waits, then lists again after the last event
+        it was given."""
+        ...
+
+
+def event_lister(handler: Handler) -> EventLister | None:
+    """The handler as an `EventLister`, if it is one."""
+    return handler if isinstance(handler, EventLister) else None
 
 
 @runtime_checkable

@@ -108,7 +108,22 @@ def check_handler(registered_as: str, handler: object) -> Handler:
         if not callable(getattr(handler, method)):
             raise ConfigError(where, f"{method} is not callable")
     _check_delivery_id(where, handler)
+    if hasattr(handler, "list_events"):
+        _check_lister(where, handler)
     return handler
+
+
+def _check_lister(where: str, handler: object) -> None:
+    """A handler that offers `list_events` keeps the rest of `EventLister` too."""
+    for member in ("api_key_variable", "api_base_variable"):
+        value = getattr(handler, member, None)
+        if not isinstance(value, str) or not _VARIABLE.match(value):
+            raise ConfigError(
+                where, f"offers list_events: {member} {value!r} is not an environment variable name"
+            )
+    for method in ("check_api_key", "list_events"):
+        if not callable(getattr(handler, method, None)):
+            raise ConfigError(where, f"offers list_events: {method} is not callable (EventLister)")
 
 
 def _check_headers(where: str, headers: object) -> None:

@@ -13,7 +13,7 @@ import hmac
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Annotated, Any, Final
@@ -22,7 +22,15 @@ import msgspec
 
 from bridge import Alias, Identify, Output, PayloadInvalid, SignatureInvalid, Track
 from bridge.money import exponent
-from bridge.plugin import Sample, SignatureScheme, SourceOptions, WebhookRequest
+from bridge.plugin import (
+    ApiAccess,
+    ListedEvent,
+    Sample,
+    SignatureScheme,
+    SourceOptions,
+    WebhookRequest,
+)
+from handlers import paddle_events
 
 __all__ = ["PaddleHandler", "PaddleScheme", "handler"]
 
@@ -195,6 +203,18 @@ class PaddleHandler:
     scheme: SignatureScheme = PaddleScheme()
     options_type: type[SourceOptions] = SourceOptions
     headers: tuple[str, ...] = ()  # everything read is in the signed body
+    # Backfill and reconcile, from Paddle's event stream (`bridge.plugin.EventLister`).
+    api_key_variable = "PADDLE_API_KEY"
+    api_base_variable = "PADDLE_API_BASE"
+
+    def check_api_key(self, access: ApiAccess) -> str:
+        return paddle_events.check_api_key(access)
+
+    def list_events(
+        self, access: ApiAccess, since: float, until: float, after: ListedEvent | None
+    ) -> AsyncIterator[ListedEvent]:
+        """The events of the types translated, as Paddle's `GET /events` lists them."""
+        return paddle_events.list_events(access, TRANSLATED, since, until, after)
 
     def delivery_id(self, request: WebhookRequest) -> str:
         # The event's id, not `notification_id`: that one differs per destination, so

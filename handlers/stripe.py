@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Final
@@ -25,8 +25,9 @@ from msgspec import UNSET, UnsetType
 
 from bridge import About, Alias, Forget, ForgetVisitor, Identify, Output, PayloadInvalid, Track
 from bridge.money import rescale_minor_units
-from bridge.plugin import Sample, SourceOptions, WebhookRequest
+from bridge.plugin import ApiAccess, ListedEvent, Sample, SourceOptions, WebhookRequest
 from bridge.signatures import StripeScheme
+from handlers import stripe_events
 
 __all__ = ["StripeHandler", "StripeOptions", "amount_in_minor_units", "handler", "stripe_decimals"]
 
@@ -237,6 +238,18 @@ class StripeHandler:
     scheme = StripeScheme()
     options_type = StripeOptions
     headers: tuple[str, ...] = ()  # everything read is in the signed body
+    # Backfill and reconcile, from Stripe's Events API (`bridge.plugin.EventLister`).
+    api_key_variable = "STRIPE_API_KEY"
+    api_base_variable = "STRIPE_API_BASE"
+
+    def check_api_key(self, access: ApiAccess) -> str:
+        return stripe_events.check_api_key(access)
+
+    def list_events(
+        self, access: ApiAccess, since: float, until: float, after: ListedEvent | None
+    ) -> AsyncIterator[ListedEvent]:
+        """The events of the types translated, as Stripe's Events API lists them."""
+        return stripe_events.list_events(access, TRANSLATED, since, until, after)
 
     def delivery_id(self, request: WebhookRequest) -> str:
         try:

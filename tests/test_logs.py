@@ -15,6 +15,8 @@ from bridge.logs import REDACTED, LineWriter, configure_logging, info_line, reda
 
 SECRETS = [
     "sk_live_abc123_def456",
+    "rk_live_51HqLyjWDarjtT1zdp7dcXJ",  # Stripe's shape: one part after the mode
+    "pdl_live_apikey_01gtgztp8f4kek3yd4g1wrksa3_q6TGTJyvoIz7LDtXT65bX7_AQO",
     "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
     "Bearer s3cr3t-admin-token",
     "t=1700000000,v1=ea2950ccace22ce8e093fe72cb20ca88ba60916e10013c371a07ea66d3e6a56e",

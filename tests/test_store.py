@@ -772,3 +772,47 @@ async def test_forgetting_a_visitor_erases_quarantined_deliveries_naming_it(stor
     await store.accept(delivery("f1", ForgetVisitor(anonymous_id="anon_9"), raw=None))
     assert [d.id for d in await store.dead_letters()] == [kept]
     assert await store.retranslate(Selection(deliveries=[erased])) == 0
+
+
+async def test_received_says_which_deliveries_of_a_source_the_inbox_holds(store: Store) -> None:
+    ids = ["evt_0", "evt_1", "evt_\x00nul", "evt_2"]
+    for i, event_id in enumerate(ids):
+        await store.append(
+            Delivery(
+                source="stripe", provider_event_id=event_id, received_at=NOW + i, raw_body=b"{}"
+            )
+        )
+    await store.append(
+        Delivery(source="stripe-eu", provider_event_id="evt_9", received_at=NOW - 9, raw_body=b"{}")
+    )
+    asked = ["evt_0", "evt_2", "evt_\x00nul", "evt_9", "evt_x"]
+    assert await store.received("stripe", asked) == {"evt_0", "evt_2", "evt_\x00nul"}
+    assert await store.received("stripe-eu", asked) == {"evt_9"}
+    assert await store.received("stripe", []) == set()
+    many = [f"evt_absent_{i}" for i in range(1200)] + ["evt_1"]  # more than one statement takes
+    assert await store.received("stripe", many) == {"evt_1"}
+    assert await store.first_received("stripe") == NOW
+    assert await store.first_received("stripe-eu") == NOW - 9
+    assert await store.first_received("paddle") is None
+
+
+async def test_the_reconcile_checkpoint_is_kept_per_source_across_a_reopen(
+    database_url: str,
+) -> None:
+    store = open_store(database_url)
+    await store.open()
+    assert await store.reconciled_until("stripe") is None
+    await store.set_reconciled_until("stripe", NOW + 0.123456789)
+    await store.set_reconciled_until("stripe-eu", NOW - 5)
+    await store.set_reconciled_until("stripe", NOW + 1.5)  # the next window's end
+    await store.set_paused("401 invalid_api_key")
+    await store.close()
+    again = open_store(database_url)
+    await again.open()
+    try:
+        assert await again.reconciled_until("stripe") == NOW + 1.5
+        assert await again.reconciled_until("stripe-eu") == NOW - 5
+        assert await again.reconciled_until("paddle") is None
+        assert (await again.stats(NOW)).paused == "401 invalid_api_key"  # untouched
+    finally:
+        await again.close()

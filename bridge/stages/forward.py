@@ -21,7 +21,8 @@ only resend what Millimetric deduplicates.
 
 Only the store's one forwarder sends (`Store.lead`), so the rate limits hold for a
 cluster of instances on one database: the others stand by and keep the gauges current,
-and take over when the leader is lost.
+and take over when the leader is lost. The translate stage and the periodic reconcile
+run as lanes of that leadership too.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from bridge.client import (
 from bridge.errors import StoreUnavailable
 from bridge.events import BATCH_MAX_BYTES, BATCH_MAX_EVENTS, Forget
 from bridge.ratelimit import BATCH_LIMIT, TRACK_LIMIT, RateLimit, TokenBucket
+from bridge.stages.reconcile import Reconciler
 from bridge.stages.translate import Translator
 from bridge.store import ROUTES, OutboxRow, Retention, Route, Store
 
@@ -102,10 +104,13 @@ class Forwarder:
         config: ForwarderConfig | None = None,
         clock: Callable[[], float] = time.time,
         translator: Translator | None = None,
+        reconciler: Reconciler | None = None,
     ) -> None:
         self.store = store
-        # The translate stage runs where the forwarding does: one instance per store.
+        # The translate stage and the reconcile run where the forwarding does: one
+        # instance per store.
         self.translator = translator
+        self.reconciler = reconciler
         if translator is not None:
             translator.on_queued = self.wake
         self.client = client
@@ -197,6 +202,10 @@ class Forwarder:
             if self.translator is not None:
                 self._lanes.append(
                     asyncio.create_task(self.translator.run(self._stopping), name="translate")
+                )
+            if self.reconciler is not None:
+                self._lanes.append(
+                    asyncio.create_task(self.reconciler.run(self._stopping), name="reconcile")
                 )
             self._set_leading(True)
             log.info("this instance forwards", released_claims=released)

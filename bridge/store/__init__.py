@@ -63,6 +63,7 @@ __all__ = [
     "named",
     "open_store",
     "quarantined_letter",
+    "reconcile_key",
     "route_of",
     "settle",
     "stored_delivery",
@@ -328,6 +329,27 @@ class Store(Protocol):
         """Drop what retention allows; return counts by kind."""
 
     async def set_paused(self, reason: str | None) -> None: ...
+
+    async def received(self, source: str, delivery_ids: Sequence[str]) -> set[str]:
+        """Which of `delivery_ids` the inbox holds for `source` (kept for
+        `Retention.inbox`): the events a backfill skips."""
+        ...
+
+    async def first_received(self, source: str) -> float | None:
+        """When the oldest delivery of `source` that the inbox holds arrived; None if none."""
+        ...
+
+    async def reconciled_until(self, source: str) -> float | None:
+        """The end of the last window of events the periodic reconcile of `source` listed
+        in full (its checkpoint); None before the first."""
+        ...
+
+    async def set_reconciled_until(self, source: str, until: float) -> None: ...
+
+
+def reconcile_key(source: str) -> str:
+    """The `meta` key of a source's reconcile checkpoint."""
+    return f"reconciled_until:{source}"
 
 
 def route_of(call: Call) -> Route:

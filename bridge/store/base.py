@@ -27,6 +27,7 @@ from bridge.store import (
     StoredDelivery,
     Translation,
     hash_subject,
+    reconcile_key,
 )
 from bridge.store import operations as ops
 from bridge.store.sql import Op
@@ -123,6 +124,21 @@ class SQLStore:
 
     async def set_paused(self, reason: str | None) -> None:
         await self._transact(ops.set_meta, "paused", reason)
+
+    async def received(self, source: str, delivery_ids: Sequence[str]) -> set[str]:
+        if not delivery_ids:
+            return set()
+        return await self._transact(ops.received, source, list(delivery_ids), read=True)
+
+    async def first_received(self, source: str) -> float | None:
+        return await self._transact(ops.first_received, source, read=True)
+
+    async def reconciled_until(self, source: str) -> float | None:
+        value = await self._transact(ops.meta, reconcile_key(source), read=True)
+        return None if value is None else float(value)
+
+    async def set_reconciled_until(self, source: str, until: float) -> None:
+        await self._transact(ops.set_meta, reconcile_key(source), repr(until))
 
     async def _release_claims(self, now: float) -> int:
         return await self._transact(ops.release_all_claims, now)

@@ -63,9 +63,12 @@ __all__ = [
     "dead_letters",
     "delivered",
     "erase",
+    "first_received",
     "hasten",
+    "meta",
     "nothing",
     "purge",
+    "received",
     "record",
     "release_all_claims",
     "replay",
@@ -443,6 +446,25 @@ def purge(selection: Selection) -> Op[int]:
 def clean(query: str, before: float) -> Op[int]:
     """One chunk of what retention drops (`clean_delivered`, `clean_raw`, `clean_inbox`)."""
     return (yield from count(query, before, CLEANUP_CHUNK))
+
+
+def meta(key: str) -> Op[str | None]:
+    found = yield from rows("meta", key)
+    return None if not found or found[0][0] is None else str(found[0][0])
+
+
+def received(source: str, delivery_ids: list[str]) -> Op[set[str]]:
+    """Which of these delivery ids of `source` the inbox holds: what a backfill skips."""
+    found: set[str] = set()
+    for start in range(0, len(delivery_ids), 500):  # well under SQLite's variable limit
+        chunk = delivery_ids[start : start + 500]
+        found.update(str(r[0]) for r in (yield from rows("received", chunk, source)))
+    return found
+
+
+def first_received(source: str) -> Op[float | None]:
+    ((first,),) = yield from rows("first_received", source)
+    return None if first is None else float(first)
 
 
 def set_meta(key: str, value: str | None) -> Op[None]:

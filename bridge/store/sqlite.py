@@ -455,9 +455,10 @@ def _steps(conn: sqlite3.Connection, operation: Callable[..., Op[T]], args: tupl
             conn.executemany(sql, step.params)
             return None
         params = step.params
-        if "?*" in sql:  # a statement of one list parameter, spread
-            (params,) = params
-            sql = sql.replace("?*", ",".join(["(?)"] * len(params)))
+        if "?*" in sql:  # a list parameter, first, spread; any others after it
+            listed, *others = params
+            sql = sql.replace("?*", ",".join(["(?)"] * len(listed)))
+            params = [*listed, *others]
         cursor = conn.execute(sql, _bound(params))
         return cursor.fetchall() if step.kind == "rows" else cursor.rowcount
 

@@ -269,3 +269,12 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 
 -- name: unset_meta
 DELETE FROM meta WHERE key = %s;
+
+-- name: meta
+SELECT value FROM meta WHERE key = %s;
+
+-- name: received
+SELECT provider_event_id FROM inbox WHERE provider_event_id = ANY(%s::text[]) AND source = %s;
+
+-- name: first_received
+SELECT MIN(received_at) FROM inbox WHERE source = %s;

@@ -1,7 +1,8 @@
 -- The store's statements for SQLite, by name (`bridge.store.sql`); postgres.sql defines
 -- the same names. Parameters are positional (`?`), or named (`:name`) where a statement
 -- reads one twice. A list parameter arrives as JSON text, which `json_each(?)` reads: ids
--- and hashes only (SQLite's JSON cuts a text at a NUL); `?*` spreads a list of any text.
+-- and hashes only (SQLite's JSON cuts a text at a NUL); `?*` spreads a list of any text
+-- (the statement's first parameter).
 
 -- name: append
 -- A delivery's inbox row; none for a redelivery (a row count of 0).
@@ -252,3 +253,15 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 
 -- name: unset_meta
 DELETE FROM meta WHERE key = ?;
+
+-- name: meta
+SELECT value FROM meta WHERE key = ?;
+
+-- name: received
+-- Which of these delivery ids of a source the inbox holds (the list, spread, then the
+-- source: provider ids are any text).
+SELECT provider_event_id FROM inbox
+WHERE provider_event_id IN (SELECT column1 FROM (VALUES ?*)) AND source = ?;
+
+-- name: first_received
+SELECT MIN(received_at) FROM inbox WHERE source = ?;
