@@ -6,7 +6,6 @@ and exit 2 before anything listens.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, Literal
@@ -16,6 +15,7 @@ import msgspec
 
 from bridge.database_url import check_postgresql_url
 from bridge.errors import ConfigError
+from bridge.ingest_api import KEY_FORMAT
 from bridge.ratelimit import RateLimit
 from bridge.stages.forward import ForwarderConfig
 from bridge.store import Retention
@@ -24,7 +24,6 @@ __all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_HOST", "Settings", "check_key", "loa
 
 DEFAULT_HOST: Final = "https://api.millimetric.ai"
 DEFAULT_DATABASE_URL: Final = "sqlite:///data/bridge.db"
-_KEY: Final = re.compile(r"^(pk|sk|rk)_[A-Za-z0-9]+_[A-Za-z0-9]+_[A-Za-z0-9]+$")
 
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
@@ -63,7 +62,7 @@ def check_key(key: str | None, variable: str = "MILLIMETRIC_KEY") -> str:
     """
     if not key:
         raise ConfigError(variable, "not set; create a secret ingest key (sk_...) in Millimetric")
-    if not _KEY.match(key):
+    if not KEY_FORMAT.match(key):
         raise ConfigError(variable, "malformed: a Millimetric key looks like sk_x_y_z")
     if key.startswith("pk_"):
         raise ConfigError(

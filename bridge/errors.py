@@ -9,7 +9,9 @@ maps them to status codes and exit codes in one place each::
     ├── SignatureInvalid     a webhook's signature is bad, missing or stale (401)
     ├── PayloadInvalid       a verified body cannot be understood (400)
     ├── HandlerFailed        a handler's code raised what it should not have (503)
-    └── StoreUnavailable     the store cannot take or give data right now (503)
+    ├── StoreUnavailable     the store cannot take or give data right now (503)
+    └── IngestRefused        a call to the ingest API (the sink's, the relay's) refused in
+                             Millimetric's words: its own status and code
 
 Anything else that escapes a request (a bug) is answered 503 by the app's last-resort
 handler, which logs the exception's type and counts it: never a bare 500.
@@ -22,6 +24,7 @@ __all__ = [
     "ConfigError",
     "EventInvalid",
     "HandlerFailed",
+    "IngestRefused",
     "PayloadInvalid",
     "SignatureInvalid",
     "StoreUnavailable",
@@ -74,3 +77,19 @@ class HandlerFailed(BridgeError):
 
 class StoreUnavailable(BridgeError):
     """The outbox store cannot be reached or written; the provider should retry."""
+
+
+class IngestRefused(BridgeError):
+    """A call to the ingest API refused as Millimetric refuses it: `status`, `code`
+    (`invalid_payload`, `malformed_api_key`, `rate_limited`, ...) and a message naming the
+    field, the limit or the size, never a value from the body nor the key. `headers` go
+    with the answer (`retry-after`)."""
+
+    def __init__(
+        self, status: int, code: str, message: str = "", headers: dict[str, str] | None = None
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        super().__init__(f"{status} {code}: {message}" if message else f"{status} {code}")
