@@ -45,6 +45,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_grace: float = 10.0
     max_body_bytes: int = 1024 * 1024
     body_timeout: float = 30.0  # seconds a webhook's whole body may take to arrive (408)
+    relay_keys: tuple[str, ...] = ()  # keys the relay takes (/v1/*); none: the relay is off
+    relay_max_pending: int = 1_000_000  # calls waiting above which the relay answers 429
     env: Mapping[str, str] = msgspec.field(default_factory=dict)  # source secrets are read here
 
     @property
@@ -73,6 +75,34 @@ def check_key(key: str | None, variable: str = "MILLIMETRIC_KEY") -> str:
     if key.startswith("rk_"):
         raise ConfigError(variable, "is an rk_ read-only key; the bridge needs a secret sk_ key")
     return key
+
+
+def _relay_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """`BRIDGE_RELAY_KEYS`: a comma list of secret keys in Millimetric's format; unset or
+    empty, the relay is off. A message never repeats a key, nor says which one is wrong
+    (its place in the list would narrow it down for whoever reads the logs)."""
+    raw = env.get("BRIDGE_RELAY_KEYS", "")
+    if not raw.strip():
+        return ()
+    keys = tuple(key.strip() for key in raw.split(","))
+    for key in keys:
+        if not key:
+            raise ConfigError("BRIDGE_RELAY_KEYS", "has an empty entry: keys are comma-separated")
+        check_key(key, "BRIDGE_RELAY_KEYS")
+    return keys
+
+
+def _count(env: Mapping[str, str], variable: str, default: int) -> int:
+    raw = env.get(variable)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(variable, "must be a whole number") from None
+    if value < 1:
+        raise ConfigError(variable, "must be at least 1")
+    return value
 
 
 def _check_url(variable: str, value: str) -> str:
@@ -190,5 +220,7 @@ def load_settings(
         ready_max_lag=_number(env, "BRIDGE_READY_MAX_LAG_SECONDS", 900.0),
         max_body_bytes=int(_number(env, "BRIDGE_MAX_BODY_BYTES", 1024 * 1024, minimum=1023)),
         body_timeout=_number(env, "BRIDGE_BODY_TIMEOUT_SECONDS", 30.0),
+        relay_keys=_relay_keys(env),
+        relay_max_pending=_count(env, "BRIDGE_RELAY_MAX_PENDING", 1_000_000),
         env=dict(env),
     )
