@@ -114,7 +114,9 @@ class Relay:
         self._waiting: list[_Taken] = []
         self._committing: asyncio.Task[None] | None = None
         # The backlog as last read, and the calls stored since: a cap that holds between
-        # two reads.
+        # two reads. A read and a group's commit never overlap (`_turn`), so that a read
+        # knows exactly which of the relay's calls it counted.
+        self._turn = asyncio.Lock()
         self._pending = 0
         self._stored = 0  # calls stored by this relay, ever
         self._stored_at_read = 0
@@ -143,13 +145,12 @@ class Relay:
             )
 
     async def _read_backlog(self, store: Store) -> None:
-        stored = self._stored
         try:
-            backlog = await store.backlog()
+            async with self._turn:
+                backlog = await store.backlog()
+                self._pending, self._stored_at_read = backlog.pending, self._stored
         except Exception as error:  # the last reading stands; accepts meet the fault
             log.warning("relay cannot read the backlog", error=type(error).__name__)
-        else:
-            self._pending, self._stored_at_read = backlog.pending, stored
         finally:
             self._read_at = time.monotonic()
             self._reading = None
@@ -183,12 +184,16 @@ class Relay:
                     if taken.forget is None:
                         run.append(taken)
                         continue
-                    await self._store(store, run)
-                    await self._store(store, [taken])  # a forget alone, after what came first
+                    await self._store_in_turn(store, run)
+                    await self._store_in_turn(store, [taken])  # alone, after what came first
                     run = []
-                await self._store(store, run)
+                await self._store_in_turn(store, run)
         finally:
             self._committing = None
+
+    async def _store_in_turn(self, store: Store, run: list[_Taken]) -> None:
+        async with self._turn:
+            await self._store(store, run)
 
     async def _store(self, store: Store, run: list[_Taken]) -> None:
         run = [taken for taken in run if not taken.future.done()]
