@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from bridge.app import create_app
 from bridge.config import load_settings
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, StoreUnavailable
 from bridge.events import BATCH_MAX_BYTES, PROPERTIES_MAX_BYTES
 from bridge.sink import DEV_KEY
 from bridge.testing import sign
@@ -573,3 +573,40 @@ def test_relay_settings_and_their_defaults() -> None:
     for bad, says in (("many", "whole number"), ("0", "at least 1"), ("1.5", "whole number")):
         with pytest.raises(ConfigError, match=says):
             load_settings({"MILLIMETRIC_KEY": DEV_KEY, "BRIDGE_RELAY_MAX_PENDING": bad})
+
+
+@pytest.mark.parametrize(
+    ("raised", "message"),
+    [
+        (StoreUnavailable("sqlite: disk I/O error"), "sqlite: disk I/O error"),
+        (sqlite3.InterfaceError("quoting usr_secret_value"), "the store failed: InterfaceError"),
+    ],
+)
+def test_a_store_that_cannot_take_a_call_is_503_with_retry_after(
+    sink: RunningSink,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    raised: Exception,
+    message: str,
+) -> None:
+    app = create_app(load_settings(relay_env(sink, f"sqlite:///{tmp_path}/bridge.db")))
+    with ServerThread(app) as server:
+
+        async def accept(delivery: Any) -> Any:
+            raise raised
+
+        monkeypatch.setattr(app.state.store, "accept", accept)
+        with capture_logs() as lines:
+            answer = post(server.url, "track", {"event": "x", "user_id": "usr_secret_value"})
+        assert answer.status_code == 503
+        assert answer.json() == {"ok": False, "error": "store_unavailable", "message": message}
+        assert answer.headers["retry-after"] == "5"
+        (line,) = [line for line in lines if line["event"] == "relay"]
+        assert (line["result"], line["reason"], line["status"]) == (
+            "rejected",
+            "store_unavailable",
+            503,
+        )
+        assert "usr_secret_value" not in json.dumps(lines, default=str)
+        monkeypatch.undo()  # the store takes calls again
+        assert post(server.url, "track", {"event": "x"}).status_code == 202

@@ -213,6 +213,11 @@ class Relay:
                 await store.erase(run[0].forget)
         except Exception as error:
             if len(run) == 1:
+                if not isinstance(error, StoreUnavailable):
+                    # A store raising outside the tree cannot take it now; as at intake, its
+                    # type is told, never its text (it may quote a call).
+                    log.error("relay store failed", error=type(error).__name__)
+                    error = StoreUnavailable(f"the store failed: {type(error).__name__}")
                 settle(run[0].future, None, error)
                 return
             # One at a time: a call the store refuses fails alone.
@@ -342,6 +347,9 @@ async def _relay(
         return _Answer(
             refusal.status, error_body(refusal.code, refusal.message), request_id, **refusal.headers
         )
+    except Exception as error:  # a bug: logged by type here, answered by the last resort
+        done("failed", type(error).__name__, 503)
+        raise
     forwarder: Forwarder = app.state.forwarder
     for woken in routes:
         forwarder.wake(woken)
@@ -365,7 +373,6 @@ def relay_routes(
                 try:
                     answer = await _relay(relay, route, deadlines, http, receive, max_body)
                 except Exception as error:  # a bug: the app's last resort answers 503
-                    metrics.relay(route, "failed", "unexpected")
                     request: Request[Any, Any, Any] = Request(scope, receive)
                     answer = error_response(request, error).to_asgi_response(
                         app=None, request=request
