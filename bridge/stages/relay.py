@@ -114,8 +114,10 @@ class Relay:
         self._waiting: list[_Taken] = []
         self._committing: asyncio.Task[None] | None = None
         # The backlog as last read, and the calls stored since: a cap that holds between
-        # two reads. A read and a group's commit never overlap (`_turn`), so that a read
-        # knows exactly which of the relay's calls it counted.
+        # two reads. Near the cap, a read and a group's commit take turns (`_turn`), so
+        # that the read knows exactly which of the relay's calls it counted; further off,
+        # a read does not hold commits up (counting a big backlog takes milliseconds), and
+        # the calls committed while it ran may count twice until the next.
         self._turn = asyncio.Lock()
         self._pending = 0
         self._stored = 0  # calls stored by this relay, ever
@@ -133,9 +135,11 @@ class Relay:
     def check_room(self, store: Store) -> None:
         """429 `rate_limited` while `max_pending` calls or more are waiting to be sent."""
         now = time.monotonic()
+        estimate = self._pending + self._stored - self._stored_at_read
         if self._reading is None and now - self._read_at >= BACKLOG_EVERY:
-            self._reading = asyncio.create_task(self._read_backlog(store))
-        if self._pending + self._stored - self._stored_at_read >= self.max_pending:
+            near = estimate >= self.max_pending - max(MAX_GROUP_CALLS, self.max_pending // 100)
+            self._reading = asyncio.create_task(self._read_backlog(store, exact=near))
+        if estimate >= self.max_pending:
             raise IngestRefused(
                 429,
                 "rate_limited",
@@ -144,11 +148,16 @@ class Relay:
                 headers={"retry-after": str(FULL_RETRY_AFTER)},
             )
 
-    async def _read_backlog(self, store: Store) -> None:
+    async def _read_backlog(self, store: Store, *, exact: bool) -> None:
         try:
-            async with self._turn:
+            if exact:
+                async with self._turn:
+                    backlog = await store.backlog()
+                    stored = self._stored
+            else:
+                stored = self._stored
                 backlog = await store.backlog()
-                self._pending, self._stored_at_read = backlog.pending, self._stored
+            self._pending, self._stored_at_read = backlog.pending, stored
         except Exception as error:  # the last reading stands; accepts meet the fault
             log.warning("relay cannot read the backlog", error=type(error).__name__)
         finally:
