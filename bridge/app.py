@@ -122,6 +122,7 @@ def create_app(
     """Build the app. `http`, `store` and `sources` replace what the settings would build."""
     if sources is None:
         sources = load_sources(settings.env, load_handlers(), templates=load_templates(), dev=dev)
+    relay = Relay(settings.relay_keys, settings.relay_max_pending) if settings.relay_keys else None
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -147,6 +148,8 @@ def create_app(
         app.state.store = outbox
         app.state.translator = translator
         app.state.forwarder = forwarder
+        if relay is not None:
+            relay.bind(outbox, forwarder)
         forwarder.start()
         try:
             yield
@@ -212,8 +215,7 @@ def create_app(
         ),
         PrometheusController,
     ]
-    if settings.relay_keys:
-        relay = Relay(settings.relay_keys, settings.relay_max_pending)
+    if relay is not None:
         handlers += relay_routes(
             relay, settings.max_body_bytes, error_response, body_timeout=settings.body_timeout
         )
@@ -244,5 +246,6 @@ def create_app(
         logging_config=None,
     )
     app.state.sources = sources
+    app.state.relay = relay
     app.state.settings = settings
     return app
