@@ -29,15 +29,18 @@ from bridge.errors import (
     BridgeError,
     EventInvalid,
     HandlerFailed,
+    IngestRefused,
     PayloadInvalid,
     SignatureInvalid,
     StoreUnavailable,
 )
 from bridge.http_metrics import HttpMetrics
+from bridge.ingest_api import error_body
 from bridge.registry import Source, load_handlers, load_sources, load_templates
 from bridge.stages.forward import Forwarder
 from bridge.stages.intake import intake_route
 from bridge.stages.reconcile import Reconciler
+from bridge.stages.relay import Relay, relay_routes
 from bridge.stages.translate import Translator
 from bridge.store import Store, open_store
 
@@ -61,6 +64,13 @@ def error_response(request: Request[Any, Any, Any], error: Exception) -> Respons
     """The one place where an exception becomes an answer: the error tree by `_STATUS`,
     Litestar's own HTTP exceptions as Litestar answers them, and anything else (a bug) by
     the last resort, never as a bare 500."""
+    if isinstance(error, IngestRefused):  # the relay's refusals, in Millimetric's words
+        return Response(
+            error_body(error.code, error.message),
+            status_code=error.status,
+            media_type="application/json",
+            headers=error.headers,
+        )
     mapped = next((v for k, v in _STATUS.items() if isinstance(error, k)), None)
     if mapped is not None:
         return _answer(*mapped, str(error)[:300])
@@ -118,6 +128,7 @@ def create_app(
         sources = load_sources(settings.env, load_handlers(), templates=load_templates(), dev=dev)
     if reconciled is None:
         reconciled = targets(sources, settings.env)
+    relay = Relay(settings.relay_keys, settings.relay_max_pending) if settings.relay_keys else None
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -152,6 +163,8 @@ def create_app(
         app.state.store = outbox
         app.state.translator = translator
         app.state.forwarder = forwarder
+        if relay is not None:
+            relay.bind(outbox, forwarder)
         forwarder.start()
         try:
             yield
@@ -217,6 +230,10 @@ def create_app(
         ),
         PrometheusController,
     ]
+    if relay is not None:
+        handlers += relay_routes(
+            relay, settings.max_body_bytes, error_response, body_timeout=settings.body_timeout
+        )
     if settings.admin_token:
         handlers.append(admin_router(settings.admin_token))
     app = Litestar(
@@ -244,5 +261,6 @@ def create_app(
         logging_config=None,
     )
     app.state.sources = sources
+    app.state.relay = relay
     app.state.settings = settings
     return app

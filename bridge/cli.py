@@ -182,6 +182,8 @@ def dev(port: int, sink_port: int) -> None:
         "MILLIMETRIC_KEY": DEV_KEY,
         "MILLIMETRIC_HOST": f"http://127.0.0.1:{sink_port}",
         "BRIDGE_DATABASE_URL": os.environ.get("BRIDGE_DATABASE_URL", "sqlite:///data/bridge.db"),
+        # The relay takes the dev key too, so the API's examples work against dev as they are.
+        "BRIDGE_RELAY_KEYS": os.environ.get("BRIDGE_RELAY_KEYS") or DEV_KEY,
     }
     for source in _sources(env, dev=True).values():  # all mounted, with a known dev secret
         env.setdefault(source.secret_variable, DEV_SECRET)
@@ -197,7 +199,9 @@ def dev(port: int, sink_port: int) -> None:
             f"\n  bridge   http://127.0.0.1:{port}  (try: curl http://127.0.0.1:{port}/healthz)\n"
             f"  sink     http://127.0.0.1:{sink_port}  (what arrived: curl "
             f"http://127.0.0.1:{sink_port}/_sink/events)\n"
-            f"  webhooks {', '.join(f'/webhooks/{n}' for n in sorted(sources))}\n\n"
+            f"  webhooks {', '.join(f'/webhooks/{n}' for n in sorted(sources))}\n"
+            f"  relay    /v1/track, /v1/identify, /v1/batch, /v1/forget (Authorization: Bearer "
+            f"{DEV_KEY})\n\n"
             f"  next: millimetric-bridge send-test stripe checkout.session.completed\n"
         )
 

@@ -16,6 +16,7 @@ import msgspec
 
 from bridge.database_url import check_postgresql_url
 from bridge.errors import ConfigError
+from bridge.ingest_api import KEY_FORMAT
 from bridge.ratelimit import RateLimit
 from bridge.stages.forward import ForwarderConfig
 from bridge.stages.reconcile import ReconcileConfig
@@ -33,7 +34,6 @@ __all__ = [
 
 DEFAULT_HOST: Final = "https://api.millimetric.ai"
 DEFAULT_DATABASE_URL: Final = "sqlite:///data/bridge.db"
-_KEY: Final = re.compile(r"^(pk|sk|rk)_[A-Za-z0-9]+_[A-Za-z0-9]+_[A-Za-z0-9]+$")
 _DURATION: Final = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 #: The shortest reconcile interval: each round calls the providers' APIs.
@@ -60,6 +60,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_grace: float = 10.0
     max_body_bytes: int = 1024 * 1024
     body_timeout: float = 30.0  # seconds a webhook's whole body may take to arrive (408)
+    relay_keys: tuple[str, ...] = ()  # keys the relay takes (/v1/*); none: the relay is off
+    relay_max_pending: int = 1_000_000  # calls waiting above which the relay answers 429
     env: Mapping[str, str] = msgspec.field(default_factory=dict)  # source secrets are read here
 
     @property
@@ -77,7 +79,7 @@ def check_key(key: str | None, variable: str = "MILLIMETRIC_KEY") -> str:
     """
     if not key:
         raise ConfigError(variable, "not set; create a secret ingest key (sk_...) in Millimetric")
-    if not _KEY.match(key):
+    if not KEY_FORMAT.match(key):
         raise ConfigError(variable, "malformed: a Millimetric key looks like sk_x_y_z")
     if key.startswith("pk_"):
         raise ConfigError(
@@ -88,6 +90,34 @@ def check_key(key: str | None, variable: str = "MILLIMETRIC_KEY") -> str:
     if key.startswith("rk_"):
         raise ConfigError(variable, "is an rk_ read-only key; the bridge needs a secret sk_ key")
     return key
+
+
+def _relay_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """`BRIDGE_RELAY_KEYS`: a comma list of secret keys in Millimetric's format; unset or
+    empty, the relay is off. A message never repeats a key, nor says which one is wrong
+    (its place in the list would narrow it down for whoever reads the logs)."""
+    raw = env.get("BRIDGE_RELAY_KEYS", "")
+    if not raw.strip():
+        return ()
+    keys = tuple(key.strip() for key in raw.split(","))
+    for key in keys:
+        if not key:
+            raise ConfigError("BRIDGE_RELAY_KEYS", "has an empty entry: keys are comma-separated")
+        check_key(key, "BRIDGE_RELAY_KEYS")
+    return keys
+
+
+def _count(env: Mapping[str, str], variable: str, default: int) -> int:
+    raw = env.get(variable)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(variable, "must be a whole number") from None
+    if value < 1:
+        raise ConfigError(variable, "must be at least 1")
+    return value
 
 
 def check_url(variable: str, value: str) -> str:
@@ -226,5 +256,7 @@ def load_settings(
         ready_max_lag=_number(env, "BRIDGE_READY_MAX_LAG_SECONDS", 900.0),
         max_body_bytes=int(_number(env, "BRIDGE_MAX_BODY_BYTES", 1024 * 1024, minimum=1023)),
         body_timeout=_number(env, "BRIDGE_BODY_TIMEOUT_SECONDS", 30.0),
+        relay_keys=_relay_keys(env),
+        relay_max_pending=_count(env, "BRIDGE_RELAY_MAX_PENDING", 1_000_000),
         env=dict(env),
     )

@@ -12,6 +12,8 @@ maps them to status codes and exit codes in one place each::
     ├── StoreUnavailable     the store cannot take or give data right now (503)
     └── ProviderError        a provider's event API did not answer what was asked
                              (`retryable`: a 429, a 5xx or the network; try again later)
+    └── IngestRefused        a call to the ingest API (the sink's, the relay's) refused in
+                             Millimetric's words: its own status and code
 
 Anything else that escapes a request (a bug) is answered 503 by the app's last-resort
 handler, which logs the exception's type and counts it: never a bare 500.
@@ -24,6 +26,7 @@ __all__ = [
     "ConfigError",
     "EventInvalid",
     "HandlerFailed",
+    "IngestRefused",
     "PayloadInvalid",
     "ProviderError",
     "SignatureInvalid",
@@ -94,3 +97,19 @@ class ProviderError(BridgeError):
         self.retryable = retryable
         self.retry_after = retry_after
         super().__init__(reason)
+
+
+class IngestRefused(BridgeError):
+    """A call to the ingest API refused as Millimetric refuses it: `status`, `code`
+    (`invalid_payload`, `malformed_api_key`, `rate_limited`, ...) and a message naming the
+    field, the limit or the size, never a value from the body nor the key. `headers` go
+    with the answer (`retry-after`)."""
+
+    def __init__(
+        self, status: int, code: str, message: str = "", headers: dict[str, str] | None = None
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        super().__init__(f"{status} {code}: {message}" if message else f"{status} {code}")

@@ -21,6 +21,8 @@ __all__ = [
     "QUARANTINED",
     "RECONCILED",
     "RECONCILE_FAILURES",
+    "RELAYED",
+    "RELAY_REQUESTS",
     "RETRY_WAIT",
     "TRANSLATED",
     "TRANSLATE_FAILURES",
@@ -28,6 +30,8 @@ __all__ = [
     "UNTRANSLATED",
     "UNTRANSLATED_OLDEST_AGE",
     "WEBHOOKS",
+    "relay",
+    "relayed",
     "unexpected",
     "webhook",
 ]
@@ -36,6 +40,17 @@ WEBHOOKS: Final = Counter(
     "bridge_webhooks",
     "Webhook deliveries at intake by source and result (accepted, duplicate, rejected, failed).",
     ["source", "result", "reason"],
+)
+RELAY_REQUESTS: Final = Counter(
+    "bridge_relay_requests",
+    "Requests to the relay's /v1/* routes by route and result (accepted, rejected, failed), "
+    "with the error code of a refusal as the reason.",
+    ["route", "result", "reason"],
+)
+RELAYED: Final = Counter(
+    "bridge_relayed_calls",
+    "Calls the relay stored, by the route they came in on (a batch's events under batch).",
+    ["route"],
 )
 UNEXPECTED: Final = Counter(
     "bridge_unexpected_errors",
@@ -118,3 +133,24 @@ def unexpected(path: str, error: str) -> None:
     """Count one exception that reached the last resort: `path` is a route template, never
     the path as requested, and `error` the exception's type name, never its message."""
     UNEXPECTED.labels(path, error).inc()
+
+
+_relay: Final[dict[tuple[str, str, str], Any]] = {}
+_relayed: Final[dict[str, Any]] = {}
+
+
+def relay(route: str, result: str, reason: str) -> None:
+    """Count one relay request in `RELAY_REQUESTS` (children looked up once, as `webhook`)."""
+    key = (route, result, reason)
+    child = _relay.get(key)
+    if child is None:
+        child = _relay[key] = RELAY_REQUESTS.labels(route, result, reason)
+    child.inc()
+
+
+def relayed(route: str, calls: int) -> None:
+    """Count the calls one relay request stored in `RELAYED`."""
+    child = _relayed.get(route)
+    if child is None:
+        child = _relayed[route] = RELAYED.labels(route)
+    child.inc(calls)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import re
 import time
 import uuid
 from collections import Counter
@@ -32,14 +31,9 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
 
-from bridge.events import (
-    BATCH_MAX_BYTES,
-    BATCH_MAX_EVENTS,
-    SERVER_DERIVED_FIELDS,
-    Forget,
-    Identify,
-    Track,
-)
+from bridge.errors import IngestRefused
+from bridge.events import Track
+from bridge.ingest_api import ROUTES, Batch, bearer_key, check_scope, error_body, parse_call
 from bridge.ratelimit import BATCH_LIMIT, TRACK_LIMIT, RateLimit, TokenBucket
 
 __all__ = ["DEV_KEY", "SinkKnobs", "SinkState", "create_sink_app"]
@@ -47,21 +41,7 @@ __all__ = ["DEV_KEY", "SinkKnobs", "SinkState", "create_sink_app"]
 #: The key dev mode uses; the sink knows it (and its browser and read-only siblings).
 DEV_KEY: Final = "sk_dev_local_bridge"
 DEV_KEYS: Final = (DEV_KEY, "pk_dev_local_bridge", "rk_dev_local_bridge")
-KEY_FORMAT: Final = re.compile(r"^(pk|sk|rk)_[A-Za-z0-9]+_[A-Za-z0-9]+_[A-Za-z0-9]+$")
 
-_UNKNOWN_FIELD: Final = re.compile(r"unknown field `([^`]+)`")
-
-
-class Batch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    events: list[Track]
-
-
-_DECODERS: Final[dict[str, msgspec.json.Decoder[Any]]] = {
-    "track": msgspec.json.Decoder(Track),
-    "identify": msgspec.json.Decoder(Identify),
-    "batch": msgspec.json.Decoder(Batch),
-    "forget": msgspec.json.Decoder(Forget),
-}
 _LIMITS: Final[dict[str, RateLimit]] = {"track": TRACK_LIMIT, "batch": BATCH_LIMIT}
 _encoder: Final = msgspec.json.Encoder()
 
@@ -134,12 +114,16 @@ class SinkState:
 
 
 def _error(status: int, code: str, message: str = "", **headers: str) -> Response[bytes]:
-    body: dict[str, Any] = {"ok": False, "error": code}
-    if message:
-        body["message"] = message
     return Response(
-        _encoder.encode(body), status_code=status, media_type="application/json", headers=headers
+        error_body(code, message),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
     )
+
+
+def _refused(refusal: IngestRefused) -> Response[bytes]:
+    return _error(refusal.status, refusal.code, refusal.message, **refusal.headers)
 
 
 def _ok(**fields: Any) -> Response[bytes]:
@@ -148,19 +132,14 @@ def _ok(**fields: Any) -> Response[bytes]:
     )
 
 
-def _check_key(state: SinkState, route: str, authorization: str | None) -> Response[bytes] | None:
-    scheme, _, key = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not KEY_FORMAT.match(key):
-        return _error(401, "malformed_api_key", "expected Authorization: Bearer (pk|sk|rk)_x_y_z")
+def _check_key(state: SinkState, route: str, authorization: str | None) -> str:
+    """The caller's key, as Millimetric checks it: its format, that it is known, then what
+    its kind may call (`IngestRefused` otherwise)."""
+    key = bearer_key(authorization)
     if key not in state.knobs.keys:
-        return _error(401, "invalid_api_key")
-    if key.startswith("pk_"):
-        return _error(403, "origin_not_allowed", "a pk_ key is for browsers on allowed origins")
-    if route == "forget" and not key.startswith("sk_"):
-        return _error(403, "forget_requires_secret_key")
-    if key.startswith("rk_"):
-        return _error(403, "read_only_key", "an rk_ key can only read")
-    return None
+        raise IngestRefused(401, "invalid_api_key")
+    check_scope(route, key)
+    return key
 
 
 def _check_rate(state: SinkState, route: str, key: str) -> Response[bytes] | None:
@@ -181,14 +160,6 @@ def _check_rate(state: SinkState, route: str, key: str) -> Response[bytes] | Non
     )
 
 
-def _invalid(exc: msgspec.ValidationError | msgspec.DecodeError) -> Response[bytes]:
-    message = str(exc)
-    unknown = _UNKNOWN_FIELD.search(message)
-    if unknown and unknown.group(1) in SERVER_DERIVED_FIELDS:
-        message = f"{unknown.group(1)} is derived by the server and must not be sent ({message})"
-    return _error(400, "invalid_payload", message)
-
-
 async def _ingest(state: SinkState, route: str, request: Request[Any, Any, Any]) -> Response[bytes]:
     arrived = time.time()
     knobs = state.knobs
@@ -198,30 +169,19 @@ async def _ingest(state: SinkState, route: str, request: Request[Any, Any, Any])
         return _error(knobs.fail_status, "unavailable", "sink fault: failing on purpose")
     if knobs.error_rate and random.random() < knobs.error_rate:  # noqa: S311 (a fault knob)
         return _error(500, "internal_error", "sink fault: random error")
-    authorization = request.headers.get("authorization")
-    refused = _check_key(state, route, authorization)
-    if refused is None:
-        refused = _check_rate(state, route, (authorization or "").partition(" ")[2])
-    if refused is not None:
-        return refused
-    body = await request.body()
-    if route == "batch" and len(body) > BATCH_MAX_BYTES:
-        return _error(
-            400,
-            "invalid_payload",
-            f"batch body is {len(body)} bytes; the limit is {BATCH_MAX_BYTES}",
-        )
     try:
-        call = _DECODERS[route].decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        return _invalid(exc)
+        key = _check_key(state, route, request.headers.get("authorization"))
+    except IngestRefused as refusal:
+        return _refused(refusal)
+    limited = _check_rate(state, route, key)
+    if limited is not None:
+        return limited
+    body = await request.body()
+    try:
+        call = parse_call(route, body)
+    except IngestRefused as refusal:
+        return _refused(refusal)
     if isinstance(call, Batch):
-        if not 1 <= len(call.events) <= BATCH_MAX_EVENTS:
-            return _error(
-                400,
-                "invalid_payload",
-                f"events: 1-{BATCH_MAX_EVENTS} per batch, got {len(call.events)}",
-            )
         accepted = sum(state.accept_event(e, arrived) is not None for e in call.events)
         return _ok(accepted=accepted, duplicates=len(call.events) - accepted)
     if isinstance(call, Track):
@@ -261,7 +221,7 @@ def create_sink_app(state: SinkState | None = None) -> Litestar:
     async def ingest(
         route: FromPath[str], request: Request[Any, Any, Any]
     ) -> Response[bytes] | Stream:
-        if route not in _DECODERS:
+        if route not in ROUTES:
             return _error(404, "not_found")
         sink.in_flight += 1
         try:

@@ -29,6 +29,7 @@ from tests.conftest import RunningSink, ServerThread, translated
 
 SECRET = "whsec_erasure_secret"
 TOKEN = "erasure-admin-token-0123456789"
+RELAY_KEY = "sk_erasure_relay_key"
 CHECKOUT = Path(__file__).parent / "fixtures" / "stripe" / "checkout.session.completed.json"
 
 
@@ -134,6 +135,7 @@ def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[ServerThread]:
         "BRIDGE_CONFIG": str(tmp_path / "bridge.toml"),
         "STRIPE_WEBHOOK_SECRET": SECRET,
         "BRIDGE_ADMIN_TOKEN": TOKEN,
+        "BRIDGE_RELAY_KEYS": RELAY_KEY,
     }
     with ServerThread(create_app(load_settings(env))) as server:
         yield server
@@ -156,12 +158,23 @@ def forget_by_cli(server: ServerThread, user: str, _n: str) -> None:
     assert result.exit_code == 0, result.output
 
 
+def forget_by_relay(server: ServerThread, user: str, _n: str) -> None:
+    answer = httpx.post(
+        f"{server.url}/v1/forget",
+        json={"user_id": user},
+        headers={"authorization": f"Bearer {RELAY_KEY}"},
+    )
+    assert answer.json() == {"ok": True}
+
+
 def forget_by_customer_deleted(server: ServerThread, _user: str, n: str) -> None:
     assert post(server, customer_deleted(f"{n}_deleted", f"cus_{n}")).status_code == 200
 
 
 @pytest.mark.parametrize(
-    "forget", [forget_by_admin, forget_by_cli, forget_by_customer_deleted], ids=lambda f: f.__name__
+    "forget",
+    [forget_by_admin, forget_by_cli, forget_by_relay, forget_by_customer_deleted],
+    ids=lambda f: f.__name__,
 )
 def test_forget_leaves_no_trace_on_disk_and_nothing_more_is_sent(
     bridge: ServerThread, sink: RunningSink, tmp_path: Path, forget: Callable[..., None]

@@ -77,6 +77,20 @@ def test_dev_runs_bridge_and_sink_without_keys(tmp_path: Path) -> None:
             time.sleep(0.02)
         assert events[0]["body"]["event"] == "purchase"
         assert events[0]["body"]["properties"]["amount_cents"] == 1900
+        # The relay takes the dev key: the README's track example, as it is written there.
+        relayed = httpx.post(
+            f"http://127.0.0.1:{port}/v1/track",
+            headers={"authorization": "Bearer sk_dev_local_bridge"},
+            json={"event": "signup", "event_id": "signup-u_123", "user_id": "u_123"},
+        )
+        assert relayed.json() == {"ok": True, "event_id": "signup-u_123"}
+        deadline = time.monotonic() + 5
+        while not any(
+            e["body"].get("event_id") == "signup-u_123"
+            for e in httpx.get(f"http://127.0.0.1:{sink_port}/_sink/events").json()["events"]
+        ):
+            assert time.monotonic() < deadline, "the relayed track did not arrive"
+            time.sleep(0.05)
         # Every built-in source is mounted in dev mode, and send-test's every sample is taken.
         (tmp_path / "empty.toml").write_text("")
         runner = CliRunner(env={"BRIDGE_CONFIG": str(tmp_path / "empty.toml")})
