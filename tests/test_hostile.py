@@ -35,10 +35,10 @@ from structlog.testing import capture_logs
 from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.errors import SignatureInvalid
-from bridge.plugin import WebhookRequest
+from bridge.plugin import Handler, Sample, WebhookRequest
 from bridge.registry import load_handlers
 from bridge.sink import SinkState, create_sink_app
-from bridge.testing import TEST_SECRET, sign
+from bridge.testing import TEST_SECRET, run_handler, sign
 from tests.conftest import ServerThread, translated
 
 HANDLERS = load_handlers()
@@ -442,9 +442,51 @@ def test_unverified_deliveries_are_never_stored_nor_forwarded(
 ) -> None:
     before, forwarded = bridge.inbox(), len(bridge.sink.received)
     answer = bridge.post(f"/webhooks/{source}", body, headers)
-    assert answer.status_code in (400, 401), answer.text
+    # Verification comes before anything reads the body: whatever it holds, a 401.
+    assert answer.status_code == 401, answer.text
     assert bridge.inbox() == before
     assert len(bridge.sink.received) == forwarded
+
+
+OTHER_SECRET = "whsec_" + "b3RoZXIgc2VjcmV0IG9mIHRoZSBzYW1lIHNoYXBl"  # base64, as real ones are
+
+
+def forgeries(handler: Handler, sample: Sample) -> list[tuple[str, dict[str, str], bytes]]:
+    """A recorded sample, which parses and translates, sent with no valid signature: its
+    own headers (delivery id, topic) kept, so that only verification can refuse it."""
+    body, extra = sample.body, dict(sample.headers)
+    tampered = body.replace(b"}", b" }", 1)
+    cases = [
+        ("no signature", extra, body),
+        ("another secret", {**sign(handler, body, OTHER_SECRET), **extra}, body),
+    ]
+    if getattr(handler.scheme, "signs_body", True):  # a bearer token (Auth0) signs no body
+        cases.append(("signed, then changed", {**sign(handler, body), **extra}, tampered))
+        cases.append(("another body's signature", {**sign(handler, tampered), **extra}, body))
+    return cases
+
+
+READABLE = [
+    (name, event)
+    for name, h in sorted(HANDLERS.items())
+    for event, sample in sorted(h.samples().items())
+    if run_handler(h, sample.body, headers=sample.headers).calls
+]
+
+
+@pytest.mark.parametrize(("source", "event"), READABLE, ids=[f"{s}:{e}" for s, e in READABLE])
+def test_unverified_samples_that_would_translate_are_refused_and_never_stored(
+    bridge: Bridge, source: str, event: str
+) -> None:
+    handler = HANDLERS[source]
+    sample = handler.samples()[event]
+    for what, headers, body in forgeries(handler, sample):
+        before, forwarded = bridge.inbox(), len(bridge.sink.received)
+        answer = bridge.post(f"/webhooks/{source}", body, headers)
+        assert answer.status_code == 401, (what, answer.text)
+        assert answer.json()["error"] == "invalid_signature", what
+        assert bridge.inbox() == before, what
+        assert len(bridge.sink.received) == forwarded, what
 
 
 @QUICK
