@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from bridge.client import (
+    MAX_RETRY_AFTER,
     Accepted,
     AuthProblem,
     Invalid,
@@ -180,6 +181,33 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(email.utils.formatdate(now - 90, usegmt=True), now=now) == 0.0
     assert parse_retry_after(None) == 1.0
     assert parse_retry_after("soon") == 1.0
+    assert parse_retry_after("nan") == parse_retry_after("inf") == 1.0
+    assert parse_retry_after("-5") == 0.0
+    # A server's mistake (or a hostile one) cannot hold a lane for days: an hour at most.
+    assert MAX_RETRY_AFTER == 3600.0
+    assert parse_retry_after("3599.5", now=now) == 3599.5
+    assert parse_retry_after("99999999", now=now) == MAX_RETRY_AFTER
+    ten_days = email.utils.formatdate(now + 10 * 86400, usegmt=True)
+    assert parse_retry_after(ten_days, now=now) == MAX_RETRY_AFTER
+
+
+@pytest.mark.parametrize(
+    ("sent", "wait"),
+    [("7", 7.0), ("2.5", 2.5), ("0", 0.0), ("99999999", MAX_RETRY_AFTER)],
+)
+async def test_the_wait_is_the_retry_after_sent_up_to_an_hour(
+    http: httpx.AsyncClient, sink: RunningSink, sent: str, wait: float
+) -> None:
+    set_knobs(sink, fail_for_seconds=30, fail_status=429, retry_after=sent)
+    assert await client_for(http, sink).track(Track(event="x")) == RateLimited(wait)
+    # The rate limit's own 429s carry it too.
+    set_knobs(sink, fail_for_seconds=0)
+    client = client_for(http, sink)
+    outcomes = await asyncio.gather(
+        *(client.batch([Track(event="x", event_id=f"w{i}")]) for i in range(25))
+    )
+    assert RateLimited(wait) in outcomes  # past the burst of 20
+    assert {type(o) for o in outcomes} == {Accepted, RateLimited}
 
 
 def test_batch_body_is_the_wire_format() -> None:

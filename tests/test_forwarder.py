@@ -142,14 +142,61 @@ async def test_a_429_storm_delays_but_loses_nothing(
     await wait_until(lambda: drained(store), within=60)
     await fwd.stop()
     stats = await sink_get(http, sink, "stats")
-    assert stats["answers"].get("batch 429", 0) >= 1
+    limited = stats["answers"].get("batch 429", 0)
+    assert limited >= 1
     assert stats["unique_event_ids"] == 1500
-    assert fwd.counts["rate_limited"] >= 1
+    assert fwd.counts["rate_limited"] == limited
+    # 30 requests, 20 in the sink's burst, then 5 a second: each 429 holds the lane for
+    # its Retry-After (1 s), in which the sink refills 5, so two or three holds do. At most
+    # 4 requests are in flight when one is answered 429: 12 at most (a lane that ignored
+    # Retry-After got 150).
+    assert limited <= 12
     assert fwd.counts["dead"] == 0
     db = sqlite3.connect(tmp_path / "bridge.db")
     attempts = db.execute("SELECT MAX(attempts) FROM outbox").fetchone()[0]
     db.close()
     assert attempts == 0  # a 429 is not a failed attempt
+
+
+async def test_a_429_holds_the_lane_for_its_retry_after(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    await fill(store, 100)
+    # A second of 429s, each saying to wait 3 s: one request, one hold, then everything.
+    await knobs(http, sink, fail_for_seconds=1.0, fail_status=429, retry_after="3")
+    started = time.time()
+    fwd = forwarder(store, http, sink, msgspec.structs.replace(FAST, max_in_flight=1))
+    fwd.start()
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    stats = await sink_get(http, sink, "stats")
+    assert stats["answers"] == {"batch 429": 1, "batch 202": 1}
+    received = (await sink_get(http, sink, "events"))["events"]
+    assert len(received) == 100
+    assert min(e["arrived"] for e in received) >= started + 3.0  # not after the 1 s outage
+
+
+async def test_a_retry_after_of_days_holds_the_rows_an_hour_at_most(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink, tmp_path: Path
+) -> None:
+    await fill(store, 10)
+    await knobs(http, sink, fail_for_seconds=60, fail_status=429, retry_after="864000")
+    fwd = forwarder(store, http, sink)
+    started = time.time()
+    fwd.start()
+
+    async def limited() -> bool:
+        return fwd.counts["rate_limited"] >= 1
+
+    await wait_until(limited)
+    answered = time.time()
+    await fwd.stop()
+    assert (await sink_get(http, sink, "stats"))["answers"] == {"batch 429": 1}
+    with contextlib.closing(sqlite3.connect(tmp_path / "bridge.db")) as db:
+        due = db.execute("SELECT state, MIN(next_at), MAX(next_at) FROM outbox").fetchone()
+    state, first, last = due
+    assert state == "pending"
+    assert started + 3600 <= first <= last <= answered + 3600  # not ten days
 
 
 async def test_the_published_pace_provokes_no_429(
