@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ import httpx
 import msgspec
 import pytest
 
-from bridge.client import MillimetricClient, build_http_client
-from bridge.events import Forget, Track
+from bridge.client import MillimetricClient, batch_body, build_http_client
+from bridge.events import BATCH_MAX_BYTES, Forget, Track, encode
 from bridge.ratelimit import RateLimit
 from bridge.sink import DEV_KEY
 from bridge.stages.forward import Forwarder, ForwarderConfig
@@ -110,9 +111,47 @@ async def test_batches_hold_at_most_500_events(
     await fwd.stop()
     stats = await sink_get(http, sink, "stats")
     assert stats["unique_event_ids"] == 1200
-    assert stats["answers"] == {"batch 202": 3}  # 500 + 500 + 200
-    received = await sink_get(http, sink, "events", limit=2000)
-    assert sorted(e["body"]["event_id"] for e in received["events"]) == sorted(ids)
+    assert stats["answers"] == {"batch 202": 3}
+    received = (await sink_get(http, sink, "events", limit=2000))["events"]
+    assert sorted(e["body"]["event_id"] for e in received) == sorted(ids)
+    # The events of one request share its arrival time: 500 + 500 + 200.
+    assert sorted(Counter(e["arrived"] for e in received).values()) == [200, 500, 500]
+
+
+async def fill_bytes(store: Store, prefix: str, rows: int, batch: int) -> None:
+    """`rows` track events whose `/v1/batch` body, all in one, is `batch` bytes."""
+    base = [len(encode(Track(event="purchase", event_id=f"{prefix}{i}"))) for i in range(rows)]
+    padding = len(encode(Track(event="purchase", properties={"p": ""}))) - len(
+        encode(Track(event="purchase"))
+    )
+    room = batch - len(batch_body([b"x" * n for n in base])) - rows * padding
+    for i in range(rows):
+        share = room // rows + (1 if i < room % rows else 0)
+        call = Track(event="purchase", event_id=f"{prefix}{i}", properties={"p": "x" * share})
+        await store.accept(
+            Delivery(
+                source="test",
+                provider_event_id=f"{prefix}{i}",
+                received_at=time.time(),
+                calls=[call],
+            )
+        )
+
+
+async def test_a_batch_body_is_256kb_at_most_wrapper_included(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    # 40 events whose batch, `{"events":[...]}` and commas included, is exactly the limit:
+    # one request. Then 40 more, one byte larger in all: two.
+    for prefix, size, requests in (("a", BATCH_MAX_BYTES, 1), ("b", BATCH_MAX_BYTES + 1, 2)):
+        await fill_bytes(store, prefix, 40, size)
+        fwd = forwarder(store, http, sink)
+        fwd.start()
+        await wait_until(lambda: drained(store))
+        await fwd.stop()
+        stats = await sink_get(http, sink, "stats")
+        assert stats["answers"] == {"batch 202": requests + (prefix == "b")}, prefix
+    assert stats["unique_event_ids"] == 80
 
 
 async def test_batches_stay_under_256kb(

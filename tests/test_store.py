@@ -131,9 +131,26 @@ async def test_claim_respects_count_bytes_and_claims(store: Store) -> None:
 
 
 async def test_a_row_larger_than_the_budget_is_claimed_alone(store: Store) -> None:
-    await store.accept(delivery("big", Track(event="x", properties={"p": "y" * 5000})))
-    rows = await store.claim("track", 100, 100, NOW)
-    assert len(rows) == 1
+    for name in ("big", "bigger"):
+        await store.accept(delivery(name, Track(event=name, properties={"p": "y" * 5000})))
+    await store.accept(delivery("small", Track(event="small")))
+    claims = [await store.claim("track", 100, 100, NOW) for _ in range(4)]
+    events = [[msgspec.json.decode(r.body)["event"] for r in rows] for rows in claims]
+    assert events == [["big"], ["bigger"], ["small"], []]  # none takes another along
+
+
+async def test_claim_fills_the_byte_budget_exactly(store: Store) -> None:
+    for i in range(5):
+        await store.accept(delivery(f"e{i}", Track(event="x", event_id=f"id{i}")))
+    everything = await store.claim("track", 100, 1 << 20, NOW)
+    ids = [r.id for r in everything]
+    one = len(everything[0].body) + 1  # a body and its comma in the batch
+    assert {len(r.body) + 1 for r in everything} == {one}
+    for budget, taken in ((3 * one, 3), (3 * one - 1, 2), (one, 1), (5 * one, 5)):
+        await store.retry(ids, NOW, count_attempt=False)  # all due again
+        assert len(await store.claim("track", 100, budget, NOW)) == taken, budget
+    await store.retry(ids, NOW, count_attempt=False)
+    assert len(await store.claim("track", 4, 1 << 20, NOW)) == 4  # the count, exactly
 
 
 async def test_retry_makes_rows_due_later_and_counts_attempts(store: Store) -> None:
