@@ -24,8 +24,10 @@ from bridge.store import (
     Translation,
     derived_event_id,
     open_store,
+    operations,
 )
 from bridge.store import sqlite as sqlite_store
+from bridge.store.operations import CLEANUP_CHUNK
 from tests.conftest import table_rows, write_lock_held
 
 pytestmark = pytest.mark.anyio
@@ -270,6 +272,46 @@ async def test_cleanup_follows_retention(store: Store) -> None:
     assert counts == {"delivered": 2, "raw_payloads": 2, "inbox": 1}
     stats = await store.stats(NOW)
     assert (stats.inbox, stats.raw_payloads, stats.delivered, stats.pending) == (2, 1, 0, 1)
+
+
+async def test_cleanup_goes_on_past_its_first_chunk(store: Store) -> None:
+    """Retention drops rows in chunks of 5,000, each its own transaction: more than one
+    chunk is dropped in full, and what is within retention stays."""
+    day = 86400.0
+    many = [Track(event="x", event_id=f"bulk{i}") for i in range(CLEANUP_CHUNK + 1)]
+    await store.accept(delivery("bulk", *many, at=NOW - 8 * day))
+    await store.accept(delivery("new", at=NOW))
+    rows = await store.claim("track", 2 * len(many), 1 << 30, NOW)
+    assert len(rows) == len(many) + 1
+    await store.delivered([r.id for r in rows], NOW - 8 * day)
+    counts = await store.cleanup(Retention(), NOW)
+    assert counts == {"delivered": len(many) + 1, "raw_payloads": 1, "inbox": 0}
+    assert (await store.stats(NOW)).delivered == 0
+
+
+async def test_erasing_a_user_takes_every_call_however_many(store: Store) -> None:
+    many = [Track(event="x", event_id=f"u1-{i}", user_id="u1") for i in range(CLEANUP_CHUNK + 1)]
+    await store.accept(delivery("bulk", *many))
+    await store.accept(delivery("other", Track(event="x", event_id="u2-0", user_id="u2")))
+    assert await store.erase("u1") == len(many) + 1  # the calls and the raw payload
+    (left,) = await store.claim("track", 2 * len(many), 1 << 30, NOW)
+    assert msgspec.json.decode(left.body)["user_id"] == "u2"
+
+
+async def test_cleanup_of_every_kind_goes_on_past_a_chunk(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(operations, "CLEANUP_CHUNK", 3)  # 3 rows a chunk: 7 make three
+    day = 86400.0
+    for i in range(7):
+        await store.accept(delivery(f"old{i}", at=NOW - 40 * day))
+    await store.accept(delivery("new", at=NOW))
+    rows = await store.claim("track", 100, 1 << 30, NOW)
+    await store.delivered([r.id for r in rows[:7]], NOW - 8 * day)
+    counts = await store.cleanup(Retention(), NOW)
+    assert counts == {"delivered": 7, "raw_payloads": 7, "inbox": 7}
+    stats = await store.stats(NOW)
+    assert (stats.inbox, stats.raw_payloads, stats.delivered, stats.pending) == (1, 1, 0, 1)
 
 
 async def test_paused_reason_is_shared_through_the_store(store: Store) -> None:
