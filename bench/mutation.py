@@ -35,6 +35,7 @@ MUTMUT = Path(sys.executable).parent / "mutmut"
 #: The modules that carry the guarantees, each with the test files that cover it.
 MODULES: dict[str, list[str]] = {
     "bridge/signatures.py": [
+        "tests/test_signatures.py",
         "tests/test_handler_contract.py",
         "tests/test_stripe.py",
         "tests/test_shopify.py",

@@ -127,6 +127,44 @@ def test_sdk_signed_fixtures_verify() -> None:
             handler.scheme.verify(request, [signatures["secret"]], 300)
 
 
+def scheme_request(headers: dict[str, str], body: bytes = b'{"id":"evt_r"}') -> WebhookRequest:
+    return WebhookRequest(source="stripe", headers=headers, body=body, received_at=time.time())
+
+
+def test_each_refusal_says_why_in_a_few_words() -> None:
+    """What the 401 says, per cause: an operator reads it to tell a wrong secret from a
+    clock that is off."""
+    now = int(time.time())
+    body = b'{"id":"evt_r"}'
+    good = signed(body, SECRET, now)[1]["stripe-signature"]
+    old = signed(body, SECRET, now - 400)[1]["stripe-signature"]
+    ahead = signed(body, SECRET, now + 400)[1]["stripe-signature"]
+    cases = [
+        ({}, body, "missing Stripe-Signature header"),
+        (
+            {"stripe-signature": good},
+            b"\xff\xfe",
+            "body is not UTF-8, so it cannot carry a valid signature",
+        ),
+        ({"stripe-signature": "t=1,v1=\xe9"}, body, "malformed Stripe-Signature header"),
+        ({"stripe-signature": f"t={now}"}, body, "malformed Stripe-Signature header"),
+        ({"stripe-signature": "v1=" + "0" * 64}, body, "malformed Stripe-Signature header"),
+        ({"stripe-signature": ahead}, body, "timestamp ahead of the 300s tolerance"),
+        ({"stripe-signature": old}, body, "timestamp outside the 300s tolerance"),
+        (
+            {"stripe-signature": f"t={now},v1={'0' * 64}"},
+            body,
+            "no valid Stripe signature for any configured secret",
+        ),
+    ]
+    for headers, sent, reason in cases:
+        with pytest.raises(SignatureInvalid) as refused:
+            handler.scheme.verify(scheme_request(headers, sent), [SECRET], 300)
+        assert str(refused.value) == reason, headers
+    # A blank secret (a stray comma in the variable) is passed over, not the end of the list.
+    handler.scheme.verify(scheme_request({"stripe-signature": good}, body), [" ", SECRET], 300)
+
+
 def test_one_off_checkout_payment(bridge: Bridge) -> None:
     event = fixture(
         "checkout.session.completed",
