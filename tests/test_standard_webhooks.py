@@ -139,6 +139,8 @@ def test_the_message_id_is_read_as_it_is_signed() -> None:
     scheme.verify(request(headers), [SECRET], 300)
     assert message_id(headers) == message_id(padded.headers) == "msg_2b0nT3st"
     assert message_id({"webhook-signature": "v1,x", "webhook-id": "   "}) is None
+    assert message_id({"webhook-signature": "v1,x"}) is None
+    assert message_id({}) is None
 
 
 def test_secrets_with_or_without_the_prefix_and_padding() -> None:
@@ -150,6 +152,37 @@ def test_secrets_with_or_without_the_prefix_and_padding() -> None:
     assert decode_secret("whsec_") is None
     assert decode_secret("whsec_ünïcode") is None
     assert decode_secret("whsec_***") is None
+    # Base64 with anything else in it is not read around: not the secret it looks like.
+    assert decode_secret("whsec_YWJj") == b"abc"
+    assert decode_secret("whsec_YWJj*") is None
+    assert decode_secret("whsec_YW\nJj") is None
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"webhook-id": "msg_\xe9"}, "malformed webhook-id header"),
+        ({"webhook-timestamp": "12.5"}, "malformed webhook-timestamp header"),
+        ({"webhook-timestamp": "1" * 13}, "malformed webhook-timestamp header"),
+        (
+            {"webhook-signature": "v1a,abc v2,def"},
+            "no v1 signature in the webhook-signature header",
+        ),
+    ],
+)
+def test_malformed_headers_are_refused_saying_which(change: dict[str, str], reason: str) -> None:
+    with pytest.raises(SignatureInvalid) as refused:
+        frozen.verify(vector_request(**change), [VECTOR["secret"]], 300)
+    assert str(refused.value) == reason
+
+
+def test_refusals_for_the_secrets_say_which_problem() -> None:
+    with pytest.raises(SignatureInvalid) as refused:
+        frozen.verify(vector_request(), ["whsec_***", "not base64!"], 300)
+    assert str(refused.value) == "no configured secret is a whsec_ base64 secret"
+    with pytest.raises(SignatureInvalid) as refused:
+        frozen.verify(vector_request(), [OTHER], 300)
+    assert str(refused.value) == "no valid signature for any configured secret"
 
 
 def test_secrets_that_are_not_base64_are_refused_without_echoing_them() -> None:
