@@ -13,9 +13,10 @@ mutants there; the work tree is never changed), paired with the test files that 
 so that a module takes minutes, not hours. mutmut runs only the tests that reach each
 mutated function. The result per module: mutants killed (a test failed, or the mutant hung
 past mutmut's timeout) out of all made; `no tests` are mutants in functions the paired
-tests never call. The survivors are listed in .mutation/<module>/survivors.txt, and
-`mutmut show NAME` run in that folder shows one. Not part of the test suite (`tasks.py
-test` never runs it): a run takes a while and needs the dev group's mutmut.
+tests never call. The survivors are listed in .mutation/<module>/survivors.txt
+(<module>@REV with --tests-from); `mutmut show NAME` run in that folder shows one. Not
+part of the test suite (`tasks.py test` never runs it): a run takes a while and needs the
+dev group's mutmut.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ MODULES: dict[str, list[str]] = {
 }
 
 
+def folder(module: str, tests_from: str | None) -> Path:
+    """Where a module's run works: .mutation/bridge_client, or bridge_client@main."""
+    name = module.replace("/", "_").removesuffix(".py")
+    return WORK / (f"{name}@{tests_from.replace('/', '_')}" if tests_from else name)
+
+
 def copy_tree(target: Path, tests_from: str | None) -> None:
     """The tracked files as they are in the work tree, into `target`; with `tests_from`,
     tests/ as they are at that git revision instead."""
@@ -97,7 +104,7 @@ def configure(target: Path, module: str, tests: list[str]) -> None:
 
 
 def run(module: str, tests: list[str], tests_from: str | None, jobs: int) -> dict[str, int]:
-    target = WORK / module.replace("/", "_").removesuffix(".py")
+    target = folder(module, tests_from)
     copy_tree(target, tests_from)
     # Another revision's tests may lack a file of this list: run those it has.
     configure(target, module, [t for t in tests if (target / t).exists()])
@@ -138,7 +145,7 @@ def main() -> int:
         s = run(module, MODULES[module], args.tests_from, args.jobs)
         killed = s["killed"] + s["timeout"]
         if s["total"] and not killed + s["survived"] + s["no_tests"]:
-            log = WORK / module.replace("/", "_").removesuffix(".py") / "mutmut.log"
+            log = folder(module, args.tests_from) / "mutmut.log"
             print(f"{module:30} the tests did not run: see {log.relative_to(ROOT)}", flush=True)
             failed += 1
             continue
