@@ -388,6 +388,42 @@ def test_the_same_delivery_fifty_times_at_once_is_stored_and_sent_once(bridge: B
     assert bridge.sink.duplicates == resends  # not even a resend: forwarded once
 
 
+def test_the_request_id_is_the_platforms_when_sane_else_a_new_one(bridge: Bridge) -> None:
+    sent = iter(range(100))
+
+    def answered(**headers: str) -> str:
+        body = subscription(f"request-id-{next(sent)}")
+        answer = bridge.post("/webhooks/stripe", body, {**signed(body), **headers})
+        assert answer.status_code == 200, answer.text
+        return answer.headers["x-request-id"]
+
+    assert answered(**{"fly-request-id": "fly-1", "x-request-id": "proxy-1"}) == "fly-1"
+    assert answered(**{"x-request-id": "Proxy-2-abc"}) == "Proxy-2-abc"
+    assert answered(**{"x-request-id": "a" * 64}) == "a" * 64
+    made = {answered(**{"x-request-id": bad}) for bad in ("a" * 65, "a b", "a_b", "a.b")}
+    made |= {answered(), answered()}
+    assert len(made) == 6  # each a new one, unique
+    assert all(re.fullmatch(r"[0-9a-f]{32}", new) for new in made), made
+
+
+@pytest.mark.parametrize("announced", [True, False], ids=["content-length", "streamed"])
+def test_a_body_of_exactly_the_limit_is_read_one_byte_more_is_413(
+    bridge: Bridge, announced: bool
+) -> None:
+    limit = 1024 * 1024  # BRIDGE_MAX_BODY_BYTES's default
+
+    def body(size: int) -> bytes | Iterator[bytes]:
+        whole = b" " * size
+        return whole if announced else iter([whole[: size // 2], whole[size // 2 :]])
+
+    before = bridge.inbox()
+    exact = bridge.http.post(f"{bridge.url}/webhooks/stripe", content=body(limit))
+    assert exact.status_code == 401  # read whole, then refused for its missing signature
+    over = bridge.http.post(f"{bridge.url}/webhooks/stripe", content=body(limit + 1))
+    assert over.status_code == 413
+    assert bridge.inbox() == before
+
+
 # -- property-based: whatever the bytes and headers ------------------------------------------
 
 SOURCES = st.sampled_from(sorted(HANDLERS))
