@@ -11,6 +11,7 @@ from prometheus_client import Counter, Gauge
 
 __all__ = [
     "ANSWERS",
+    "CONNECTIONS_CLOSED",
     "DEAD_LETTERS",
     "FORWARDED",
     "LEADER",
@@ -51,6 +52,12 @@ RELAYED: Final = Counter(
     "bridge_relayed_calls",
     "Calls the relay stored, by the route they came in on (a batch's events under batch).",
     ["route"],
+)
+CONNECTIONS_CLOSED: Final = Counter(
+    "bridge_connections_closed",
+    "Client connections the server closed on its own, by reason (cap: refused at the "
+    "connection cap; header_timeout, body_timeout: a client too slow to send its request).",
+    ["reason"],
 )
 UNEXPECTED: Final = Counter(
     "bridge_unexpected_errors",
