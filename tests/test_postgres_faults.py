@@ -246,22 +246,47 @@ def arrived_once(sink: RunningSink, event_ids: set[str]) -> None:
     assert sorted(call["event_id"] for call in calls) == sorted(event_ids)
 
 
+def lock_waiters(conn: psycopg.Connection[Any]) -> int:
+    """Backends waiting for a lock on the inbox table."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'inbox'::regclass"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def test_a_lock_held_past_the_lock_timeout_gives_503_then_the_retry_succeeds(
     sink: RunningSink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A group of deliveries waits GROUP_LOCK_TIMEOUT_MS (2 s) for a lock, then each waits
-    # alone; the accept deadline (10 s; 3 s here) answers 503 meanwhile.
+    # alone; the accept deadline (10 s; 3 s here) answers 503 meanwhile. The group's wait is
+    # 0.5 s here, so that the groups the deliveries arrive in have all gone alone by then.
     monkeypatch.setattr(intake, "ACCEPT_TIMEOUT", 3.0)
-    assert postgres.GROUP_LOCK_TIMEOUT_MS / 1000 < intake.ACCEPT_TIMEOUT
+    monkeypatch.setattr(postgres, "GROUP_LOCK_TIMEOUT_MS", 500)
     with served_on_postgres(sink) as (server, url, _):
         assert post(server.url, "pg_before_lock").json()["result"] == "accepted"
-        with psycopg.connect(url) as locker:
+        waiting = [f"pg_l{i}" for i in range(postgres.POOL_MAX + 2)]
+        with psycopg.connect(url) as locker, psycopg.connect(url, autocommit=True) as watcher:
             locker.execute("LOCK TABLE inbox IN EXCLUSIVE MODE")  # no insert gets in
             started = time.monotonic()
-            with concurrent.futures.ThreadPoolExecutor(3) as pool:
-                answers = list(pool.map(lambda n: post(server.url, n), ["pg_l0", "pg_l1", "pg_l2"]))
+            with concurrent.futures.ThreadPoolExecutor(len(waiting)) as pool:
+                posted = [pool.submit(post, server.url, n) for n in waiting]
+                # Past the group's lock timeout the deliveries wait alone, but never on every
+                # pooled connection (a group may wait beside them): the store still answers
+                # the rest of the bridge meanwhile.
+                deadline = time.monotonic() + 30
+                while lock_waiters(watcher) < postgres.ALONE_AT_ONCE:
+                    assert time.monotonic() < deadline, "nothing waits alone on the lock"
+                    time.sleep(0.05)
+                assert httpx.get(f"{server.url}/readyz", timeout=30).status_code == 200
+                most = 0
+                while not all(answer.done() for answer in posted):
+                    most = max(most, lock_waiters(watcher))
+                    time.sleep(0.05)
+                assert most <= postgres.ALONE_AT_ONCE + 1
+                answers = [answer.result() for answer in posted]
             took = time.monotonic() - started
-            assert [a.status_code for a in answers] == [503, 503, 503]
+            assert [a.status_code for a in answers] == [503] * len(waiting)
             for answer in answers:
                 assert answer.json()["reason"] == "the store did not answer within 3s"
                 assert answer.headers["retry-after"]
@@ -270,14 +295,11 @@ def test_a_lock_held_past_the_lock_timeout_gives_503_then_the_retry_succeeds(
             locker.rollback()
         # The provider retries: stored once (a delivery that went on waiting after its 503
         # may have been committed first; the retry is then its duplicate).
-        for n in ("pg_l0", "pg_l1", "pg_l2"):
+        for n in waiting:
             assert post(server.url, n).json()["result"] in ("accepted", "duplicate")
         arrived_once(
             sink,
-            {
-                f"subscription_started:sub_{n}"
-                for n in ("pg_before_lock", "pg_l0", "pg_l1", "pg_l2")
-            },
+            {f"subscription_started:sub_{n}" for n in ("pg_before_lock", *waiting)},
         )
 
 
