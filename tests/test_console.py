@@ -320,7 +320,7 @@ def test_a_delivery_is_listed_and_opened_and_its_raw_body_shown_on_request(
     assert console.get("/console/deliveries/999999").status_code == 404
 
     overview = console.get("/console")
-    assert '<polyline class="line received"' in overview.text
+    assert '<rect class="bar"' in overview.text  # a minute's deliveries
     assert "1 deliveries received" in overview.text
     assert re.search(r">stripe</a></td>\s*<td>yes</td>", overview.text)
 
@@ -379,3 +379,21 @@ def test_forgetting_asks_first_and_keeps_the_user_id_out_of_urls_and_logs(
     assert all("user_ops" not in repr(e) for e in logs)
     blank = console.post("/console/forget", {"user_id": "  "})
     assert blank.status_code == 400
+
+
+def test_the_rate_chart_draws_a_bar_a_minute_and_the_calls_as_lines() -> None:
+    from bridge.console.chart import HEIGHT, TOP, WIDTH, chart
+    from bridge.store.views import Rates
+
+    drawn = chart(Rates(since=0, step=60, received=[0, 4, 2], delivered=[0, 3, 3], dead=[0, 0, 1]))
+    assert drawn.peak == 4
+    assert [(b.x, b.height) for b in drawn.bars] == [
+        (round(WIDTH / 3 + 1, 1), HEIGHT - TOP),
+        (round(2 * WIDTH / 3 + 1, 1), (HEIGHT - TOP) / 2),
+    ]
+    received, delivered, dead = drawn.lines
+    assert (received.total, delivered.total, dead.total) == (6, 6, 1)
+    assert dead.points.split()[0] == f"{WIDTH / 6:.1f},{HEIGHT:.1f}"
+    assert drawn.summary == (
+        "Last 3 minutes: 6 deliveries received, 6 calls delivered, 1 calls dead; at most 4 a minute"
+    )

@@ -22,12 +22,22 @@ class Line(msgspec.Struct, frozen=True, kw_only=True):
     total: int
 
 
+class Bar(msgspec.Struct, frozen=True, kw_only=True):
+    x: float
+    y: float
+    width: float
+    height: float
+
+
 class Chart(msgspec.Struct, frozen=True, kw_only=True):
+    """Deliveries received as a bar a minute, calls delivered and dead as lines over them."""
+
     width: int
     height: int
     peak: int  # the top of the scale, a bucket's count
     minutes: int
-    lines: list[Line]
+    bars: list[Bar]
+    lines: list[Line]  # the first is the bars' (its points unused): the legend lists all
 
     @property
     def summary(self) -> str:
@@ -44,19 +54,31 @@ def chart(rates: Rates) -> Chart:
         ("calls dead", "dead", rates.dead),
     ]
     peak = max([1, *(max(counts, default=0) for _, _, counts in series)])
-    buckets = max(1, len(rates.received) - 1)
+    slot = WIDTH / max(1, len(rates.received))
+
+    def y(n: int) -> float:
+        return HEIGHT - (HEIGHT - TOP) * n / peak
 
     def points(counts: list[int]) -> str:
-        return " ".join(
-            f"{i * WIDTH / buckets:.1f},{HEIGHT - (HEIGHT - TOP) * n / peak:.1f}"
-            for i, n in enumerate(counts)
+        return " ".join(f"{(i + 0.5) * slot:.1f},{y(n):.1f}" for i, n in enumerate(counts))
+
+    bars = [
+        Bar(
+            x=round(i * slot + 1, 1),
+            y=round(y(n), 1),
+            width=round(slot - 2, 1),
+            height=round(HEIGHT - y(n), 1),
         )
+        for i, n in enumerate(rates.received)
+        if n
+    ]
 
     return Chart(
         width=WIDTH,
         height=HEIGHT,
         peak=peak,
         minutes=round(len(rates.received) * rates.step / 60),
+        bars=bars,
         lines=[
             Line(name=name, css=css, points=points(counts), total=sum(counts))
             for name, css, counts in series

@@ -47,14 +47,15 @@ __all__ = ["console_router"]
 log = structlog.get_logger("bridge.console")
 
 PAGE_SIZE: Final = 50
-#: Served with every page: nothing from elsewhere, no framing, no referrer, no caching.
+#: Served with every page: nothing from elsewhere, no framing, no referrer to other sites
+#: (`no-referrer` would make Chromium send `Origin: null` with the forms), no caching.
 HEADERS: Final = [
     ResponseHeader(
         name="content-security-policy",
         value="default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
         "form-action 'self'; base-uri 'none'",
     ),
-    ResponseHeader(name="referrer-policy", value="no-referrer"),
+    ResponseHeader(name="referrer-policy", value="same-origin"),
     ResponseHeader(name="x-content-type-options", value="nosniff"),
     ResponseHeader(name="cache-control", value="no-store"),
 ]
