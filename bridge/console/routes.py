@@ -293,9 +293,11 @@ def console_router(token: str, throttle: Throttle | None = None) -> Router:
         if action == "purge":
             return await store.purge(Selection(source=source))
         count = await send_again(state, Selection(source=source))
+        # Named one by one: a selection by source alone would translate again every
+        # delivery of the source whose raw body is kept, not only the quarantined ones.
         quarantined = [
             d.id
-            for d in await store.dead_letters(100_000)
+            for d in await store.dead_letters(10_000)
             if d.kind == "delivery" and d.source == source
         ]
         if quarantined:
