@@ -50,7 +50,10 @@ class Serving:
         file descriptors whose peer is one of them (Linux's /proc/net/tcp)."""
         ports = {writer.get_extra_info("sockname")[1] for _, writer in clients}
         fds = Path(f"/proc/{self.proc.pid}/fd")
-        sockets = {os.readlink(fd) for fd in fds.iterdir()}
+        sockets = set()
+        for fd in fds.iterdir():
+            with contextlib.suppress(FileNotFoundError):  # closed since it was listed
+                sockets.add(os.readlink(fd))
         held = 0
         for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
             fields = line.split()
