@@ -10,14 +10,18 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
+import msgspec
 import pytest
+import stripe
 from structlog.testing import capture_logs
 
 from bridge.console.session import SESSION_SECONDS, Keys, Throttle
+from handlers.stripe import StripeHandler
 from tests.conftest import RunningSink, ServerThread
-from tests.test_operations import metric, serve, signed_checkout
+from tests.test_operations import FIXTURE, SECRET, metric, serve, signed_checkout
 
 TOKEN = "console-token-0123456789abcdef"
 
@@ -406,3 +410,56 @@ def test_the_rate_chart_draws_a_bar_a_minute_and_the_calls_as_lines() -> None:
     assert drawn.summary == (
         "Last 3 minutes: 6 deliveries received, 6 calls delivered, 1 calls dead; at most 4 a minute"
     )
+
+
+def quarantined_ids(console: Console) -> list[str]:
+    """The ids of the quarantined deliveries the dead letters page lists, in its order."""
+    page = console.get("/console/dead").text
+    return re.findall(
+        r'name="kind" value="delivery"><input type="hidden" name="id" value="(\d+)">'
+        r"\s*<button type=\"submit\">Translate again",
+        page,
+    )
+
+
+def test_quarantined_deliveries_are_translated_again_one_or_by_source(
+    console: Console, bridge: ServerThread, sink: RunningSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler bug quarantines two deliveries; once fixed, one is translated again from
+    its row and the other with its source's "Replay all", which leaves the source's
+    translated deliveries alone."""
+    send_checkout(bridge)  # translated before the bug: not translated again by source
+    assert [e["event_id"] for e in sink.arrived(2) if e["route"] == "track"] == ["purchase:pi_ops"]
+
+    def broken(*args: object) -> NoReturn:
+        raise RuntimeError("a bug in the plugin")
+
+    monkeypatch.setattr(StripeHandler, "translate", broken)
+    for n in ("one", "two"):
+        body, headers = signed_payment(n)
+        assert httpx.post(f"{bridge.url}/webhooks/stripe", content=body, headers=headers).is_success
+    wait_for(lambda: len(quarantined_ids(console)) == 2)
+    assert "handler: RuntimeError: a bug in the plugin" in console.get("/console/dead").text
+    monkeypatch.undo()  # the fix is deployed
+
+    first, second = quarantined_ids(console)
+    done = console.post("/console/dead/replay", {"kind": "delivery", "id": first})
+    assert done.headers["location"] == "/console/dead?done=replay&count=1"
+    assert quarantined_ids(console) == [second]
+    done = console.post("/console/dead/replay", {"kind": "source", "source": "stripe"})
+    assert done.headers["location"] == "/console/dead?done=replay&count=1"
+    assert "No dead letters" in console.get("/console/dead").text
+    tracks = [e["event_id"] for e in sink.arrived(3 * 2) if e["route"] == "track"]
+    assert sorted(tracks) == ["purchase:pi_one", "purchase:pi_ops", "purchase:pi_two"]
+
+
+def signed_payment(n: str) -> tuple[bytes, dict[str, str]]:
+    """A checkout of its own: event, payment intent and user named by `n`."""
+    event = msgspec.json.decode(FIXTURE.read_bytes())
+    event["id"] = f"evt_console_{n}"
+    event["data"]["object"].update(
+        mode="payment", payment_intent=f"pi_{n}", client_reference_id=f"user_{n}"
+    )
+    body = msgspec.json.encode(event)
+    header = stripe.WebhookSignature.generate_signature_header(body.decode(), SECRET)
+    return body, {"stripe-signature": header}
