@@ -103,18 +103,24 @@ class RunningSink:
         self.url = url
         self.state = state
 
+    def events(self) -> list[dict[str, Any]]:
+        """The calls the sink holds now, in order, each with its route."""
+        events = httpx.get(f"{self.url}/_sink/events").json()["events"]
+        return [{"route": e["route"], **e["body"]} for e in events]
+
+    def stats(self) -> dict[str, Any]:
+        found: dict[str, Any] = httpx.get(f"{self.url}/_sink/stats").json()
+        return found
+
     def arrived(self, count: int, within: float = 10) -> list[dict[str, Any]]:
         """Wait until the sink holds `count` calls, then return them in order (with their
         route), once anything more would have shown."""
         deadline = time.monotonic() + within
-        while True:
-            events = httpx.get(f"{self.url}/_sink/events").json()["events"]
-            if len(events) >= count:
-                time.sleep(0.3)  # anything more would show now
-                events = httpx.get(f"{self.url}/_sink/events").json()["events"]
-                return [{"route": e["route"], **e["body"]} for e in events]
+        while len(events := self.events()) < count:
             assert time.monotonic() < deadline, f"{len(events)} of {count} calls arrived"
             time.sleep(0.05)
+        time.sleep(0.3)  # anything more would show now
+        return self.events()
 
 
 @pytest.fixture

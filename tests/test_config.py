@@ -30,6 +30,10 @@ GOOD = "sk_live_abc123_def456"
         ("sk_live_abc123", "MILLIMETRIC_KEY: malformed"),
         ("sk-live-abc-def", "MILLIMETRIC_KEY: malformed"),
         ("Bearer sk_live_abc123_def456", "MILLIMETRIC_KEY: malformed"),
+        ("sk__a_b", "MILLIMETRIC_KEY: malformed"),  # an empty part
+        ("xk_a_b_c", "MILLIMETRIC_KEY: malformed"),
+        ("sk_live_a b_c", "MILLIMETRIC_KEY: malformed"),
+        ("sk_live_a_b\n", "MILLIMETRIC_KEY: malformed"),
     ],
 )
 def test_serve_refuses_bad_keys(key: str | None, says: str) -> None:
@@ -41,6 +45,12 @@ def test_serve_refuses_bad_keys(key: str | None, says: str) -> None:
     assert lines[0].startswith(f"millimetric-bridge: {says}")
     if key:
         assert key not in result.output  # a key is a secret even when it is the wrong one
+
+
+@pytest.mark.parametrize("key", ["sk_live_a_b_c", "sk_test_ab-cd_x_y", "sk_1_2_3", "sk_a_b_c!~"])
+def test_serve_takes_any_key_in_the_published_format(key: str) -> None:
+    # `(pk|sk|rk)_*_*_*`: each part non-empty, underscores and dashes included.
+    assert load_settings({"MILLIMETRIC_KEY": key}).millimetric_key == key
 
 
 def test_serve_refusal_from_a_real_process() -> None:
