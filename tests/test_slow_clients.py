@@ -50,11 +50,11 @@ class Serving:
         file descriptors whose peer is one of them (Linux's /proc/net/tcp)."""
         ports = {writer.get_extra_info("sockname")[1] for _, writer in clients}
         fds = Path(f"/proc/{self.proc.pid}/fd")
-        sockets = set()
+        sockets: set[str] = set()
         for fd in fds.iterdir():
             with contextlib.suppress(FileNotFoundError):  # closed since it was listed
                 sockets.add(os.readlink(fd))
-        held = 0
+        held: set[str] = set()  # by inode: a table read while it changes may repeat a line
         for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
             fields = line.split()
             local, remote, inode = fields[1], fields[2], fields[9]
@@ -63,8 +63,8 @@ class Serving:
                 and int(remote.rsplit(":", 1)[1], 16) in ports
                 and f"socket:[{inode}]" in sockets
             ):
-                held += 1
-        return held
+                held.add(inode)
+        return len(held)
 
     def resident_mb(self) -> float:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
