@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import psycopg
 import pytest
 import uvicorn
@@ -53,6 +54,29 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def subscription_event(n: str, *, customer: str = "cus_test", **extra: Any) -> bytes:
+    """A live Stripe event, unsigned, that becomes exactly one call: the track
+    `subscription_started:sub_<n>` (event `evt_<n>`); `extra` adds top-level fields."""
+    return msgspec.json.encode(
+        {
+            "id": f"evt_{n}",
+            "object": "event",
+            "type": "customer.subscription.created",
+            "livemode": True,
+            "created": int(time.time()),
+            "data": {
+                "object": {
+                    "id": f"sub_{n}",
+                    "object": "subscription",
+                    "customer": customer,
+                    "status": "active",
+                }
+            },
+            **extra,
+        }
+    )
 
 
 def free_port() -> int:

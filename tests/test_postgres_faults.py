@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 import psycopg
 import pytest
 
@@ -39,7 +38,7 @@ from bridge.store import postgres
 from bridge.store.postgres import PostgresStore
 from bridge.testing import sign
 from handlers.stripe import handler as stripe
-from tests.conftest import RunningSink, ServerThread, free_port, postgres_schema
+from tests.conftest import RunningSink, ServerThread, free_port, postgres_schema, subscription_event
 
 pytestmark = pytest.mark.postgres
 
@@ -197,23 +196,7 @@ def test_a_postgres_restart_under_load_every_acknowledged_delivery_arrives_once(
 
 def delivery(n: str) -> tuple[bytes, dict[str, str]]:
     """A live Stripe delivery, signed, that becomes `subscription_started:sub_<n>`."""
-    body = msgspec.json.encode(
-        {
-            "id": f"evt_{n}",
-            "object": "event",
-            "type": "customer.subscription.created",
-            "livemode": True,
-            "created": int(time.time()),
-            "data": {
-                "object": {
-                    "id": f"sub_{n}",
-                    "object": "subscription",
-                    "customer": "cus_pg",
-                    "status": "active",
-                }
-            },
-        }
-    )
+    body = subscription_event(n, customer="cus_pg")
     return body, sign(stripe, body, SECRET)
 
 

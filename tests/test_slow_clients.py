@@ -24,7 +24,7 @@ import pytest
 from bridge.connections import BODY_GRACE
 from bridge.testing import sign
 from handlers.stripe import handler as stripe
-from tests.conftest import RunningSink, free_port
+from tests.conftest import RunningSink, free_port, subscription_event
 
 SCRIPT = Path(sys.executable).parent / "millimetric-bridge"
 SECRET = "whsec_slow_clients_secret"
@@ -129,23 +129,7 @@ def many_files() -> Iterator[None]:
 
 def delivery(n: int) -> tuple[bytes, dict[str, str]]:
     """A live Stripe delivery, signed, that becomes `subscription_started:sub_slow<n>`."""
-    body = msgspec.json.encode(
-        {
-            "id": f"evt_slow{n}",
-            "object": "event",
-            "type": "customer.subscription.created",
-            "livemode": True,
-            "created": int(time.time()),
-            "data": {
-                "object": {
-                    "id": f"sub_slow{n}",
-                    "object": "subscription",
-                    "customer": "cus_slow",
-                    "status": "active",
-                }
-            },
-        }
-    )
+    body = subscription_event(f"slow{n}", customer="cus_slow")
     return body, sign(stripe, body, SECRET)
 
 
