@@ -27,13 +27,22 @@ def run(*args: str | Path) -> None:
     subprocess.run([str(a) for a in args], cwd=ROOT, check=True)  # noqa: S603 (our own tools)
 
 
+def _wanted() -> str:
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+
+
+def installed() -> bool:
+    """Whether the virtualenv holds what pyproject.toml asks for (nothing to install)."""
+    return STAMP.exists() and STAMP.read_text() == _wanted()
+
+
 def ensure_env() -> None:
     """Create the virtualenv and (re)install when pyproject.toml changed since last time."""
     if sys.version_info < (3, 11):  # noqa: UP036 (this file runs under any python3)
         sys.exit(f"millimetric-bridge needs Python 3.11+, this is {sys.version.split()[0]}")
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    if STAMP.exists() and STAMP.read_text() == wanted:
+    if installed():
         return
+    wanted = _wanted()
     if not (BIN / "python").exists():
         venv.create(VENV, with_pip=True)
     # Dependency groups need pip 25.1 or newer.
@@ -48,8 +57,15 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     ensure_env()
+    if command == "dev" and os.name != "nt":
+        # Become the bridge (the same process): a supervisor's SIGTERM or a Ctrl-C reaches
+        # it, and no child is left running, orphaned, when this process is stopped.
+        program = BIN / "millimetric-bridge"
+        print("+", program, "dev", *rest, flush=True)
+        os.chdir(ROOT)
+        os.execv(program, [program, "dev", *rest])  # noqa: S606 (our own tool)
     try:
-        if command == "dev":
+        if command == "dev":  # Windows: its exec starts a new process, so run a child
             run(BIN / "millimetric-bridge", "dev", *rest)
         else:
             run(BIN / "ruff", "check", ".")

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Request, Router, get, post
 from litestar.connection import ASGIConnection
+from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
 from litestar.params import FromQuery, JSONBody
@@ -22,7 +23,14 @@ from litestar.params import FromQuery, JSONBody
 from bridge.events import Forget
 from bridge.store import Delivery, Selection, Store
 
-__all__ = ["admin_router"]
+__all__ = [
+    "OutboxStatus",
+    "admin_router",
+    "forget_user",
+    "outbox_status",
+    "send_again",
+    "translate_again",
+]
 
 
 class OutboxStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,6 +44,56 @@ class OutboxStatus(msgspec.Struct, frozen=True, kw_only=True):
     untranslated: int
     oldest_untranslated_age: float | None
     quarantined: int
+
+
+async def outbox_status(store: Store, now: float) -> OutboxStatus:
+    """Counts by state, the oldest waiting ages, and why forwarding is paused, if it is."""
+    stats = await store.stats(now)
+    oldest = stats.oldest_pending_at
+    return OutboxStatus(
+        pending=stats.pending,
+        delivered=stats.delivered,
+        dead=stats.dead,
+        oldest_pending_age=now - oldest if oldest else None,
+        inbox=stats.inbox,
+        raw_payloads=stats.raw_payloads,
+        paused=stats.paused,
+        untranslated=stats.untranslated,
+        oldest_untranslated_age=(
+            now - stats.oldest_untranslated_at if stats.oldest_untranslated_at else None
+        ),
+        quarantined=stats.quarantined,
+    )
+
+
+async def send_again(state: State, selection: Selection) -> int:
+    """Make the selected dead letters (or delivered calls) pending again, and wake the
+    forwarder; how many. (The admin API's and the console's replay.)"""
+    count = await state.store.replay(selection, time.time())
+    state.forwarder.wake("track")
+    return int(count)
+
+
+async def translate_again(state: State, selection: Selection) -> int:
+    """Queue the selected stored deliveries for translation again; how many."""
+    count = await state.store.retranslate(selection)
+    state.translator.wake()
+    return int(count)
+
+
+async def forget_user(state: State, user_id: str) -> None:
+    """Purge the user's pending calls at once and queue Millimetric's forget. A blank id is
+    `EventInvalid`, and nothing is erased."""
+    call = Forget(user_id=user_id)
+    await state.store.accept(
+        Delivery(
+            source="admin",
+            provider_event_id=f"forget-{uuid.uuid4()}",
+            received_at=time.time(),
+            calls=[call],
+        )
+    )
+    state.forwarder.wake("forget")
 
 
 class DeadLetterView(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,23 +157,7 @@ def admin_router(token: str) -> Router:
     async def status(request: Request[Any, Any, Any]) -> OutboxStatus:
         """Counts by state, the age of the oldest pending call, and whether forwarding is
         paused (with Millimetric's answer)."""
-        now = time.time()
-        stats = await store_of(request).stats(now)
-        oldest = stats.oldest_pending_at
-        return OutboxStatus(
-            pending=stats.pending,
-            delivered=stats.delivered,
-            dead=stats.dead,
-            oldest_pending_age=now - oldest if oldest else None,
-            inbox=stats.inbox,
-            raw_payloads=stats.raw_payloads,
-            paused=stats.paused,
-            untranslated=stats.untranslated,
-            oldest_untranslated_age=(
-                now - stats.oldest_untranslated_at if stats.oldest_untranslated_at else None
-            ),
-            quarantined=stats.quarantined,
-        )
+        return await outbox_status(store_of(request), time.time())
 
     @get("/dead", summary="Dead letters")
     async def dead(
@@ -152,9 +194,7 @@ def admin_router(token: str) -> Router:
             since=data.since,
             include_delivered=data.include_delivered,
         )
-        count = await store_of(request).replay(selection, time.time())
-        request.app.state.forwarder.wake("track")
-        return Count(count)
+        return Count(await send_again(request.app.state, selection))
 
     @post("/retranslate", status_code=200, summary="Translate stored deliveries again")
     async def retranslate(
@@ -168,24 +208,12 @@ def admin_router(token: str) -> Router:
 
             raise ValidationException("name ids, a source, since, or set all: true")
         selection = Selection(deliveries=data.ids, source=data.source, since=data.since)
-        count = await store_of(request).retranslate(selection)
-        request.app.state.translator.wake()
-        return Count(count)
+        return Count(await translate_again(request.app.state, selection))
 
     @post("/forget", status_code=202, summary="Erase a user")
     async def forget(request: Request[Any, Any, Any], data: JSONBody[ForgetRequest]) -> Count:
         """Purge the user's pending calls at once and queue Millimetric's forget."""
-        store = store_of(request)
-        call = Forget(user_id=data.user_id)  # a blank id: EventInvalid, 400, nothing erased
-        await store.accept(
-            Delivery(
-                source="admin",
-                provider_event_id=f"forget-{uuid.uuid4()}",
-                received_at=time.time(),
-                calls=[call],
-            )
-        )
-        request.app.state.forwarder.wake("forget")
+        await forget_user(request.app.state, data.user_id)  # a blank id: 400, nothing erased
         return Count(1)
 
     return Router(

@@ -25,6 +25,7 @@ from bridge.admin import admin_router
 from bridge.backfill import Target, targets
 from bridge.client import MillimetricClient, build_http_client
 from bridge.config import Settings
+from bridge.console import console_routes, template_config
 from bridge.errors import (
     BridgeError,
     EventInvalid,
@@ -234,8 +235,11 @@ def create_app(
         handlers += relay_routes(
             relay, settings.max_body_bytes, error_response, body_timeout=settings.body_timeout
         )
+    templates = None
     if settings.admin_token:
         handlers.append(admin_router(settings.admin_token))
+        handlers += console_routes(settings.admin_token)
+        templates = template_config()
     app = Litestar(
         route_handlers=handlers,
         middleware=[HttpMetrics],
@@ -251,6 +255,7 @@ def create_app(
             ),
         ),
         lifespan=[lifespan],
+        template_config=templates,
         # The error tree, Litestar's 500 (its InternalServerException) and, by Litestar's
         # rule for a 500 handler, every exception outside the HTTP ones: all one mapping.
         exception_handlers={

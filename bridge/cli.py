@@ -20,6 +20,7 @@ import uvicorn
 from bridge.backfill import Target, targets
 from bridge.backfill_cli import backfill_command
 from bridge.config import Settings, load_settings
+from bridge.connections import guarded_protocol, raise_file_limit
 from bridge.errors import ConfigError
 from bridge.logs import configure_logging
 from bridge.map_cli import map_body
@@ -118,7 +119,20 @@ def _settle_heap() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
 
-def _server(app: Any, host: str, port: int) -> uvicorn.Server:
+def _server(app: Any, host: str, port: int, settings: Settings | None = None) -> uvicorn.Server:
+    """A server for `app`; with `settings`, held to their deadlines and connection cap
+    (`bridge.connections`), otherwise uvicorn's own (the local sink)."""
+    guarded: dict[str, Any] = {}
+    if settings is not None:
+        raise_file_limit(settings.max_connections)
+        guarded = {
+            "http": guarded_protocol(
+                header_timeout=settings.header_timeout,
+                body_timeout=settings.body_timeout,
+                max_connections=settings.max_connections,
+            ),
+            "timeout_keep_alive": settings.keepalive_timeout,
+        }
     return uvicorn.Server(
         uvicorn.Config(
             app,
@@ -128,6 +142,7 @@ def _server(app: Any, host: str, port: int) -> uvicorn.Server:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=10,
+            **guarded,
         )
     )
 
@@ -155,7 +170,7 @@ def serve(host: str | None, port: int | None) -> None:
     store = _store(settings)
     app = create_app(settings, sources=sources, store=store, reconciled=reconciled)
     _run(
-        _server(app, settings.host, settings.port),
+        _server(app, settings.host, settings.port, settings),
         first=lambda: open_outbox(store, settings.database_url),
     )
 
@@ -211,6 +226,7 @@ def dev(port: int, sink_port: int) -> None:
             create_app(settings, sources=sources, store=store, reconciled=reconciled),
             "127.0.0.1",
             port,
+            settings,
         ),
         first=first,
     )

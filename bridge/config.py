@@ -60,6 +60,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_grace: float = 10.0
     max_body_bytes: int = 1024 * 1024
     body_timeout: float = 30.0  # seconds a webhook's whole body may take to arrive (408)
+    header_timeout: float = 10.0  # seconds a request's headers may take (then closed)
+    keepalive_timeout: int = 5  # seconds an idle keep-alive connection is kept open
+    max_connections: int = 2000  # open connections past which new ones are refused
     relay_keys: tuple[str, ...] = ()  # keys the relay takes (/v1/*); none: the relay is off
     relay_max_pending: int = 1_000_000  # calls waiting above which the relay answers 429
     env: Mapping[str, str] = msgspec.field(default_factory=dict)  # source secrets are read here
@@ -256,6 +259,9 @@ def load_settings(
         ready_max_lag=_number(env, "BRIDGE_READY_MAX_LAG_SECONDS", 900.0),
         max_body_bytes=int(_number(env, "BRIDGE_MAX_BODY_BYTES", 1024 * 1024, minimum=1023)),
         body_timeout=_number(env, "BRIDGE_BODY_TIMEOUT_SECONDS", 30.0),
+        header_timeout=_number(env, "BRIDGE_HEADER_TIMEOUT_SECONDS", 10.0),
+        keepalive_timeout=_count(env, "BRIDGE_KEEPALIVE_SECONDS", 5),
+        max_connections=_count(env, "BRIDGE_MAX_CONNECTIONS", 2000),
         relay_keys=_relay_keys(env),
         relay_max_pending=_count(env, "BRIDGE_RELAY_MAX_PENDING", 1_000_000),
         env=dict(env),

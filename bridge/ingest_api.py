@@ -27,6 +27,7 @@ from bridge.events import (
 
 __all__ = [
     "KEY_FORMAT",
+    "KEY_PATTERN",
     "ROUTES",
     "Batch",
     "bearer_key",
@@ -35,8 +36,12 @@ __all__ = [
     "parse_call",
 ]
 
-#: A Millimetric key: `(pk|sk|rk)_*_*_*`.
-KEY_FORMAT: Final = re.compile(r"^(pk|sk|rk)_[A-Za-z0-9]+_[A-Za-z0-9]+_[A-Za-z0-9]+$")
+#: A Millimetric key as published, `(pk|sk|rk)_*_*_*`: each `*` non-empty printable ASCII
+#: without spaces, underscores and dashes included (so `sk_live_a_b_c` is a key). Unanchored,
+#: for finding keys in text (`bridge.logs`); `KEY_FORMAT` is the whole-string check.
+KEY_PATTERN: Final = r"(?:pk|sk|rk)_[!-~]+_[!-~]+_[!-~]+"
+#: A string that is a Millimetric key, and nothing else (no surrounding space or newline).
+KEY_FORMAT: Final = re.compile(rf"\A{KEY_PATTERN}\Z")
 
 
 class Batch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -22,6 +22,8 @@ import msgspec
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from bridge.ingest_api import KEY_PATTERN
+
 __all__ = ["REDACTED", "configure_logging", "info_line", "redact_secrets"]
 
 REDACTED: Final = "[redacted]"
@@ -32,7 +34,10 @@ _SECRET_NAME: Final = re.compile(
     re.IGNORECASE,
 )
 _SECRET_VALUE: Final = re.compile(
-    r"\b(?:sk|pk|rk)_[A-Za-z0-9]+_[A-Za-z0-9]+_[A-Za-z0-9]+\b"  # Millimetric keys
+    # A Millimetric key's parts may hold any printable character, so in free text a key runs
+    # to the next space: a quote or comma glued to it is hidden with it rather than risk
+    # showing the end of a key that holds one.
+    rf"\b{KEY_PATTERN}"
     r"|\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{8,}"  # Stripe API keys (backfill)
     r"|\bpdl_(?:live|sdbx|ntfset)_[A-Za-z0-9_]{8,}"  # Paddle API keys and secret keys
     r"|\bwhsec_[A-Za-z0-9+/=_-]+"  # Stripe and Standard Webhooks secrets

@@ -11,6 +11,9 @@ from prometheus_client import Counter, Gauge
 
 __all__ = [
     "ANSWERS",
+    "CONNECTIONS_CLOSED",
+    "CONSOLE_REFUSED",
+    "CONSOLE_SIGN_INS",
     "DEAD_LETTERS",
     "FORWARDED",
     "LEADER",
@@ -51,6 +54,12 @@ RELAYED: Final = Counter(
     "bridge_relayed_calls",
     "Calls the relay stored, by the route they came in on (a batch's events under batch).",
     ["route"],
+)
+CONNECTIONS_CLOSED: Final = Counter(
+    "bridge_connections_closed",
+    "Client connections the server closed on its own, by reason (cap: refused at the "
+    "connection cap; header_timeout, body_timeout: a client too slow to send its request).",
+    ["reason"],
 )
 UNEXPECTED: Final = Counter(
     "bridge_unexpected_errors",
@@ -113,6 +122,19 @@ RECONCILE_FAILURES: Final = Counter(
     "Reconcile rounds that did not finish, by source and reason (key: the provider refused "
     "the API key; provider: its API failed; store; error: a bug).",
     ["source", "reason"],
+)
+
+CONSOLE_SIGN_INS: Final = Counter(
+    "bridge_console_sign_ins",
+    "Sign-ins to the console, by result (ok; refused: a wrong token; throttled: refused "
+    "unread, after repeated wrong tokens from the same client).",
+    ["result"],
+)
+CONSOLE_REFUSED: Final = Counter(
+    "bridge_console_refused",
+    "Console forms refused, by reason (csrf: no valid CSRF token; origin: posted from "
+    "another site).",
+    ["reason"],
 )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import psycopg
 import pytest
 import uvicorn
@@ -53,6 +54,29 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def subscription_event(n: str, *, customer: str = "cus_test", **extra: Any) -> bytes:
+    """A live Stripe event, unsigned, that becomes exactly one call: the track
+    `subscription_started:sub_<n>` (event `evt_<n>`); `extra` adds top-level fields."""
+    return msgspec.json.encode(
+        {
+            "id": f"evt_{n}",
+            "object": "event",
+            "type": "customer.subscription.created",
+            "livemode": True,
+            "created": int(time.time()),
+            "data": {
+                "object": {
+                    "id": f"sub_{n}",
+                    "object": "subscription",
+                    "customer": customer,
+                    "status": "active",
+                }
+            },
+            **extra,
+        }
+    )
 
 
 def free_port() -> int:
@@ -103,18 +127,24 @@ class RunningSink:
         self.url = url
         self.state = state
 
+    def events(self) -> list[dict[str, Any]]:
+        """The calls the sink holds now, in order, each with its route."""
+        events = httpx.get(f"{self.url}/_sink/events").json()["events"]
+        return [{"route": e["route"], **e["body"]} for e in events]
+
+    def stats(self) -> dict[str, Any]:
+        found: dict[str, Any] = httpx.get(f"{self.url}/_sink/stats").json()
+        return found
+
     def arrived(self, count: int, within: float = 10) -> list[dict[str, Any]]:
         """Wait until the sink holds `count` calls, then return them in order (with their
         route), once anything more would have shown."""
         deadline = time.monotonic() + within
-        while True:
-            events = httpx.get(f"{self.url}/_sink/events").json()["events"]
-            if len(events) >= count:
-                time.sleep(0.3)  # anything more would show now
-                events = httpx.get(f"{self.url}/_sink/events").json()["events"]
-                return [{"route": e["route"], **e["body"]} for e in events]
+        while len(events := self.events()) < count:
             assert time.monotonic() < deadline, f"{len(events)} of {count} calls arrived"
             time.sleep(0.05)
+        time.sleep(0.3)  # anything more would show now
+        return self.events()
 
 
 @pytest.fixture

@@ -62,11 +62,16 @@ class Served:
 
     def queued(self, body: Body, headers: Mapping[str, str] | None = None) -> int:
         """The outbox rows the posted delivery became, whatever their state."""
+        return self.queued_for(self.delivery_id(body, headers))
+
+    def queued_for(self, delivery_id: str, source: str | None = None) -> int:
+        """The outbox rows a stored delivery (by its delivery id, of `source` or any)
+        became, whatever their state."""
         with contextlib.closing(sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)) as db:
             (count,) = db.execute(
                 "SELECT COUNT(*) FROM outbox JOIN inbox ON inbox.id = outbox.inbox_id"
-                " WHERE inbox.provider_event_id = ?",
-                (self.delivery_id(body, headers),),
+                " WHERE inbox.provider_event_id = ? AND (? IS NULL OR inbox.source = ?)",
+                (delivery_id, source, source),
             ).fetchone()
         return int(count)
 
@@ -81,18 +86,26 @@ class Served:
 
 @contextlib.contextmanager
 def served(
-    handler: Handler, sink: RunningSink, tmp_path: Path, *, config: str = ""
+    handler: Handler,
+    sink: RunningSink,
+    tmp_path: Path,
+    *,
+    config: str = "",
+    secret: str | None = TEST_SECRET,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Served]:
-    """The bridge with `handler` as its one source, its secret `bridge.testing`'s, and
-    `config` as its bridge.toml."""
+    """The bridge with `handler` as its one source, `config` as its bridge.toml and
+    `secret` in the handler's secret variable (a comma list during a rotation; None leaves
+    it unset). `env` adds variables, e.g. the secret of a source the config adds."""
     (tmp_path / "bridge.toml").write_text(config)
-    env = {
+    variables = {
         "MILLIMETRIC_KEY": "sk_dev_local_bridge",
         "MILLIMETRIC_HOST": sink.url,
         "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
         "BRIDGE_CONFIG": str(tmp_path / "bridge.toml"),
-        handler.secret_variable: TEST_SECRET,
+        **({} if secret is None else {handler.secret_variable: secret}),
+        **(env or {}),
     }
-    sources = load_sources(env, {handler.name: handler})
-    with ServerThread(create_app(load_settings(env), sources=sources)) as server:
+    sources = load_sources(variables, {handler.name: handler})
+    with ServerThread(create_app(load_settings(variables), sources=sources)) as server:
         yield Served(server.url, sink, tmp_path / "bridge.db", handler)

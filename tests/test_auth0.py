@@ -15,16 +15,13 @@ import httpx
 import msgspec
 import pytest
 
-from bridge.app import create_app
-from bridge.config import load_settings
 from bridge.errors import PayloadInvalid, SignatureInvalid
 from bridge.events import Forget, Identify, Track, encode
 from bridge.plugin import WebhookRequest
-from bridge.registry import load_sources
 from bridge.testing import TEST_SECRET, run_handler, signed_request
-from handlers import auth0
 from handlers.auth0 import Auth0Options, AuthorizationScheme, handler
-from tests.conftest import RunningSink, ServerThread, translated
+from tests.conftest import RunningSink, translated
+from tests.served import Served, served
 
 FIXTURES = Path(__file__).parent / "fixtures" / "auth0"
 TOKEN = "Bearer 6f1d0c2b9a8e7f6d5c4b3a29"
@@ -242,48 +239,23 @@ def test_options_are_strict() -> None:
 # -- end to end ---------------------------------------------------------------------------
 
 
-class Bridge:
-    def __init__(self, url: str, sink: RunningSink, database: Path) -> None:
-        self.url = url
-        self.sink = sink
-        self.database = database
-
-    def post(self, body: bytes, authorization: str | None = TOKEN) -> httpx.Response:
-        headers = {"content-type": "application/json"}
-        if authorization is not None:
-            headers["authorization"] = authorization
-        return httpx.post(f"{self.url}/webhooks/auth0", content=body, headers=headers)
-
-    def arrived(self, count: int, within: float = 10) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + within
-        while True:
-            events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
-            if len(events) >= count:
-                time.sleep(0.3)  # anything more would show now
-                events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
-                return [{"route": e["route"], **e["body"]} for e in events]
-            assert time.monotonic() < deadline, f"{len(events)} of {count} calls arrived"
-            time.sleep(0.05)
+def post(bridge: Served, body: bytes, authorization: str | None = TOKEN) -> httpx.Response:
+    headers = {"content-type": "application/json"}
+    if authorization is not None:
+        headers["authorization"] = authorization
+    return httpx.post(f"{bridge.url}/webhooks/auth0", content=body, headers=headers)
 
 
 @pytest.fixture
-def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
-    (tmp_path / "bridge.toml").write_text("[sources.auth0]\nforget_on_user_deleted = true\n")
-    env = {
-        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
-        "MILLIMETRIC_HOST": sink.url,
-        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
-        "BRIDGE_CONFIG": str(tmp_path / "bridge.toml"),
-        "AUTH0_WEBHOOK_TOKEN": f"{OLD_TOKEN}, {TOKEN}",
-    }
-    sources = load_sources(env, {"auth0": auth0.handler})
-    with ServerThread(create_app(load_settings(env), sources=sources)) as server:
-        yield Bridge(server.url, sink, tmp_path / "bridge.db")
+def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Served]:
+    config = "[sources.auth0]\nforget_on_user_deleted = true\n"
+    with served(handler, sink, tmp_path, config=config, secret=f"{OLD_TOKEN}, {TOKEN}") as running:
+        yield running
 
 
-def test_a_log_stream_end_to_end(bridge: Bridge) -> None:
+def test_a_log_stream_end_to_end(bridge: Served) -> None:
     lines = (FIXTURES / "log_stream_batch.jsonl").read_bytes()
-    assert bridge.post(lines).json() == {"ok": True, "result": "accepted"}
+    assert post(bridge, lines).json() == {"ok": True, "result": "accepted"}
     calls = sorted(bridge.arrived(3), key=lambda c: (c["route"], c.get("event", "")))
     assert calls == [
         {
@@ -321,16 +293,16 @@ def test_a_log_stream_end_to_end(bridge: Bridge) -> None:
     # The same batch again is a redelivery; the same records as an array are a new
     # delivery whose tracks carry event ids the bridge has queued already: it queues only
     # its identify (keyed by its place in the delivery), so no track is sent twice.
-    assert bridge.post(lines).json()["result"] == "duplicate"
+    assert post(bridge, lines).json()["result"] == "duplicate"
     array = (FIXTURES / "log_stream_batch.json").read_bytes()
-    assert bridge.post(array, authorization=OLD_TOKEN).json()["result"] == "accepted"
+    assert post(bridge, array, authorization=OLD_TOKEN).json()["result"] == "accepted"
     array_id = "sha256:" + hashlib.sha256(array).hexdigest()
     assert translated(bridge.database, array_id) == ("translated", None)
     again = bridge.arrived(4)
     assert [c["route"] for c in again].count("identify") == 2
     tracks = [c for c in again if c["route"] == "track"]
     assert len(tracks) == 2
-    stats = httpx.get(f"{bridge.sink.url}/_sink/stats").json()
+    stats = bridge.sink.stats()
     assert (stats["unique_event_ids"], stats["duplicates"]) == (2, 0)
     # The token is checked and never stored beside the raw body.
     with sqlite3.connect(bridge.database) as db:
@@ -339,15 +311,15 @@ def test_a_log_stream_end_to_end(bridge: Bridge) -> None:
     assert all(TOKEN.encode() not in (h or b"") for h in stored)
 
 
-def test_refusals_a_quarantined_body_and_a_bad_record_end_to_end(bridge: Bridge) -> None:
+def test_refusals_a_quarantined_body_and_a_bad_record_end_to_end(bridge: Served) -> None:
     body = (FIXTURES / "log_stream_batch.json").read_bytes()
-    assert bridge.post(body, authorization="Bearer wrong").status_code == 401
-    missing = bridge.post(body, authorization=None)
+    assert post(bridge, body, authorization="Bearer wrong").status_code == 401
+    missing = post(bridge, body, authorization=None)
     assert missing.status_code == 401
     assert missing.json()["reason"] == "missing Authorization header"
     # A body with no JSON in it is taken (its id is its hash) and quarantined, not sent.
     unreadable = TOKEN.encode() + b" not json"
-    assert bridge.post(unreadable).json() == {"ok": True, "result": "accepted"}
+    assert post(bridge, unreadable).json() == {"ok": True, "result": "accepted"}
     unreadable_id = "sha256:" + hashlib.sha256(unreadable).hexdigest()
     state, reason = translated(bridge.database, unreadable_id)
     assert state == "quarantined"
@@ -355,7 +327,7 @@ def test_refusals_a_quarantined_body_and_a_bad_record_end_to_end(bridge: Bridge)
     assert reason.startswith("payload: ")
     s = records()[2]
     mixed = msgspec.json.encode([{"log_id": "broken", "data": []}, s, sdu()])
-    assert bridge.post(mixed).json()["result"] == "accepted"
+    assert post(bridge, mixed).json()["result"] == "accepted"
     calls = sorted(bridge.arrived(2), key=lambda c: c["route"])
     assert [c.get("event", c["route"]) for c in calls] == ["forget", "login"]
     assert calls[0] == {"route": "forget", "user_id": "auth0|6182002f34f4dd006b05b5c7"}
@@ -369,22 +341,14 @@ def test_refusals_a_quarantined_body_and_a_bad_record_end_to_end(bridge: Bridge)
 
 
 def test_an_unset_token_leaves_the_source_unmounted(sink: RunningSink, tmp_path: Path) -> None:
-    (tmp_path / "none.toml").write_text("")
-    env = {
-        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
-        "MILLIMETRIC_HOST": sink.url,
-        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
-        "BRIDGE_CONFIG": str(tmp_path / "none.toml"),
-    }
-    sources = load_sources(env, {"auth0": auth0.handler})
-    with ServerThread(create_app(load_settings(env), sources=sources)) as server:
+    with served(handler, sink, tmp_path, secret=None) as running:
         answer = httpx.post(
-            f"{server.url}/webhooks/auth0", content=b"[]", headers={"authorization": TEST_SECRET}
+            f"{running.url}/webhooks/auth0", content=b"[]", headers={"authorization": TEST_SECRET}
         )
         assert answer.status_code == 404
 
 
-def test_every_sample_sent_as_send_test_does_is_taken(bridge: Bridge) -> None:
+def test_every_sample_sent_as_send_test_does_is_taken(bridge: Served) -> None:
     for event, sample in sorted(handler.samples().items()):
         fresh = handler.freshen(sample)
         headers = {**fresh.headers, **handler.scheme.sign(fresh.body, TOKEN, int(time.time()))}
@@ -421,22 +385,15 @@ def test_a_non_ascii_token_is_compared_as_the_utf8_bytes_sent() -> None:
 
 
 def test_a_non_ascii_token_end_to_end(sink: RunningSink, tmp_path: Path) -> None:
-    env = {
-        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
-        "MILLIMETRIC_HOST": sink.url,
-        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
-        "AUTH0_WEBHOOK_TOKEN": WIDE_TOKEN,
-    }
-    sources = load_sources(env, {"auth0": auth0.handler})
     body = (FIXTURES / "log_stream_batch.json").read_bytes()
-    with ServerThread(create_app(load_settings(env), sources=sources)) as server:
-        url = f"{server.url}/webhooks/auth0"
+    with served(handler, sink, tmp_path, secret=WIDE_TOKEN) as running:
+        url = f"{running.url}/webhooks/auth0"
 
-        def post(token: bytes) -> httpx.Response:
+        def send(token: bytes) -> httpx.Response:
             return httpx.post(url, content=body, headers={b"authorization": token})
 
-        assert post(WIDE_TOKEN.encode()).json() == {"ok": True, "result": "accepted"}
-        assert post(WIDE_TOKEN.encode("latin-1", "replace")).status_code == 401
-        assert post(WIDE_TOKEN.encode()[:-1]).status_code == 401
-        assert post(WIDE_TOKEN.encode() + b"\xa0").status_code == 401
+        assert send(WIDE_TOKEN.encode()).json() == {"ok": True, "result": "accepted"}
+        assert send(WIDE_TOKEN.encode("latin-1", "replace")).status_code == 401
+        assert send(WIDE_TOKEN.encode()[:-1]).status_code == 401
+        assert send(WIDE_TOKEN.encode() + b"\xa0").status_code == 401
         assert len(sink.arrived(3)) == 3

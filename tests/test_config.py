@@ -31,6 +31,10 @@ GOOD = "sk_live_abc123_def456"
         ("sk_live_abc123", "MILLIMETRIC_KEY: malformed"),
         ("sk-live-abc-def", "MILLIMETRIC_KEY: malformed"),
         ("Bearer sk_live_abc123_def456", "MILLIMETRIC_KEY: malformed"),
+        ("sk__a_b", "MILLIMETRIC_KEY: malformed"),  # an empty part
+        ("xk_a_b_c", "MILLIMETRIC_KEY: malformed"),
+        ("sk_live_a b_c", "MILLIMETRIC_KEY: malformed"),
+        ("sk_live_a_b\n", "MILLIMETRIC_KEY: malformed"),
     ],
 )
 def test_serve_refuses_bad_keys(key: str | None, says: str) -> None:
@@ -42,6 +46,12 @@ def test_serve_refuses_bad_keys(key: str | None, says: str) -> None:
     assert lines[0].startswith(f"millimetric-bridge: {says}")
     if key:
         assert key not in result.output  # a key is a secret even when it is the wrong one
+
+
+@pytest.mark.parametrize("key", ["sk_live_a_b_c", "sk_test_ab-cd_x_y", "sk_1_2_3", "sk_a_b_c!~"])
+def test_serve_takes_any_key_in_the_published_format(key: str) -> None:
+    # `(pk|sk|rk)_*_*_*`: each part non-empty, underscores and dashes included.
+    assert load_settings({"MILLIMETRIC_KEY": key}).millimetric_key == key
 
 
 def test_serve_refusal_from_a_real_process() -> None:
@@ -69,6 +79,12 @@ def test_serve_refusal_from_a_real_process() -> None:
         ("PORT", "eighty", "must be a port number"),
         ("PORT", "70000", "must be between 1 and 65535"),
         ("BRIDGE_LOG_LEVEL", "loud", "must be one of debug, info, warning, error"),
+        ("BRIDGE_HEADER_TIMEOUT_SECONDS", "0", "must be a number above 0"),
+        ("BRIDGE_HEADER_TIMEOUT_SECONDS", "soon", "must be a number"),
+        ("BRIDGE_KEEPALIVE_SECONDS", "2.5", "must be a whole number"),
+        ("BRIDGE_KEEPALIVE_SECONDS", "0", "must be at least 1"),
+        ("BRIDGE_MAX_CONNECTIONS", "-5", "must be at least 1"),
+        ("BRIDGE_MAX_CONNECTIONS", "lots", "must be a whole number"),
     ],
 )
 def test_other_variables_are_checked(variable: str, value: str, says: str) -> None:
@@ -84,6 +100,8 @@ def test_defaults_follow_the_contract() -> None:
     assert str(settings.sqlite_path) == "data/bridge.db"
     assert settings.port == 8000
     assert settings.admin_token is None
+    assert (settings.header_timeout, settings.keepalive_timeout) == (10.0, 5)
+    assert (settings.body_timeout, settings.max_connections) == (30.0, 2000)
     assert load_settings({"MILLIMETRIC_KEY": GOOD, "PORT": "10000"}).port == 10000
     absolute = load_settings(
         {"MILLIMETRIC_KEY": GOOD, "BRIDGE_DATABASE_URL": "sqlite:////data/bridge.db"}
@@ -266,3 +284,8 @@ def test_a_malformed_millimetric_host_is_refused(workdir: Path, host: str, says:
 def test_outbox_commands_check_millimetric_host_too(workdir: Path) -> None:
     line = refused(workdir, "outbox status", MILLIMETRIC_HOST="https://")
     assert line.startswith("millimetric-bridge: MILLIMETRIC_HOST: names no host")
+
+
+def test_a_connection_limit_out_of_range_stops_serve(workdir: Path) -> None:
+    line = refused(workdir, "serve", BRIDGE_MAX_CONNECTIONS="0")
+    assert line == "millimetric-bridge: BRIDGE_MAX_CONNECTIONS: must be at least 1"

@@ -35,8 +35,14 @@ def dockerfile_env() -> dict[str, str]:
 
 def test_the_image_runs_serve_as_a_non_root_user_on_port_with_a_healthcheck() -> None:
     assert 'CMD ["millimetric-bridge", "serve"]' in DOCKERFILE
-    assert re.search(r"^USER (?!root)\w+", DOCKERFILE, re.M)
+    # The entrypoint (tests/test_entrypoint.py) drops from root to BRIDGE_USER, the user the
+    # image creates, and gives it BRIDGE_DATA_DIR, the data path.
+    assert 'ENTRYPOINT ["bridge-entrypoint"]' in DOCKERFILE
+    assert "COPY --chmod=755 deploy/entrypoint.sh /usr/local/bin/bridge-entrypoint" in DOCKERFILE
     env = dockerfile_env()
+    assert env["BRIDGE_USER"] != "root"
+    assert re.search(rf"^RUN useradd .* {env['BRIDGE_USER']} ", DOCKERFILE, re.M)
+    assert env["BRIDGE_DATA_DIR"] == "/data"
     assert env["PORT"] == "8000"
     assert f"EXPOSE {env['PORT']}" in DOCKERFILE
     assert "/healthz" in DOCKERFILE.split("HEALTHCHECK", 1)[1]

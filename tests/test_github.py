@@ -20,16 +20,13 @@ import httpx
 import msgspec
 import pytest
 
-from bridge.app import create_app
-from bridge.config import load_settings
 from bridge.errors import PayloadInvalid, SignatureInvalid
 from bridge.events import Track
 from bridge.plugin import WebhookRequest
-from bridge.registry import load_sources
 from bridge.testing import run_handler, signed_request
-from handlers import github
 from handlers.github import handler
-from tests.conftest import RunningSink, ServerThread, translated
+from tests.conftest import RunningSink, translated
+from tests.served import Served, served
 
 FIXTURES = Path(__file__).parent / "fixtures" / "github"
 SECRET = "gh-webhook-secret-current"
@@ -396,75 +393,39 @@ def test_samples_translate_the_same_every_time_and_freshen_into_new_deliveries()
 # -- end to end ---------------------------------------------------------------------------
 
 
-class Bridge:
-    def __init__(self, url: str, sink: RunningSink, database: Path) -> None:
-        self.url = url
-        self.sink = sink
-        self.database = database
-
-    def post(
-        self, event: str, body: bytes, delivery: str | None = None, secret: str = SECRET
-    ) -> httpx.Response:
-        headers = {
-            "x-github-event": event,
-            "x-github-delivery": delivery or str(uuid.uuid4()),
-            **handler.scheme.sign(body, secret, 0),
-        }
-        return httpx.post(f"{self.url}/webhooks/github", content=body, headers=headers)
-
-    def arrived(self, count: int, within: float = 10) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + within
-        while True:
-            events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
-            if len(events) >= count:
-                time.sleep(0.3)  # anything more would show now
-                events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
-                return [{"route": e["route"], **e["body"]} for e in events]
-            assert time.monotonic() < deadline, f"{len(events)} of {count} calls arrived"
-            time.sleep(0.05)
-
-    def queued(self, delivery: str) -> int:
-        """How many outbox calls the delivery's translation queued."""
-        with contextlib.closing(sqlite3.connect(self.database)) as db:
-            found: int = db.execute(
-                "SELECT count(*) FROM outbox JOIN inbox ON inbox.id = outbox.inbox_id"
-                " WHERE inbox.source = 'github' AND inbox.provider_event_id = ?",
-                (delivery,),
-            ).fetchone()[0]
-        return found
+def post(
+    bridge: Served, event: str, body: bytes, delivery: str | None = None, secret: str = SECRET
+) -> httpx.Response:
+    headers = {
+        "x-github-event": event,
+        "x-github-delivery": delivery or str(uuid.uuid4()),
+        **handler.scheme.sign(body, secret, 0),
+    }
+    return httpx.post(f"{bridge.url}/webhooks/github", content=body, headers=headers)
 
 
 @pytest.fixture
-def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
-    (tmp_path / "bridge.toml").write_text("")
-    env = {
-        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
-        "MILLIMETRIC_HOST": sink.url,
-        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
-        "BRIDGE_CONFIG": str(tmp_path / "bridge.toml"),
-        "GITHUB_WEBHOOK_SECRET": f"{OLD_SECRET},{SECRET}",
-    }
-    sources = load_sources(env, {"github": github.handler})
-    with ServerThread(create_app(load_settings(env), sources=sources)) as server:
-        yield Bridge(server.url, sink, tmp_path / "bridge.db")
+def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Served]:
+    with served(handler, sink, tmp_path, secret=f"{OLD_SECRET},{SECRET}") as running:
+        yield running
 
 
-def test_sponsors_and_marketplace_end_to_end(bridge: Bridge) -> None:
+def test_sponsors_and_marketplace_end_to_end(bridge: Served) -> None:
     ping = (FIXTURES / "ping.json").read_bytes()
     pinged = str(uuid.uuid4())
-    assert bridge.post("ping", ping, delivery=pinged).json() == {"ok": True, "result": "accepted"}
+    assert post(bridge, "ping", ping, delivery=pinged).json() == {"ok": True, "result": "accepted"}
     assert translated(bridge.database, pinged) == ("translated", None)
-    assert bridge.queued(pinged) == 0  # a ping becomes no call
-    assert bridge.post("sponsorship", sponsorship(), delivery=DELIVERY).json() == {
+    assert bridge.queued_for(pinged) == 0  # a ping becomes no call
+    assert post(bridge, "sponsorship", sponsorship(), delivery=DELIVERY).json() == {
         "ok": True,
         "result": "accepted",
     }
-    assert bridge.post("sponsorship", sponsorship(), delivery=DELIVERY).json() == {
+    assert post(bridge, "sponsorship", sponsorship(), delivery=DELIVERY).json() == {
         "ok": True,
         "result": "duplicate",
     }
     other = "0b0e4d3c-cc78-11e3-81ab-4c9367dc0958"
-    answer = bridge.post("marketplace_purchase", marketplace(), delivery=other, secret=OLD_SECRET)
+    answer = post(bridge, "marketplace_purchase", marketplace(), delivery=other, secret=OLD_SECRET)
     assert answer.json()["result"] == "accepted"
     calls = sorted(bridge.arrived(2), key=lambda c: c["event_id"])
     assert calls == [
@@ -503,23 +464,23 @@ def test_sponsors_and_marketplace_end_to_end(bridge: Bridge) -> None:
             },
         },
     ]
-    assert httpx.get(f"{bridge.sink.url}/_sink/stats").json()["received"] == 2
+    assert bridge.sink.stats()["received"] == 2
 
 
-def test_a_body_resent_under_a_fresh_guid_counts_once_end_to_end(bridge: Bridge) -> None:
+def test_a_body_resent_under_a_fresh_guid_counts_once_end_to_end(bridge: Served) -> None:
     """The reproduction: a captured signed purchase re-sent with a new X-GitHub-Delivery
     is a new delivery, but its purchase has the same event_id: no second event (the bridge
     does not even queue it again)."""
     for event, body in (("sponsorship", sponsorship()), ("marketplace_purchase", marketplace())):
         first, copy = str(uuid.uuid4()), str(uuid.uuid4())
-        assert bridge.post(event, body, delivery=first).json()["result"] == "accepted"
-        assert bridge.post(event, body, delivery=copy).json()["result"] == "accepted"
+        assert post(bridge, event, body, delivery=first).json()["result"] == "accepted"
+        assert post(bridge, event, body, delivery=copy).json()["result"] == "accepted"
         assert translated(bridge.database, first) == ("translated", None)
         assert translated(bridge.database, copy) == ("translated", None)
-        assert (bridge.queued(first), bridge.queued(copy)) == (1, 0), event
+        assert (bridge.queued_for(first), bridge.queued_for(copy)) == (1, 0), event
     calls = bridge.arrived(2)
     assert sorted(c["event_id"] for c in calls) == [MARKETPLACE_EVENT, SPONSORSHIP_EVENT]
-    stats = httpx.get(f"{bridge.sink.url}/_sink/stats").json()
+    stats = bridge.sink.stats()
     assert (stats["received"], stats["duplicates"]) == (2, 0)
     # Under another event's name the same body is quarantined and nothing more is sent.
     for event, body, carried in (
@@ -528,20 +489,20 @@ def test_a_body_resent_under_a_fresh_guid_counts_once_end_to_end(bridge: Bridge)
         ("sponsorship", marketplace(), "a marketplace_purchase"),
     ):
         renamed = str(uuid.uuid4())
-        answer = bridge.post(event, body, delivery=renamed)
+        answer = post(bridge, event, body, delivery=renamed)
         assert answer.json() == {"ok": True, "result": "accepted"}, event
         assert translated(bridge.database, renamed) == (
             "quarantined",
             f"payload: X-GitHub-Event is {event} but the body carries {carried}",
         )
-        assert bridge.queued(renamed) == 0
+        assert bridge.queued_for(renamed) == 0
     time.sleep(0.3)
-    assert httpx.get(f"{bridge.sink.url}/_sink/stats").json()["received"] == 2
+    assert bridge.sink.stats()["received"] == 2
 
 
-def test_refusals_and_a_quarantined_body_end_to_end(bridge: Bridge) -> None:
+def test_refusals_and_a_quarantined_body_end_to_end(bridge: Served) -> None:
     body = sponsorship()
-    assert bridge.post("sponsorship", body, secret="wrong").status_code == 401
+    assert post(bridge, "sponsorship", body, secret="wrong").status_code == 401
     unsigned = httpx.post(
         f"{bridge.url}/webhooks/github",
         content=body,
@@ -557,21 +518,21 @@ def test_refusals_and_a_quarantined_body_end_to_end(bridge: Bridge) -> None:
     assert no_guid.status_code == 400
     # Signed, with a GUID, but not JSON: taken, then quarantined, never sent.
     unreadable = str(uuid.uuid4())
-    answer = bridge.post("sponsorship", b"{not json", delivery=unreadable)
+    answer = post(bridge, "sponsorship", b"{not json", delivery=unreadable)
     assert answer.json() == {"ok": True, "result": "accepted"}
     state, reason = translated(bridge.database, unreadable)
     assert state == "quarantined"
     assert reason is not None
     assert reason.startswith("payload: not a GitHub event")
-    assert bridge.queued(unreadable) == 0
+    assert bridge.queued_for(unreadable) == 0
     with contextlib.closing(sqlite3.connect(bridge.database)) as db:
         stored = db.execute("SELECT provider_event_id FROM inbox").fetchall()
     assert stored == [(unreadable,)]  # the refusals stored nothing
     time.sleep(0.3)
-    assert httpx.get(f"{bridge.sink.url}/_sink/stats").json()["received"] == 0
+    assert bridge.sink.stats()["received"] == 0
 
 
-def test_every_sample_sent_as_send_test_does_is_taken(bridge: Bridge) -> None:
+def test_every_sample_sent_as_send_test_does_is_taken(bridge: Served) -> None:
     for event, sample in sorted(handler.samples().items()):
         fresh = handler.freshen(sample)
         headers = {**fresh.headers, **handler.scheme.sign(fresh.body, SECRET, int(time.time()))}
@@ -579,4 +540,4 @@ def test_every_sample_sent_as_send_test_does_is_taken(bridge: Bridge) -> None:
         assert answer.json() == {"ok": True, "result": "accepted"}, event
         delivery = fresh.headers["x-github-delivery"]
         assert translated(bridge.database, delivery) == ("translated", None), event
-        assert bridge.queued(delivery) == (0 if event == "ping" else 1), event
+        assert bridge.queued_for(delivery) == (0 if event == "ping" else 1), event

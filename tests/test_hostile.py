@@ -39,7 +39,7 @@ from bridge.plugin import Handler, Sample, WebhookRequest
 from bridge.registry import load_handlers
 from bridge.sink import SinkState, create_sink_app
 from bridge.testing import TEST_SECRET, run_handler, sign
-from tests.conftest import ServerThread, translated
+from tests.conftest import ServerThread, subscription_event, translated
 
 HANDLERS = load_handlers()
 TOKEN = "hostile-admin-token-0123456789"
@@ -95,24 +95,7 @@ def bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
 
 
 def subscription(n: str, **extra: Any) -> bytes:
-    return msgspec.json.encode(
-        {
-            "id": f"evt_{n}",
-            "object": "event",
-            "type": "customer.subscription.created",
-            "livemode": True,
-            "created": int(time.time()),
-            "data": {
-                "object": {
-                    "id": f"sub_{n}",
-                    "object": "subscription",
-                    "customer": "cus_h",
-                    "status": "active",
-                }
-            },
-            **extra,
-        }
-    )
+    return subscription_event(n, customer="cus_h", **extra)
 
 
 def signed(body: bytes, timestamp: int | None = None, secret: str = TEST_SECRET) -> dict[str, str]:

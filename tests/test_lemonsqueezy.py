@@ -17,16 +17,13 @@ import httpx
 import msgspec
 import pytest
 
-from bridge.app import create_app
-from bridge.config import load_settings
 from bridge.errors import PayloadInvalid, SignatureInvalid
 from bridge.events import Alias, Track
 from bridge.plugin import WebhookRequest
-from bridge.registry import load_sources
 from bridge.testing import run_handler, signed_request
-from handlers import lemonsqueezy
 from handlers.lemonsqueezy import handler
-from tests.conftest import RunningSink, ServerThread, translated
+from tests.conftest import RunningSink, translated
+from tests.served import Served, served
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lemonsqueezy"
 SECRET = "ls-signing-secret-current"
@@ -289,71 +286,51 @@ def test_samples_translate_the_same_every_time_and_freshen_into_new_deliveries()
 # -- end to end ---------------------------------------------------------------------------
 
 
-class Bridge:
-    def __init__(self, url: str, sink: RunningSink, database: Path) -> None:
-        self.url = url
-        self.sink = sink
-        self.database = database
+def post(
+    bridge: Served,
+    event: dict[str, Any] | bytes,
+    secret: str = SECRET,
+    source: str = "lemonsqueezy",
+) -> httpx.Response:
+    body = event if isinstance(event, bytes) else msgspec.json.encode(event)
+    headers = handler.scheme.sign(body, secret, 0)
+    if isinstance(event, dict):
+        headers["x-event-name"] = event["meta"].get("event_name", "")
+    return httpx.post(f"{bridge.url}/webhooks/{source}", content=body, headers=headers)
 
-    def post(
-        self, event: dict[str, Any] | bytes, secret: str = SECRET, source: str = "lemonsqueezy"
-    ) -> httpx.Response:
-        body = event if isinstance(event, bytes) else msgspec.json.encode(event)
-        headers = handler.scheme.sign(body, secret, 0)
-        if isinstance(event, dict):
-            headers["x-event-name"] = event["meta"].get("event_name", "")
-        return httpx.post(f"{self.url}/webhooks/{source}", content=body, headers=headers)
 
-    def arrived(self, count: int, within: float = 10) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + within
-        while True:
-            events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
-            if len(events) >= count:
-                time.sleep(0.3)  # anything more would show now
-                events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
-                return [{"route": e["route"], **e["body"]} for e in events]
-            assert time.monotonic() < deadline, f"{len(events)} of {count} calls arrived"
-            time.sleep(0.05)
-
-    def taken(
-        self, body: bytes, source: str = "lemonsqueezy", headers: dict[str, str] | None = None
-    ) -> tuple[str, str | None, int]:
-        """Once translated: the stored delivery's state, quarantine reason and the number
-        of calls its translation queued."""
-        delivery = handler.delivery_id(signed_request(handler, body, headers=headers))
-        state, reason = translated(self.database, delivery)
-        with contextlib.closing(sqlite3.connect(self.database)) as db:
-            queued: int = db.execute(
-                "SELECT count(*) FROM outbox JOIN inbox ON inbox.id = outbox.inbox_id"
-                " WHERE inbox.source = ? AND inbox.provider_event_id = ?",
-                (source, delivery),
-            ).fetchone()[0]
-        return state, reason, queued
+def taken(
+    bridge: Served,
+    body: bytes,
+    source: str = "lemonsqueezy",
+    headers: dict[str, str] | None = None,
+) -> tuple[str, str | None, int]:
+    """Once translated: the stored delivery's state, quarantine reason and the number of
+    calls its translation queued."""
+    delivery = handler.delivery_id(signed_request(handler, body, headers=headers))
+    state, reason = translated(bridge.database, delivery)
+    return state, reason, bridge.queued_for(delivery, source)
 
 
 @pytest.fixture
-def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
-    (tmp_path / "bridge.toml").write_text(
-        '[sources.lemonsqueezy-test]\nhandler = "lemonsqueezy"\ninclude_test_events = true\n'
-    )
-    env = {
-        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
-        "MILLIMETRIC_HOST": sink.url,
-        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
-        "BRIDGE_CONFIG": str(tmp_path / "bridge.toml"),
-        "LEMONSQUEEZY_WEBHOOK_SECRET": f"{OLD_SECRET},{SECRET}",
-        "LEMONSQUEEZY_TEST_WEBHOOK_SECRET": SECRET,
-    }
-    sources = load_sources(env, {"lemonsqueezy": lemonsqueezy.handler})
-    with ServerThread(create_app(load_settings(env), sources=sources)) as server:
-        yield Bridge(server.url, sink, tmp_path / "bridge.db")
+def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Served]:
+    config = '[sources.lemonsqueezy-test]\nhandler = "lemonsqueezy"\ninclude_test_events = true\n'
+    with served(
+        handler,
+        sink,
+        tmp_path,
+        config=config,
+        secret=f"{OLD_SECRET},{SECRET}",
+        env={"LEMONSQUEEZY_TEST_WEBHOOK_SECRET": SECRET},
+    ) as running:
+        yield running
 
 
-def test_orders_and_renewals_end_to_end(bridge: Bridge) -> None:
+def test_orders_and_renewals_end_to_end(bridge: Served) -> None:
     order = fixture("order_created", meta={"custom_data": {"user_id": "user_318"}})
     order["data"]["attributes"]["customer_id"] = 3920442
-    assert bridge.post(order).json() == {"ok": True, "result": "accepted"}
-    assert bridge.post(order).json() == {"ok": True, "result": "duplicate"}
+    assert post(bridge, order).json() == {"ok": True, "result": "accepted"}
+    assert post(bridge, order).json() == {"ok": True, "result": "duplicate"}
     calls = sorted(bridge.arrived(2), key=lambda c: c["route"])
     assert calls == [
         {"route": "identify", "user_id": "user_318", "anonymous_id": "lemonsqueezy:3920442"},
@@ -376,7 +353,7 @@ def test_orders_and_renewals_end_to_end(bridge: Bridge) -> None:
     ]
     # A renewal without custom data still carries the user learned for the customer.
     renewal = fixture("subscription_payment_success", meta={"custom_data": None})
-    assert bridge.post(renewal, secret=OLD_SECRET).json()["result"] == "accepted"
+    assert post(bridge, renewal, secret=OLD_SECRET).json()["result"] == "accepted"
     latest = bridge.arrived(3)[-1]
     assert (latest["event_id"], latest["user_id"], latest["properties"]["amount_cents"]) == (
         "purchase:lemonsqueezy:invoice:1650377",
@@ -385,24 +362,24 @@ def test_orders_and_renewals_end_to_end(bridge: Bridge) -> None:
     )
 
 
-def test_test_mode_and_refusals_end_to_end(bridge: Bridge) -> None:
+def test_test_mode_and_refusals_end_to_end(bridge: Served) -> None:
     test_order = fixture("order_created", meta={"test_mode": True})
-    assert bridge.post(test_order).json() == {"ok": True, "result": "accepted"}
+    assert post(bridge, test_order).json() == {"ok": True, "result": "accepted"}
     # Without include_test_events the test-mode order is taken and becomes no call.
-    assert bridge.taken(msgspec.json.encode(test_order)) == ("translated", None, 0)
-    answer = bridge.post(test_order, source="lemonsqueezy-test")
+    assert taken(bridge, msgspec.json.encode(test_order)) == ("translated", None, 0)
+    answer = post(bridge, test_order, source="lemonsqueezy-test")
     assert answer.json() == {"ok": True, "result": "accepted"}
-    assert bridge.post(test_order, secret="wrong").status_code == 401
+    assert post(bridge, test_order, secret="wrong").status_code == 401
     body = msgspec.json.encode(test_order)
     unsigned = httpx.post(f"{bridge.url}/webhooks/lemonsqueezy", content=body)
     assert unsigned.status_code == 401
-    assert bridge.post(b"{not json").status_code == 400
+    assert post(bridge, b"{not json").status_code == 400
     calls = bridge.arrived(1)
     assert [c["event_id"] for c in calls] == ["purchase:lemonsqueezy:order:1"]
 
 
 def test_a_body_resent_under_another_event_name_is_quarantined_end_to_end(
-    bridge: Bridge,
+    bridge: Served,
 ) -> None:
     """X-Event-Name is not signed: the signed meta.event_name alone names the event, and a
     captured body re-sent under another name is taken but quarantined: it sends nothing."""
@@ -421,7 +398,7 @@ def test_a_body_resent_under_another_event_name_is_quarantined_end_to_end(
     answer = httpx.post(url, content=nameless, headers=headers)
     assert answer.json() == {"ok": True, "result": "accepted"}
     nameless_taken = ("quarantined", "payload: no event name in meta.event_name", 0)
-    assert bridge.taken(nameless, headers={"x-event-name": "subscription_created"}) == (
+    assert taken(bridge, nameless, headers={"x-event-name": "subscription_created"}) == (
         nameless_taken
     )
     # Translated in arrival order: every re-sent copy stored before it is quarantined too.
@@ -436,23 +413,23 @@ def test_a_body_resent_under_another_event_name_is_quarantined_end_to_end(
             r"payload: X-Event-Name is \w+ but the body's event is subscription_created", reason
         )
     time.sleep(0.3)
-    assert httpx.get(f"{bridge.sink.url}/_sink/stats").json()["received"] == 0
+    assert bridge.sink.stats()["received"] == 0
     # The body as sent, with its own name, is taken: the relabelled copies that came first
     # did not take its delivery id.
-    assert bridge.post(fixture("subscription_created")).json()["result"] == "accepted"
+    assert post(bridge, fixture("subscription_created")).json()["result"] == "accepted"
     calls = bridge.arrived(2)
     assert sorted(c["route"] for c in calls) == ["identify", "track"]
     assert [c["event"] for c in calls if c["route"] == "track"] == ["subscription_started"]
 
 
-def test_every_sample_sent_as_send_test_does_is_taken(bridge: Bridge) -> None:
+def test_every_sample_sent_as_send_test_does_is_taken(bridge: Served) -> None:
     for event, sample in sorted(handler.samples().items()):
         fresh = handler.freshen(sample)
         headers = {**fresh.headers, **handler.scheme.sign(fresh.body, SECRET, int(time.time()))}
         url = f"{bridge.url}/webhooks/lemonsqueezy"
         answer = httpx.post(url, content=fresh.body, headers=headers)
         assert answer.json() == {"ok": True, "result": "accepted"}, event
-        state, reason, _ = bridge.taken(fresh.body)
+        state, reason, _ = taken(bridge, fresh.body)
         assert (state, reason) == ("translated", None), event
 
 

@@ -15,6 +15,9 @@ from bridge.logs import REDACTED, LineWriter, configure_logging, info_line, reda
 
 SECRETS = [
     "sk_live_abc123_def456",
+    "sk_live_a_b_c",  # Millimetric's parts may hold underscores and dashes
+    "sk_test_ab-cd_x_y",
+    "rk_live_p4rt!_w1th.p%nct_x~y",
     "rk_live_51HqLyjWDarjtT1zdp7dcXJ",  # Stripe's shape: one part after the mode
     "pdl_live_apikey_01gtgztp8f4kek3yd4g1wrksa3_q6TGTJyvoIz7LDtXT65bX7_AQO",
     "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
@@ -63,6 +66,34 @@ def test_secret_shaped_text_is_scrubbed_anywhere(secret: str) -> None:
     )
     assert secret not in json.dumps(event)
     assert REDACTED in event["event"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "key='sk_live_a_b_c'",
+        'the key "sk_live_a_b\'c_d", then more',
+        "MILLIMETRIC_KEY=sk_test_ab-cd_x_y;",
+        "keys [sk_live_a_b_c,sk_test_ab-cd_x_y]",
+        '{"key":"sk_live_a_b_c","source":"stripe"}',
+    ],
+)
+def test_a_key_in_free_text_is_hidden_to_the_next_space(text: str) -> None:
+    # A key's parts may hold any printable character, so whatever is glued to it goes too:
+    # better a hidden quote than the end of a key that holds one.
+    scrubbed = redact_secrets(None, "info", {"event": f"start {text} end"})["event"]
+    assert scrubbed.startswith("start ")
+    assert scrubbed.endswith(" end")
+    assert REDACTED in scrubbed
+    for part in ("live_a", "_b_c", "ab-cd", "x_y", "c_d"):
+        assert part not in scrubbed
+
+
+@pytest.mark.parametrize(
+    "text", ["pk_events", "sk_live_abc", "risk_a_b_c", "task_sk_a", "a pk_ column", "sk_a_b"]
+)
+def test_words_that_are_not_keys_stay(text: str) -> None:
+    assert redact_secrets(None, "info", {"event": text})["event"] == text
 
 
 def test_configured_output_is_json_and_redacted(capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,7 +20,7 @@ from bridge.events import Track
 from bridge.sink import DEV_KEY
 from bridge.stages.forward import Forwarder, ForwarderConfig
 from bridge.store import Delivery, Store, open_store
-from bridge.store.postgres import PostgresStore
+from bridge.store.postgres import PostgresStore, _migrations
 from tests.conftest import RunningSink, free_port, postgres_schema, table_rows
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
@@ -65,7 +65,7 @@ async def test_instances_starting_together_migrate_once(url: str) -> None:
     stores = await asyncio.gather(*(opened(url) for _ in range(5)))
     try:
         versions = await table_rows(stores[0], "SELECT version FROM schema_migrations")
-        assert versions == [(1,), (2,), (3,)]
+        assert versions == [(version,) for version, _ in _migrations()]  # each once
         await fill(stores[1], 3)
         assert (await stores[4].stats(NOW)).pending == 3
     finally:

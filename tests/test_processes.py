@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 from click.testing import CliRunner
 
+import tasks
 from bridge.cli import main as cli_main
 from bridge.registry import load_handlers
 from tests.conftest import free_port
@@ -105,6 +109,52 @@ def test_dev_runs_bridge_and_sink_without_keys(tmp_path: Path) -> None:
         code, out = stop(proc)
     assert code == 0
     assert f"curl http://127.0.0.1:{port}/healthz" in out  # the line saying what to try
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_tasks_dev_stops_with_a_supervisors_sigterm(tmp_path: Path) -> None:
+    """`python3 tasks.py dev` under a supervisor (systemd, honcho, an IDE): its SIGTERM
+    stops the bridge and the sink, and nothing is left running, orphaned."""
+    if not tasks.installed():
+        pytest.skip("tasks.py would install the virtualenv first: run `python3 tasks.py test`")
+    port, sink_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MILLIMETRIC_", "BRIDGE_"))}
+    env["BRIDGE_DATABASE_URL"] = f"sqlite:///{tmp_path}/bridge.db"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            tasks.ROOT / "tasks.py",
+            "dev",
+            "--port",
+            str(port),
+            "--sink-port",
+            str(sink_port),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, so a failure here kills any orphan
+    )
+    try:
+        assert wait_for(f"http://127.0.0.1:{port}/healthz", proc).json() == {"status": "ok"}
+        assert wait_for(f"http://127.0.0.1:{sink_port}/_sink/stats", proc).status_code == 200
+        proc.send_signal(signal.SIGTERM)  # to that one process, as a supervisor sends it
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode == 0, out.decode()
+    assert not listening(port)
+    assert not listening(sink_port)
 
 
 def test_serve_answers_healthz(tmp_path: Path) -> None:

@@ -283,6 +283,25 @@ def test_a_key_must_be_one_of_the_relay_keys_whatever_millimetric_knows(
     assert (wrong.status_code, wrong.json()) == (401, {"ok": False, "error": "invalid_api_key"})
 
 
+def test_keys_in_the_published_format_work_end_to_end(sink: RunningSink, tmp_path: Path) -> None:
+    # Underscores and dashes inside the parts: `serve` starts, the relay and the sink take them.
+    keys = ["sk_live_a_b_c", "sk_test_ab-cd_x_y"]
+    knobs(sink, keys=keys)
+    env = {"MILLIMETRIC_KEY": keys[0], "BRIDGE_RELAY_KEYS": ",".join(keys)}
+    with serve(sink, f"sqlite:///{tmp_path}/bridge.db", **env) as server:
+        for n, key in enumerate(keys):
+            answer = post(
+                server.url,
+                "track",
+                {"event": "x", "event_id": f"k{n}"},
+                {"authorization": f"Bearer {key}"},
+            )
+            assert answer.status_code == 202, answer.text
+        assert [c["event_id"] for c in sink.arrived(2)] == ["k0", "k1"]
+        unknown = post(server.url, "track", {"event": "x"}, {"authorization": "Bearer sk_a_b_c"})
+        assert unknown.json()["error"] == "invalid_api_key"
+
+
 def test_a_track_without_event_id_gets_one_and_its_arrival_time(
     sqlite_relay: ServerThread, sink: RunningSink
 ) -> None:

@@ -20,16 +20,15 @@ import httpx
 import msgspec
 import pytest
 
-from bridge.app import create_app
-from bridge.config import load_settings
 from bridge.errors import PayloadInvalid, SignatureInvalid
 from bridge.events import About, Forget, Identify, Purge, Track
 from bridge.plugin import Sample, WebhookRequest
-from bridge.registry import check_handler, load_sources
+from bridge.registry import check_handler
 from bridge.store import Delivery, open_store
 from bridge.testing import TEST_SECRET, Translated, run_handler, signed_request
 from handlers.shopify import handler
-from tests.conftest import RunningSink, ServerThread, translated
+from tests.conftest import RunningSink, translated
+from tests.served import Served, served
 
 FIXTURES = Path(__file__).parent / "fixtures" / "shopify"
 SIGNATURES = json.loads((FIXTURES / "signatures.example.json").read_text())
@@ -599,103 +598,75 @@ def test_freshen_makes_a_new_delivery_of_a_new_order() -> None:
 # -- end to end: the real app, the real sink ----------------------------------------------
 
 
-class Bridge:
-    def __init__(self, url: str, sink: RunningSink, database: Path) -> None:
-        self.url = url
-        self.sink = sink
-        self.database = database
+def post(
+    bridge: Served,
+    topic: str,
+    body: dict[str, Any] | bytes,
+    delivery: str,
+    *,
+    event: str | None = None,
+    secret: str = SECRET,
+    shop: str = SHOP,
+) -> httpx.Response:
+    raw = body if isinstance(body, bytes) else msgspec.json.encode(body)
+    # Signed here as Shopify does it, not with the handler's own scheme.
+    mac = hmac.new(secret.encode(), raw, hashlib.sha256).digest()
+    sent = {
+        **headers(topic, delivery, event, shop),
+        "x-shopify-hmac-sha256": base64.b64encode(mac).decode(),
+        "x-shopify-api-version": "2026-04",
+        "content-type": "application/json",
+    }
+    return httpx.post(f"{bridge.url}/webhooks/shopify", content=raw, headers=sent)
 
-    def post(
-        self,
-        topic: str,
-        body: dict[str, Any] | bytes,
-        delivery: str,
-        *,
-        event: str | None = None,
-        secret: str = SECRET,
-        shop: str = SHOP,
-    ) -> httpx.Response:
-        raw = body if isinstance(body, bytes) else msgspec.json.encode(body)
-        # Signed here as Shopify does it, not with the handler's own scheme.
-        mac = hmac.new(secret.encode(), raw, hashlib.sha256).digest()
-        sent = {
-            **headers(topic, delivery, event, shop),
-            "x-shopify-hmac-sha256": base64.b64encode(mac).decode(),
-            "x-shopify-api-version": "2026-04",
-            "content-type": "application/json",
-        }
-        return httpx.post(f"{self.url}/webhooks/shopify", content=raw, headers=sent)
 
-    def events(self) -> list[dict[str, Any]]:
-        events = httpx.get(f"{self.sink.url}/_sink/events").json()["events"]
-        return [{"route": e["route"], **e["body"]} for e in events]
+def taken(
+    bridge: Served, topic: str, delivery: str, *, event: str | None = None, shop: str = SHOP
+) -> tuple[str, str | None]:
+    """Once the translate stage has taken a delivery sent with `post`: its state
+    (`translated` or `quarantined`) and the quarantine's reason."""
+    return translated(bridge.database, stored_id(topic, delivery, event, shop))
 
-    def arrived(self, count: int, within: float = 10) -> list[dict[str, Any]]:
-        """Wait until the sink holds `count` calls, then return them in order."""
-        deadline = time.monotonic() + within
-        while len(self.events()) < count:
-            assert time.monotonic() < deadline, f"{len(self.events())} of {count} calls arrived"
-            time.sleep(0.05)
-        time.sleep(0.3)  # anything more would show now
-        return self.events()
 
-    def stats(self) -> dict[str, Any]:
-        found: dict[str, Any] = httpx.get(f"{self.sink.url}/_sink/stats").json()
-        return found
+def calls_of(
+    bridge: Served, topic: str, delivery: str, *, event: str | None = None, shop: str = SHOP
+) -> int:
+    """The outbox rows a delivery sent with `post` became, whatever their state."""
+    return bridge.queued_for(stored_id(topic, delivery, event, shop))
 
-    def taken(
-        self, topic: str, delivery: str, *, event: str | None = None, shop: str = SHOP
-    ) -> tuple[str, str | None]:
-        """Once the translate stage has taken a delivery posted with `post`: its state
-        (`translated` or `quarantined`) and the quarantine's reason."""
-        return translated(self.database, stored_id(topic, delivery, event, shop))
 
-    def calls_of(
-        self, topic: str, delivery: str, *, event: str | None = None, shop: str = SHOP
-    ) -> int:
-        """The outbox rows a delivery posted with `post` became, whatever their state."""
-        return calls(self, stored_id(topic, delivery, event, shop))
-
-    def inbox(self) -> list[tuple[str, bool]]:
-        """The stored deliveries' ids, and whether each still has its raw body."""
-        with closing(sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)) as db:
-            rows = db.execute("SELECT provider_event_id, raw_body IS NOT NULL FROM inbox")
-            return sorted((str(found), bool(kept)) for found, kept in rows)
+def stored_deliveries(bridge: Served) -> list[tuple[str, bool]]:
+    """The stored deliveries' ids, and whether each still has its raw body."""
+    with closing(sqlite3.connect(f"file:{bridge.database}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT provider_event_id, raw_body IS NOT NULL FROM inbox")
+        return sorted((str(found), bool(kept)) for found, kept in rows)
 
 
 def stored_id(topic: str, delivery: str, event: str | None = None, shop: str = SHOP) -> str:
-    """The delivery id the handler reads from `Bridge.post`'s headers."""
+    """The delivery id the handler reads from `post`'s headers."""
     return f"{shop}:{topic}:{event or f'webhook-{delivery}'}"
 
 
 @pytest.fixture
-def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Bridge]:
-    (tmp_path / "bridge.toml").write_text("")  # defaults: test orders stay out
-    env = {
-        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
-        "MILLIMETRIC_HOST": sink.url,
-        "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge.db",
-        "BRIDGE_CONFIG": str(tmp_path / "bridge.toml"),
-        "SHOPIFY_WEBHOOK_SECRET": f"{OLD_SECRET}, {SECRET}",
-    }
-    # Not registered as an entry point yet: the source is given to the app explicitly.
-    sources = load_sources(env, {"shopify": handler})
-    with ServerThread(create_app(load_settings(env), sources=sources)) as server:
-        yield Bridge(server.url, sink, tmp_path / "bridge.db")
+def bridge(sink: RunningSink, tmp_path: Path) -> Iterator[Served]:
+    # Defaults: test orders stay out. Not registered as an entry point yet: the source is
+    # given to the app explicitly.
+    with served(handler, sink, tmp_path, secret=f"{OLD_SECRET}, {SECRET}") as running:
+        yield running
 
 
 def test_one_order_is_one_purchase_and_one_order_placed_then_redact_forgets(
-    bridge: Bridge,
+    bridge: Served,
 ) -> None:
-    assert bridge.post("orders/create", order(), "c1").json() == {
+    assert post(bridge, "orders/create", order(), "c1").json() == {
         "ok": True,
         "result": "accepted",
     }
-    assert bridge.post("orders/paid", order(), "p1", event="e-paid").json()["result"] == (
+    assert post(bridge, "orders/paid", order(), "p1", event="e-paid").json()["result"] == (
         "accepted"
     )
     # Shopify retries the same delivery: recognised, not stored twice.
-    assert bridge.post("orders/paid", order(), "p1", event="e-paid").json()["result"] == (
+    assert post(bridge, "orders/paid", order(), "p1", event="e-paid").json()["result"] == (
         "duplicate"
     )
     calls = bridge.arrived(3)
@@ -730,39 +701,40 @@ def test_one_order_is_one_purchase_and_one_order_placed_then_redact_forgets(
 
     # The same order under a new delivery (say a second subscription) still counts once:
     # its purchase has the same event_id, so no second call is even queued.
-    assert bridge.post("orders/paid", order(), "p2", event="e-other").json()["result"] == (
+    assert post(bridge, "orders/paid", order(), "p2", event="e-other").json()["result"] == (
         "accepted"
     )
-    assert bridge.taken("orders/paid", "p2", event="e-other") == ("translated", None)
-    assert bridge.calls_of("orders/paid", "p2", event="e-other") == 0
+    assert taken(bridge, "orders/paid", "p2", event="e-other") == ("translated", None)
+    assert calls_of(bridge, "orders/paid", "p2", event="e-other") == 0
     time.sleep(0.5)  # anything sent would have arrived by now
-    assert [c["event"] for c in bridge.events() if c["route"] == "track"].count("purchase") == 1
-    assert bridge.stats()["duplicates"] == 0
+    sent = [c["event"] for c in bridge.sink.events() if c["route"] == "track"]
+    assert sent.count("purchase") == 1
+    assert bridge.sink.stats()["duplicates"] == 0
 
     redact = fixture("customers_redact", customer={"id": CUSTOMER_ID, "email": "j@example.com"})
-    assert bridge.post("customers/redact", redact, "r1").json()["result"] == "accepted"
+    assert post(bridge, "customers/redact", redact, "r1").json()["result"] == "accepted"
     assert bridge.arrived(4)[-1] == {"route": "forget", "user_id": USER}
     # Nothing about the forgotten customer is forwarded afterwards.
     later = order(id=ORDER_ID + 1)
-    assert bridge.post("orders/paid", later, "p3").json()["result"] == "accepted"
-    assert bridge.taken("orders/paid", "p3")[0] == "translated"
+    assert post(bridge, "orders/paid", later, "p3").json()["result"] == "accepted"
+    assert taken(bridge, "orders/paid", "p3")[0] == "translated"
     time.sleep(0.5)  # anything sent would have arrived by now
-    assert len(bridge.events()) == 4
+    assert len(bridge.sink.events()) == 4
 
 
 def test_a_captured_body_under_another_topic_or_shop_is_quarantined_and_sends_nothing(
-    bridge: Bridge,
+    bridge: Served,
 ) -> None:
     """The reproductions: one signed body, re-sent with other headers, became a purchase,
     a customer's erasure or a redact of another shop. Each is now stored (validly signed,
     it is never refused for its content) and quarantined by its handler, purges nothing,
     and sends nothing."""
     paid = order()
-    assert bridge.post("orders/paid", paid, "p1").json()["result"] == "accepted"
-    assert bridge.post("orders/paid", paid, "p1", shop=OTHER_SHOP).json()["result"] == (
+    assert post(bridge, "orders/paid", paid, "p1").json()["result"] == "accepted"
+    assert post(bridge, "orders/paid", paid, "p1", shop=OTHER_SHOP).json()["result"] == (
         "accepted"  # that shop's customer: what an order's unsigned shop header can do
     )
-    stored = bridge.inbox()
+    stored = stored_deliveries(bridge)
     data_request = fixture("customers_data_request", customer={"id": CUSTOMER_ID})
     others_redact = fixture("customers_redact", shop_domain=OTHER_SHOP, customer={"id": 7})
     others_uninstall = fixture("shop_redact", shop_domain=OTHER_SHOP)
@@ -778,30 +750,30 @@ def test_a_captured_body_under_another_topic_or_shop_is_quarantined_and_sends_no
         ("shop/redact", fixture("shop_redact"), OTHER_SHOP),  # this shop's, for another
     ]
     for n, (topic, body, shop) in enumerate(replays):
-        answer = bridge.post(topic, body, f"replay-{n}", shop=shop)
+        answer = post(bridge, topic, body, f"replay-{n}", shop=shop)
         assert answer.status_code == 200, (topic, shop)
         assert answer.json() == {"ok": True, "result": "accepted"}
     for n, (topic, _, shop) in enumerate(replays):
-        state, reason = bridge.taken(topic, f"replay-{n}", shop=shop)
+        state, reason = taken(bridge, topic, f"replay-{n}", shop=shop)
         assert state == "quarantined", (topic, shop)
         assert reason is not None, (topic, shop)
         assert reason.startswith("payload: "), (topic, shop, reason)
-        assert bridge.calls_of(topic, f"replay-{n}", shop=shop) == 0, (topic, shop)
+        assert calls_of(bridge, topic, f"replay-{n}", shop=shop) == 0, (topic, shop)
     # Nothing purged: the genuine deliveries are there with their raw bodies, beside the
     # quarantined ones (kept whole, to translate again once understood).
-    inbox = bridge.inbox()
+    inbox = stored_deliveries(bridge)
     assert set(stored) <= set(inbox)
     assert len(inbox) == len(stored) + len(replays)
     assert all(kept for _, kept in inbox)
-    assert bridge.taken("orders/paid", "p1") == ("translated", None)
-    assert bridge.taken("orders/paid", "p1", shop=OTHER_SHOP) == ("translated", None)
+    assert taken(bridge, "orders/paid", "p1") == ("translated", None)
+    assert taken(bridge, "orders/paid", "p1", shop=OTHER_SHOP) == ("translated", None)
 
     # An unpaid order's body re-sent as orders/paid is taken, but is no purchase.
     pending = order(id=ORDER_ID + 1, financial_status="pending")
-    assert bridge.post("orders/create", pending, "c2").json()["result"] == "accepted"
-    assert bridge.post("orders/paid", pending, "p2").json()["result"] == "accepted"
-    assert bridge.taken("orders/paid", "p2") == ("translated", None)
-    assert bridge.calls_of("orders/paid", "p2") == 0
+    assert post(bridge, "orders/create", pending, "c2").json()["result"] == "accepted"
+    assert post(bridge, "orders/paid", pending, "p2").json()["result"] == "accepted"
+    assert taken(bridge, "orders/paid", "p2") == ("translated", None)
+    assert calls_of(bridge, "orders/paid", "p2") == 0
 
     calls = bridge.arrived(4)  # the purchase, the order placed, and their identifies
     assert not [c for c in calls if c["route"] == "forget"]
@@ -815,17 +787,18 @@ def test_a_captured_body_under_another_topic_or_shop_is_quarantined_and_sends_no
     assert identified == {USER, f"shopify:{OTHER_SHOP}:{CUSTOMER_ID}"}
     # The other shop's copy of the purchase has the same event_id: not queued again, so
     # not sent again, and never revenue twice.
-    assert bridge.calls_of("orders/paid", "p1", shop=OTHER_SHOP) == 1  # its identify alone
-    assert [c["event"] for c in bridge.events() if c["route"] == "track"].count("purchase") == 1
-    assert bridge.stats()["duplicates"] == 0
+    assert calls_of(bridge, "orders/paid", "p1", shop=OTHER_SHOP) == 1  # its identify alone
+    sent = [c["event"] for c in bridge.sink.events() if c["route"] == "track"]
+    assert sent.count("purchase") == 1
+    assert bridge.sink.stats()["duplicates"] == 0
 
 
-def test_shopifys_own_signed_examples_through_the_app(bridge: Bridge) -> None:
+def test_shopifys_own_signed_examples_through_the_app(bridge: Served) -> None:
     """The recorded bytes and headers, with their client secret: every one is taken, the
     test orders knowingly become nothing, the privacy examples (whose body names a
     placeholder shop) are quarantined, a tampered body refused."""
     answers = {}
-    taken = {}
+    outcomes = {}
     for name, recorded in SIGNATURES["files"].items():
         body = (FIXTURES / name).read_bytes()
         sent = {**recorded, "X-Shopify-Webhook-Id": f"recorded-{name}"}
@@ -840,13 +813,13 @@ def test_shopifys_own_signed_examples_through_the_app(bridge: Bridge) -> None:
         answers[topic] = found.get("result") or found["error"]
         delivery = handler.delivery_id(request(body, sent))
         state, reason = translated(bridge.database, delivery)
-        taken[topic] = (state, reason and reason.partition(": ")[0], calls(bridge, delivery))
+        outcomes[topic] = (state, reason and reason.partition(": ")[0], bridge.queued_for(delivery))
         tampered = body.replace(b"john@example.com", b"jane@example.com")
         if tampered != body:
             refused = httpx.post(f"{bridge.url}/webhooks/shopify", content=tampered, headers=sent)
             assert refused.status_code == 401
-    assert answers == {topic: "accepted" for topic in taken}  # verified: all taken
-    assert taken == {
+    assert answers == {topic: "accepted" for topic in outcomes}  # verified: all taken
+    assert outcomes == {
         # test orders, and the source does not include them: translated to no call
         "orders/create": ("translated", None, 0),
         "orders/paid": ("translated", None, 0),
@@ -862,22 +835,10 @@ def test_shopifys_own_signed_examples_through_the_app(bridge: Bridge) -> None:
     assert routes == ["identify", "track"]
 
 
-def calls(bridge: Bridge, delivery: str) -> int:
-    """The outbox rows a stored delivery (by its delivery id) became, whatever their
-    state."""
-    with closing(sqlite3.connect(f"file:{bridge.database}?mode=ro", uri=True)) as db:
-        (count,) = db.execute(
-            "SELECT COUNT(*) FROM outbox JOIN inbox ON inbox.id = outbox.inbox_id"
-            " WHERE inbox.provider_event_id = ?",
-            (delivery,),
-        ).fetchone()
-    return int(count)
-
-
-def test_a_delivery_is_stored_with_the_headers_its_translation_reads(bridge: Bridge) -> None:
+def test_a_delivery_is_stored_with_the_headers_its_translation_reads(bridge: Served) -> None:
     # Translation runs from the store: the signature and the headers the handler lists
     # are kept beside the raw body, and nothing else the request carried.
-    assert bridge.post("orders/paid", order(), "kept", event="evt-kept").status_code == 200
+    assert post(bridge, "orders/paid", order(), "kept", event="evt-kept").status_code == 200
     with closing(sqlite3.connect(f"file:{bridge.database}?mode=ro", uri=True)) as db:
         (stored,) = [json.loads(row) for (row,) in db.execute("SELECT headers FROM inbox")]
     assert set(stored) == {
@@ -890,33 +851,33 @@ def test_a_delivery_is_stored_with_the_headers_its_translation_reads(bridge: Bri
     assert stored["x-shopify-event-id"] == "evt-kept"
 
 
-def test_malformed_deliveries_are_quarantined_and_unsigned_ones_refused(bridge: Bridge) -> None:
+def test_malformed_deliveries_are_quarantined_and_unsigned_ones_refused(bridge: Served) -> None:
     # Signed, so taken (the delivery id is in the headers): their handler cannot read
     # them, so they are quarantined and nothing of them is queued or sent.
-    assert bridge.post("orders/paid", b"{not json", "m1").json()["result"] == "accepted"
+    assert post(bridge, "orders/paid", b"{not json", "m1").json()["result"] == "accepted"
     no_money = order(total_price_set={"shop_money": {"amount": "1.005", "currency_code": "USD"}})
-    answer = bridge.post("orders/paid", no_money, "m2")
+    answer = post(bridge, "orders/paid", no_money, "m2")
     assert answer.status_code == 200
     assert answer.json()["result"] == "accepted"
     for delivery in ("m1", "m2"):
-        state, reason = bridge.taken("orders/paid", delivery)
+        state, reason = taken(bridge, "orders/paid", delivery)
         assert state == "quarantined", delivery
         assert reason is not None
         assert reason.startswith("payload: "), reason
-        assert bridge.calls_of("orders/paid", delivery) == 0
+        assert calls_of(bridge, "orders/paid", delivery) == 0
     unsigned = httpx.post(
         f"{bridge.url}/webhooks/shopify",
         content=msgspec.json.encode(order()),
         headers=headers("orders/paid"),
     )
     assert unsigned.status_code == 401
-    assert bridge.post("orders/paid", order(), "m3", secret="not the secret").status_code == 401
-    assert [found for found, _ in bridge.inbox()] == [
+    assert post(bridge, "orders/paid", order(), "m3", secret="not the secret").status_code == 401
+    assert [found for found, _ in stored_deliveries(bridge)] == [
         stored_id("orders/paid", "m1"),
         stored_id("orders/paid", "m2"),
     ]
     assert httpx.get(f"{bridge.url}/readyz").json()["pending"] == 0
-    assert bridge.stats()["received"] == 0
+    assert bridge.sink.stats()["received"] == 0
 
 
 def test_the_test_secret_signs_samples_for_run_handler() -> None:
@@ -985,24 +946,24 @@ async def test_shop_redact_purges_that_shop_and_nothing_else(tmp_path: Path) -> 
 
 
 def test_customers_redact_erases_every_order_of_the_customer_paid_or_not(
-    bridge: Bridge,
+    bridge: Served,
 ) -> None:
     """The forget is of `shopify:<shop>:<id>`, which no order body holds; an unpaid order
     becomes no call at all. Both raw payloads hold the customer's e-mail and address."""
     mine = {"id": CUSTOMER_ID, "email": "redact.me@example.org"}
     theirs = {"id": CUSTOMER_ID + 1, "email": "keep.me@example.org"}
     pending = order(id=ORDER_ID + 1, financial_status="pending", customer=mine)
-    assert bridge.post("orders/create", order(customer=mine), "c1").status_code == 200
-    assert bridge.post("orders/paid", pending, "p0").json()["result"] == "accepted"
-    assert bridge.post("orders/paid", order(customer=mine), "p1").status_code == 200
-    other = bridge.post("orders/paid", order(id=ORDER_ID + 2, customer=theirs), "p2")
+    assert post(bridge, "orders/create", order(customer=mine), "c1").status_code == 200
+    assert post(bridge, "orders/paid", pending, "p0").json()["result"] == "accepted"
+    assert post(bridge, "orders/paid", order(customer=mine), "p1").status_code == 200
+    other = post(bridge, "orders/paid", order(id=ORDER_ID + 2, customer=theirs), "p2")
     assert other.json()["result"] == "accepted"
-    assert [kept for _, kept in bridge.inbox()] == [True] * 4
+    assert [kept for _, kept in stored_deliveries(bridge)] == [True] * 4
     redact = fixture("customers_redact", customer={"id": CUSTOMER_ID})
-    assert bridge.post("customers/redact", redact, "r1").status_code == 200
-    assert bridge.taken("orders/paid", "p0") == ("translated", None)
-    assert bridge.calls_of("orders/paid", "p0") == 0  # no call at all
-    assert bridge.taken("customers/redact", "r1") == ("translated", None)
+    assert post(bridge, "customers/redact", redact, "r1").status_code == 200
+    assert taken(bridge, "orders/paid", "p0") == ("translated", None)
+    assert calls_of(bridge, "orders/paid", "p0") == 0  # no call at all
+    assert taken(bridge, "customers/redact", "r1") == ("translated", None)
     with closing(sqlite3.connect(f"file:{bridge.database}?mode=ro", uri=True)) as db:
         raw = [body for (body,) in db.execute("SELECT raw_body FROM inbox") if body]
     assert len(raw) == 1

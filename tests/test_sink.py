@@ -130,6 +130,25 @@ def test_keys_can_be_revoked_and_restored(sink: RunningSink) -> None:
     assert post(sink, "track", b'{"event":"x"}').status_code == 202
 
 
+def test_any_key_in_the_published_format_is_taken(sink: RunningSink) -> None:
+    keys = ["sk_live_a_b_c", "sk_test_ab-cd_x_y"]
+    httpx.post(f"{sink.url}/_sink/knobs", json={"keys": keys}).raise_for_status()
+    for key in keys:
+        answer = httpx.post(
+            f"{sink.url}/v1/track",
+            content=b'{"event":"x"}',
+            headers={"authorization": f"Bearer {key}"},
+        )
+        assert answer.status_code == 202, answer.text
+    for malformed in ("sk__a_b", "xk_a_b_c", "sk_live_a\tb_c"):
+        answer = httpx.post(
+            f"{sink.url}/v1/track",
+            content=b'{"event":"x"}',
+            headers={"authorization": f"Bearer {malformed}"},
+        )
+        assert (answer.status_code, answer.json()["error"]) == (401, "malformed_api_key")
+
+
 def test_listing_pages_and_filters(sink: RunningSink) -> None:
     post(sink, "batch", events_body(5))
     post(sink, "identify", b'{"user_id":"u1"}')

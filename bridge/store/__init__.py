@@ -37,6 +37,7 @@ import msgspec
 
 from bridge.errors import ConfigError
 from bridge.events import About, Alias, Call, Forget, ForgetVisitor, Identify, Output, Track
+from bridge.store.views import DeliveryDetail, DeliveryRow, Rates, Result, SourceActivity
 
 __all__ = [
     "BACKLOG_SQL",
@@ -345,6 +346,36 @@ class Store(Protocol):
         ...
 
     async def set_reconciled_until(self, source: str, until: float) -> None: ...
+
+    # The console's reads (`bridge.store.views`).
+
+    async def deliveries(
+        self,
+        *,
+        source: str | None = None,
+        result: Result | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> list[DeliveryRow]:
+        """The newest deliveries first (of `source`, with `result`), those older than the
+        delivery `before` when paging on."""
+        ...
+
+    async def delivery(self, inbox_id: int) -> DeliveryDetail | None:
+        """A delivery, its kept headers and the calls it became; None if not stored."""
+        ...
+
+    async def raw_body(self, inbox_id: int) -> bytes | None:
+        """A delivery's raw body while it is kept."""
+        ...
+
+    async def activity(self, sources: Sequence[str], now: float) -> list[SourceActivity]:
+        """Each source's latest delivery and its counts over the last hour and day."""
+        ...
+
+    async def rates(self, since: float, step: float, buckets: int) -> Rates:
+        """Deliveries stored and calls delivered or dead, a bucket of `step` seconds."""
+        ...
 
 
 def reconcile_key(source: str) -> str:

@@ -31,6 +31,7 @@ from bridge.store import (
 )
 from bridge.store import operations as ops
 from bridge.store.sql import Op
+from bridge.store.views import DeliveryDetail, DeliveryRow, Rates, Result, SourceActivity
 
 __all__ = ["SQLStore"]
 
@@ -139,6 +140,28 @@ class SQLStore:
 
     async def set_reconciled_until(self, source: str, until: float) -> None:
         await self._transact(ops.set_meta, reconcile_key(source), repr(until))
+
+    async def deliveries(
+        self,
+        *,
+        source: str | None = None,
+        result: Result | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> list[DeliveryRow]:
+        return await self._transact(ops.deliveries, source, result, before, limit, read=True)
+
+    async def delivery(self, inbox_id: int) -> DeliveryDetail | None:
+        return await self._transact(ops.delivery, inbox_id, read=True)
+
+    async def raw_body(self, inbox_id: int) -> bytes | None:
+        return await self._transact(ops.raw_body, inbox_id, read=True)
+
+    async def activity(self, sources: Sequence[str], now: float) -> list[SourceActivity]:
+        return await self._transact(ops.activity, list(sources), now, read=True)
+
+    async def rates(self, since: float, step: float, buckets: int) -> Rates:
+        return await self._transact(ops.rates, since, step, buckets, read=True)
 
     async def _release_claims(self, now: float) -> int:
         return await self._transact(ops.release_all_claims, now)

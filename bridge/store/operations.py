@@ -50,11 +50,13 @@ from bridge.store.identity import (
     wanted,
 )
 from bridge.store.sql import Op, count, rows, write
+from bridge.store.views import CallView, DeliveryDetail, DeliveryRow, Rates, Result, SourceActivity
 
 __all__ = [
     "CLEANUP_CHUNK",
     "LEASE_SECONDS",
     "accept",
+    "activity",
     "append",
     "backlog",
     "claim",
@@ -62,12 +64,16 @@ __all__ = [
     "dead_letter",
     "dead_letters",
     "delivered",
+    "deliveries",
+    "delivery",
     "erase",
     "first_received",
     "hasten",
     "meta",
     "nothing",
     "purge",
+    "rates",
+    "raw_body",
     "received",
     "record",
     "release_all_claims",
@@ -86,6 +92,7 @@ CLEANUP_CHUNK: Final = 5000
 
 _encoder: Final = msgspec.json.Encoder()
 _forget_decoder: Final = msgspec.json.Decoder(Forget)
+_headers_decoder: Final = msgspec.json.Decoder(dict[str, str])
 
 
 # -- intake and the translate stage ------------------------------------------------------------
@@ -493,3 +500,119 @@ def _deliveries(selection: Selection) -> dict[str, Any]:
         "source": selection.source,
         "since": selection.since,
     }
+
+
+# -- the console's reads ---------------------------------------------------------------------
+
+
+def deliveries(
+    source: str | None, result: Result | None, before: int | None, limit: int
+) -> Op[list[DeliveryRow]]:
+    """The newest deliveries (of one source, with one result), older than the delivery
+    `before` when paging on."""
+    params = {
+        "source": source,
+        "state": None if result in (None, "dead") else result,
+        "dead": result == "dead",
+        "before": before,
+        "limit": limit,
+    }
+    if source:
+        found = yield from rows("source_deliveries", **params)
+    else:
+        found = yield from rows("deliveries", **params)
+    return [
+        DeliveryRow(
+            id=r[0],
+            source=r[1],
+            provider_event_id=r[2],
+            received_at=r[3],
+            state=r[4],
+            calls=r[5],
+            pending=r[6],
+            delivered=r[7],
+            dead=r[8],
+        )
+        for r in found
+    ]
+
+
+def delivery(inbox_id: int) -> Op[DeliveryDetail | None]:
+    """One delivery with its kept headers and the calls it became."""
+    found = yield from rows("delivery", inbox_id)
+    if not found:
+        return None
+    ((_, source, provider_event_id, received_at, state, reason, headers, raw_size),) = found
+    calls = [
+        CallView(
+            id=c[0],
+            route=c[1],
+            state=c[2],
+            event_id=c[3],
+            attempts=c[4],
+            created_at=c[5],
+            done_at=c[6],
+            reason=c[7],
+            in_flight=bool(c[8]),
+            next_at=c[9],
+            body=bytes(c[10]),
+        )
+        for c in (yield from rows("delivery_calls", inbox_id))
+    ]
+    return DeliveryDetail(
+        id=inbox_id,
+        source=source,
+        provider_event_id=provider_event_id,
+        received_at=received_at,
+        state=state,
+        reason=reason,
+        headers=_headers_decoder.decode(headers) if headers else {},
+        raw_kept=raw_size is not None,
+        raw_size=raw_size or 0,
+        calls=calls,
+    )
+
+
+def raw_body(inbox_id: int) -> Op[bytes | None]:
+    """A delivery's raw body while it is kept; None once retention or a forget dropped it."""
+    found = yield from rows("raw_body", inbox_id)
+    return None if not found or found[0][0] is None else bytes(found[0][0])
+
+
+def activity(sources: list[str], now: float) -> Op[list[SourceActivity]]:
+    """Each source's latest delivery and its counts over the last hour and day."""
+    found = []
+    for source in sources:
+        ((last, hour, day, failed_hour, failed_day),) = yield from rows(
+            "source_activity", source=source, hour=now - 3600, day=now - 86400
+        )
+        found.append(
+            SourceActivity(
+                source=source,
+                last_received_at=last,
+                hour=hour,
+                day=day,
+                failed_hour=failed_hour,
+                failed_day=failed_day,
+            )
+        )
+    return found
+
+
+def rates(since: float, step: float, buckets: int) -> Op[Rates]:
+    """Deliveries stored, calls delivered and calls dead, a bucket of `step` seconds each."""
+
+    def counted(found: list[tuple[Any, ...]]) -> list[int]:
+        counts = [0] * buckets
+        for bucket, n in found:
+            if 0 <= bucket < buckets:
+                counts[int(bucket)] += n
+        return counts
+
+    return Rates(
+        since=since,
+        step=step,
+        received=counted((yield from rows("rate_received", since=since, step=step))),
+        delivered=counted((yield from rows("rate_delivered", since=since, step=step))),
+        dead=counted((yield from rows("rate_dead", since=since, step=step))),
+    )

@@ -12,8 +12,9 @@ framework, not the driver: see PERF-NOTES).
   and one commit for all of them, each caller answered after that commit. The driver's
   round trips, not the server, were the cost of one at a time. A group the database
   refuses, or one held up past 2 s by a row lock (a twin mid-commit at another instance),
-  is run again one delivery at a time, so that delivery fails or waits alone; when the
-  database is out of reach, every caller waiting hears it at once.
+  is run again one delivery at a time, so that delivery fails or waits alone (half the
+  pool at most, each no longer than its caller waits, so the forwarder and /readyz keep
+  theirs); when the database is out of reach, every caller waiting hears it at once.
 - Migrations are numbered SQL files, applied in one transaction under an advisory lock,
   so instances starting together apply each once; a database newer than the code is
   refused.
@@ -78,6 +79,13 @@ POOL_MAX: Final = 10
 MAX_GROUP: Final = 256
 #: How long a group waits for a row lock before its deliveries go one at a time.
 GROUP_LOCK_TIMEOUT_MS: Final = 2000
+#: How long a delivery appended alone waits for a row lock: as long as its caller waits
+#: (intake answers 503 at 10 s and the provider retries), and no longer, so that it does
+#: not hold a pooled connection after nobody waits on it.
+ALONE_LOCK_TIMEOUT_MS: Final = 10_000
+#: Most deliveries appended alone at once: each may wait on a lock for a pooled connection,
+#: and the forwarder, the translate stage and /readyz need the rest.
+ALONE_AT_ONCE: Final = POOL_MAX // 2
 #: A transaction the server rolled back (deadlock, serialization) is run again this often.
 TRIES: Final = 3
 # -- text PostgreSQL cannot hold --------------------------------------------------------------
@@ -184,6 +192,7 @@ class PostgresStore(SQLStore):
         self._waiting: list[tuple[Delivery, asyncio.Future[AcceptResult]]] = []
         self._grouping: asyncio.Task[None] | None = None
         self._alone: set[asyncio.Task[None]] = set()  # a failed group's, one at a time
+        self._alone_slots = asyncio.Semaphore(ALONE_AT_ONCE)
         self._lost_at = -LEADER_POLL * 2  # monotonic time the lock connection last failed
 
     # -- connections -------------------------------------------------------------------------
@@ -392,7 +401,10 @@ class PostgresStore(SQLStore):
 
     async def _accept_alone(self, delivery: Delivery, future: asyncio.Future[AcceptResult]) -> None:
         try:
-            settle(future, await self._run(_append_one, delivery))
+            async with self._alone_slots:
+                if future.done():  # its caller was answered 503 meanwhile and will retry
+                    return
+                settle(future, await self._run(_append_one, delivery))
         except Exception as error:
             settle(future, None, error)
         finally:
@@ -468,6 +480,7 @@ async def _steps(cur: Cursor, operation: Callable[..., Op[T]], args: tuple[Any, 
 
 
 async def _append_one(cur: Cursor, delivery: Delivery) -> AcceptResult:
+    await cur.execute(f"SET LOCAL lock_timeout = '{ALONE_LOCK_TIMEOUT_MS}ms'")
     return "duplicate" if await _steps(cur, ops.append, (delivery,)) is None else "accepted"
 
 

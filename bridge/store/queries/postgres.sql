@@ -278,3 +278,68 @@ SELECT provider_event_id FROM inbox WHERE provider_event_id = ANY(%s::text[]) AN
 
 -- name: first_received
 SELECT MIN(received_at) FROM inbox WHERE source = %s;
+
+-- name: deliveries
+-- The console's list, newest first: every source (inbox_received), after the cursor.
+SELECT i.id, i.source, i.provider_event_id, i.received_at, i.state, i.calls,
+  (SELECT COUNT(*) FROM outbox WHERE inbox_id = i.id AND state = 'pending'),
+  (SELECT COUNT(*) FROM outbox WHERE inbox_id = i.id AND state = 'delivered'),
+  (SELECT COUNT(*) FROM outbox WHERE inbox_id = i.id AND state = 'dead')
+FROM inbox AS i
+WHERE (%(state)s::text IS NULL OR i.state = %(state)s::text)
+  AND (NOT %(dead)s
+    OR EXISTS (SELECT 1 FROM outbox WHERE inbox_id = i.id AND state = 'dead'))
+  AND (%(before)s::bigint IS NULL OR (i.received_at, i.id)
+    < (SELECT received_at, id FROM inbox WHERE id = %(before)s::bigint))
+ORDER BY i.received_at DESC, i.id DESC LIMIT %(limit)s;
+
+-- name: source_deliveries
+-- The same, of one source (inbox_source_received).
+SELECT i.id, i.source, i.provider_event_id, i.received_at, i.state, i.calls,
+  (SELECT COUNT(*) FROM outbox WHERE inbox_id = i.id AND state = 'pending'),
+  (SELECT COUNT(*) FROM outbox WHERE inbox_id = i.id AND state = 'delivered'),
+  (SELECT COUNT(*) FROM outbox WHERE inbox_id = i.id AND state = 'dead')
+FROM inbox AS i
+WHERE i.source = %(source)s::text
+  AND (%(state)s::text IS NULL OR i.state = %(state)s::text)
+  AND (NOT %(dead)s
+    OR EXISTS (SELECT 1 FROM outbox WHERE inbox_id = i.id AND state = 'dead'))
+  AND (%(before)s::bigint IS NULL OR (i.received_at, i.id)
+    < (SELECT received_at, id FROM inbox WHERE id = %(before)s::bigint))
+ORDER BY i.received_at DESC, i.id DESC LIMIT %(limit)s;
+
+-- name: delivery
+SELECT id, source, provider_event_id, received_at, state, reason, headers, LENGTH(raw_body)
+FROM inbox WHERE id = %s;
+
+-- name: delivery_calls
+SELECT id, route, state, event_id, attempts, created_at, done_at, reason, claimed, next_at, body
+FROM outbox WHERE inbox_id = %s ORDER BY id;
+
+-- name: raw_body
+SELECT raw_body FROM inbox WHERE id = %s;
+
+-- name: source_activity
+-- A source's latest delivery, and its deliveries (and those that failed) over the last hour
+-- and day; the dead calls' deliveries come from outbox_done.
+SELECT (SELECT MAX(received_at) FROM inbox WHERE source = %(source)s::text),
+  (SELECT COUNT(*) FROM inbox WHERE source = %(source)s::text AND received_at >= %(hour)s),
+  (SELECT COUNT(*) FROM inbox WHERE source = %(source)s::text AND received_at >= %(day)s),
+  (SELECT COUNT(*) FROM inbox WHERE source = %(source)s::text AND received_at >= %(hour)s
+    AND (state = 'quarantined' OR id IN (SELECT inbox_id FROM outbox
+      WHERE state != 'pending' AND state = 'dead'))),
+  (SELECT COUNT(*) FROM inbox WHERE source = %(source)s::text AND received_at >= %(day)s
+    AND (state = 'quarantined' OR id IN (SELECT inbox_id FROM outbox
+      WHERE state != 'pending' AND state = 'dead')));
+
+-- name: rate_received
+SELECT FLOOR((received_at - %(since)s::float8) / %(step)s::float8)::int AS bucket, COUNT(*) FROM inbox
+WHERE received_at >= %(since)s::float8 GROUP BY bucket;
+
+-- name: rate_delivered
+SELECT FLOOR((done_at - %(since)s::float8) / %(step)s::float8)::int AS bucket, COUNT(*) FROM outbox
+WHERE state != 'pending' AND state = 'delivered' AND done_at >= %(since)s::float8 GROUP BY bucket;
+
+-- name: rate_dead
+SELECT FLOOR((done_at - %(since)s::float8) / %(step)s::float8)::int AS bucket, COUNT(*) FROM outbox
+WHERE state != 'pending' AND state = 'dead' AND done_at >= %(since)s::float8 GROUP BY bucket;

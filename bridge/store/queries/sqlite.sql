@@ -265,3 +265,66 @@ WHERE provider_event_id IN (SELECT column1 FROM (VALUES ?*)) AND source = ?;
 
 -- name: first_received
 SELECT MIN(received_at) FROM inbox WHERE source = ?;
+
+-- name: deliveries
+-- The console's list, newest first: every source (inbox_received), after the cursor.
+SELECT i.id, i.source, i.provider_event_id, i.received_at, i.state, i.calls,
+  (SELECT COUNT(*) FROM outbox WHERE inbox_id = i.id AND state = 'pending'),
+  (SELECT COUNT(*) FROM outbox WHERE inbox_id = i.id AND state = 'delivered'),
+  (SELECT COUNT(*) FROM outbox WHERE inbox_id = i.id AND state = 'dead')
+FROM inbox AS i
+WHERE (:state IS NULL OR i.state = :state)
+  AND (NOT :dead OR EXISTS (SELECT 1 FROM outbox WHERE inbox_id = i.id AND state = 'dead'))
+  AND (:before IS NULL
+    OR (i.received_at, i.id) < (SELECT received_at, id FROM inbox WHERE id = :before))
+ORDER BY i.received_at DESC, i.id DESC LIMIT :limit;
+
+-- name: source_deliveries
+-- The same, of one source (inbox_source_received).
+SELECT i.id, i.source, i.provider_event_id, i.received_at, i.state, i.calls,
+  (SELECT COUNT(*) FROM outbox WHERE inbox_id = i.id AND state = 'pending'),
+  (SELECT COUNT(*) FROM outbox WHERE inbox_id = i.id AND state = 'delivered'),
+  (SELECT COUNT(*) FROM outbox WHERE inbox_id = i.id AND state = 'dead')
+FROM inbox AS i
+WHERE i.source = :source
+  AND (:state IS NULL OR i.state = :state)
+  AND (NOT :dead OR EXISTS (SELECT 1 FROM outbox WHERE inbox_id = i.id AND state = 'dead'))
+  AND (:before IS NULL
+    OR (i.received_at, i.id) < (SELECT received_at, id FROM inbox WHERE id = :before))
+ORDER BY i.received_at DESC, i.id DESC LIMIT :limit;
+
+-- name: delivery
+SELECT id, source, provider_event_id, received_at, state, reason, headers, LENGTH(raw_body)
+FROM inbox WHERE id = ?;
+
+-- name: delivery_calls
+SELECT id, route, state, event_id, attempts, created_at, done_at, reason, claimed, next_at, body
+FROM outbox WHERE inbox_id = ? ORDER BY id;
+
+-- name: raw_body
+SELECT raw_body FROM inbox WHERE id = ?;
+
+-- name: source_activity
+-- A source's latest delivery, and its deliveries (and those that failed) over the last hour
+-- and day; the dead calls' deliveries come from outbox_done.
+SELECT (SELECT MAX(received_at) FROM inbox WHERE source = :source),
+  (SELECT COUNT(*) FROM inbox WHERE source = :source AND received_at >= :hour),
+  (SELECT COUNT(*) FROM inbox WHERE source = :source AND received_at >= :day),
+  (SELECT COUNT(*) FROM inbox WHERE source = :source AND received_at >= :hour
+    AND (state = 'quarantined' OR id IN (SELECT inbox_id FROM outbox
+      WHERE state != 'pending' AND state = 'dead'))),
+  (SELECT COUNT(*) FROM inbox WHERE source = :source AND received_at >= :day
+    AND (state = 'quarantined' OR id IN (SELECT inbox_id FROM outbox
+      WHERE state != 'pending' AND state = 'dead')));
+
+-- name: rate_received
+SELECT CAST((received_at - :since) / :step AS INTEGER) AS bucket, COUNT(*) FROM inbox
+WHERE received_at >= :since GROUP BY bucket;
+
+-- name: rate_delivered
+SELECT CAST((done_at - :since) / :step AS INTEGER) AS bucket, COUNT(*) FROM outbox
+WHERE state != 'pending' AND state = 'delivered' AND done_at >= :since GROUP BY bucket;
+
+-- name: rate_dead
+SELECT CAST((done_at - :since) / :step AS INTEGER) AS bucket, COUNT(*) FROM outbox
+WHERE state != 'pending' AND state = 'dead' AND done_at >= :since GROUP BY bucket;
