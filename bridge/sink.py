@@ -9,10 +9,10 @@ batch, the published per-key rate limits (429 with `Retry-After`) and idempotenc
 
 Beyond the contract, under `/_sink/`: what it received (`events`), counters (`stats`),
 fault knobs (`knobs`: fail for the first N seconds, error rate, added latency, dropped
-connections, limits off, the accepted keys) and `reset`. Those two change the sink, so
-they refuse what a web page could send them from another site (see `_foreign`). A `rk_`
-key, read-only at Millimetric, gets 403 `read_only_key` on ingest routes: the contract
-names no code for that case.
+connections, limits off, the Retry-After of a 429, the accepted keys) and `reset`. Those
+two change the sink, so they refuse what a web page could send them from another site
+(see `_foreign`). A `rk_` key, read-only at Millimetric, gets 403 `read_only_key` on
+ingest routes: the contract names no code for that case.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ class SinkKnobs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     latency_ms: float = 0.0  # added to every ingest answer
     drop_rate: float = 0.0  # share of ingest requests handled, then cut off with no answer
     limits: bool = True  # enforce the published rate limits
+    # The Retry-After of every 429, as written ("7", an HTTP date, anything a server might
+    # send); None: the wait the rate limit computes, or 1 for a 429 from `fail_status`.
+    retry_after: str | None = None
     keys: list[str] = msgspec.field(default_factory=lambda: list(DEV_KEYS))
 
 
@@ -156,7 +159,7 @@ def _check_rate(state: SinkState, route: str, key: str) -> Response[bytes] | Non
         429,
         "rate_limited",
         f"{route}: {limit.rate:g}/s, burst {limit.burst:g}",
-        **{"retry-after": str(max(1, math.ceil(wait)))},
+        **{"retry-after": state.knobs.retry_after or str(max(1, math.ceil(wait)))},
     )
 
 
@@ -166,7 +169,8 @@ async def _ingest(state: SinkState, route: str, request: Request[Any, Any, Any])
     if knobs.latency_ms:
         await asyncio.sleep(knobs.latency_ms / 1000)
     if time.monotonic() < state.fail_until:
-        return _error(knobs.fail_status, "unavailable", "sink fault: failing on purpose")
+        wait = {"retry-after": knobs.retry_after or "1"} if knobs.fail_status == 429 else {}
+        return _error(knobs.fail_status, "unavailable", "sink fault: failing on purpose", **wait)
     if knobs.error_rate and random.random() < knobs.error_rate:  # noqa: S311 (a fault knob)
         return _error(500, "internal_error", "sink fault: random error")
     try:

@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from bridge.client import (
+    MAX_RETRY_AFTER,
     Accepted,
     AuthProblem,
     Invalid,
@@ -172,6 +173,45 @@ async def test_retry_after_as_http_date() -> None:
     assert 28 <= outcome.retry_after <= 30
 
 
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (199, Retryable),
+        (200, Accepted),
+        (204, Accepted),
+        (299, Accepted),
+        (300, Retryable),
+        (400, Invalid),
+        (401, AuthProblem),
+        (403, AuthProblem),
+        (404, Retryable),
+        (413, Invalid),
+        (422, Invalid),
+        (429, RateLimited),
+        (500, Retryable),
+        (503, Retryable),
+    ],
+)
+async def test_every_status_is_classified(status: int, outcome: type[object]) -> None:
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(status, json={"error": "some_code", "message": "in words"})
+
+    async with build_http_client(transport=httpx.MockTransport(answer)) as http:
+        # A host written with a trailing slash still makes one route.
+        got = await MillimetricClient(http, key=DEV_KEY, host="http://mm/").track(Track(event="x"))
+    assert type(got) is outcome
+    if isinstance(got, Invalid | AuthProblem | Retryable):
+        assert got.reason == f"{status} some_code: in words"
+        assert got.status == status
+    (request,) = sent
+    assert str(request.url) == "http://mm/v1/track"
+    assert request.headers["authorization"] == f"Bearer {DEV_KEY}"
+    assert request.headers["content-type"] == "application/json"
+
+
 def test_parse_retry_after() -> None:
     now = 1_700_000_000.0
     assert parse_retry_after("7", now=now) == 7.0
@@ -180,6 +220,47 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(email.utils.formatdate(now - 90, usegmt=True), now=now) == 0.0
     assert parse_retry_after(None) == 1.0
     assert parse_retry_after("soon") == 1.0
+    assert parse_retry_after("nan") == parse_retry_after("inf") == 1.0
+    assert parse_retry_after("-5") == 0.0
+    # A server's mistake (or a hostile one) cannot hold a lane for days: an hour at most.
+    assert MAX_RETRY_AFTER == 3600.0
+    assert parse_retry_after("3599.5", now=now) == 3599.5
+    assert parse_retry_after("99999999", now=now) == MAX_RETRY_AFTER
+    ten_days = email.utils.formatdate(now + 10 * 86400, usegmt=True)
+    assert parse_retry_after(ten_days, now=now) == MAX_RETRY_AFTER
+
+
+def test_a_retry_after_date_without_a_zone_is_gmt(monkeypatch: pytest.MonkeyPatch) -> None:
+    # RFC 9110 dates are GMT, whatever the machine's zone: "-0000" says no zone at all.
+    now = 1_700_000_000.0
+    zoneless = email.utils.formatdate(now + 90)
+    assert zoneless.endswith(" -0000")
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert parse_retry_after(zoneless, now=now) == 90.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.parametrize(
+    ("sent", "wait"),
+    [("7", 7.0), ("2.5", 2.5), ("0", 0.0), ("99999999", MAX_RETRY_AFTER)],
+)
+async def test_the_wait_is_the_retry_after_sent_up_to_an_hour(
+    http: httpx.AsyncClient, sink: RunningSink, sent: str, wait: float
+) -> None:
+    set_knobs(sink, fail_for_seconds=30, fail_status=429, retry_after=sent)
+    assert await client_for(http, sink).track(Track(event="x")) == RateLimited(wait)
+    # The rate limit's own 429s carry it too.
+    set_knobs(sink, fail_for_seconds=0)
+    client = client_for(http, sink)
+    outcomes = await asyncio.gather(
+        *(client.batch([Track(event="x", event_id=f"w{i}")]) for i in range(25))
+    )
+    assert RateLimited(wait) in outcomes  # past the burst of 20
+    assert {type(o) for o in outcomes} == {Accepted, RateLimited}
 
 
 def test_batch_body_is_the_wire_format() -> None:

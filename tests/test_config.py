@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -114,27 +115,34 @@ def test_commands_without_millimetric_need_no_key() -> None:
         load_settings({"MILLIMETRIC_KEY": "pk_a_b_c"}, require_key=False)
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        "serve",
-        "dev",
-        "sink",
-        "handlers",
-        "send-test",
-        "forget",
-        "outbox",
-        "outbox status",
-        "outbox dead",
-        "outbox replay",
-        "outbox purge",
-    ],
-)
+def commands(group: click.Group = main, prefix: str = "") -> list[str]:
+    """Every command and subcommand, as typed after `millimetric-bridge`."""
+    found = []
+    for name, command in sorted(group.commands.items()):
+        found.append(f"{prefix}{name}")
+        if isinstance(command, click.Group):
+            found += commands(command, f"{prefix}{name} ")
+    return found
+
+
+def test_the_commands_listed_are_the_documented_ones() -> None:
+    assert {"serve", "dev", "sink", "forget", "outbox status", "outbox replay"} <= set(commands())
+
+
+@pytest.mark.parametrize("command", commands())
 def test_every_command_has_useful_help(command: str) -> None:
     result = CliRunner().invoke(main, [*command.split(), "--help"])
     assert result.exit_code == 0
-    assert "Usage: main" in result.output or "Usage:" in result.output
-    assert len(result.output.splitlines()) >= 4
+    usage, _, rest = result.output.partition("\n")
+    assert usage.startswith(f"Usage: main {command} ")
+    # What it does, in words (its docstring), before the options.
+    described = rest.split("Options:")[0].split()
+    assert len(described) >= 5, result.output
+    # And its line in its group's list of commands says so too.
+    *parent, name = command.split()
+    listing = CliRunner().invoke(main, [*parent, "--help"]).output
+    (line,) = [line.split() for line in listing.splitlines() if line.split()[:1] == [name]]
+    assert len(line) >= 3, listing
 
 
 # -- refusals by the real command: one line on stderr, exit code 2, never the password ----

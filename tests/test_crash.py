@@ -82,7 +82,8 @@ def test_killed_mid_forward_then_restarted(sink: RunningSink, tmp_path: Path) ->
     for target in (1000, 2500, 4000):
         proc = start(db, sink)
         wait_for(lambda t=target: sink_stats(sink)["unique_event_ids"] >= t, within=30)
-        time.sleep(0.1)  # a batch is in flight: the sink answers after 250 ms
+        # Killed with a batch in flight (the sink answers after 250 ms).
+        wait_for(lambda: sink_stats(sink)["in_flight"] > 0, within=30)
         proc.kill()
         proc.wait(10)
         kills += 1

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import os
+import resource
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +38,7 @@ from bridge.store import sqlite as sqlite_store
 from bridge.store.sqlite import SQLiteStore
 from bridge.testing import sign
 from handlers.stripe import handler as stripe
-from tests.conftest import RunningSink, ServerThread, write_lock_held
+from tests.conftest import RunningSink, ServerThread, free_port, write_lock_held
 
 SECRET = "whsec_faults_secret"
 
@@ -297,14 +301,22 @@ def stored(event_id: str) -> Delivery:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs, when this machine lets us mount one (root in a container does)."""
+    """A 4 MiB tmpfs, when this machine lets us mount one (root in a container does).
+    Under BRIDGE_REQUIRE_TMPFS=1 (CI, which runs as root) a failed mount fails the test
+    rather than skipping it; without privileges, the RLIMIT_FSIZE test above still runs."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        made = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
+        )
+        problem = made.stderr.decode().strip() if made.returncode else ""
+    except OSError as error:  # no mount command at all
+        problem = str(error)
+    if problem:
+        if os.environ.get("BRIDGE_REQUIRE_TMPFS") == "1":
+            pytest.fail(f"cannot mount a tmpfs, BRIDGE_REQUIRE_TMPFS=1: {problem}", pytrace=False)
+        pytest.skip(f"cannot mount a tmpfs here: {problem}")
     try:
         yield mount
     finally:
@@ -346,6 +358,64 @@ def test_a_real_full_disk_gives_503_then_recovers(sink: RunningSink, small_disk:
     assert stored_inbox(small_disk / "bridge.db") == {"evt_roomy"} | {
         f"evt_fill{i}" for i in range(10)
     }
+
+
+SCRIPT = Path(sys.executable).parent / "millimetric-bridge"
+
+
+@contextlib.contextmanager
+def serving(sink: RunningSink, db: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A real `serve` process on `db`, once it answers /healthz: the process and its URL."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+        "MILLIMETRIC_HOST": sink.url,
+        "BRIDGE_DATABASE_URL": f"sqlite:///{db}",
+        "STRIPE_WEBHOOK_SECRET": SECRET,
+        "PORT": str(port),
+        "BRIDGE_HOST": "127.0.0.1",
+    }
+    proc = subprocess.Popen([SCRIPT, "serve"], env=env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: proc.poll() is not None or answers(f"{url}/healthz"))
+        assert proc.poll() is None, "serve exited at start-up"
+        yield proc, url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="prlimit(2) is Linux's")
+def test_files_that_cannot_grow_give_503_then_recover(sink: RunningSink, tmp_path: Path) -> None:
+    """The disk refusing the store's writes, without privileges: the `serve` process's
+    files may not grow past 32 KiB (RLIMIT_FSIZE, set on it from outside with prlimit), so
+    every write past that fails (EFBIG) as it would on a full disk. Deliveries are
+    answered 503, never 200; the limit lifted, the provider's retries are stored once."""
+    db = tmp_path / "bridge.db"
+    with serving(sink, db) as (proc, url):
+        assert post(url, delivery("roomy")).status_code == 200
+        _, hard = resource.prlimit(proc.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (32 * 1024, hard))
+        try:
+            refused = [post(url, delivery(f"big{i}", pad=50_000)) for i in range(5)]
+            assert [a.status_code for a in refused] == [503] * 5, refused[0].text
+            assert refused[0].json()["error"] == "store_unavailable"
+            assert httpx.get(f"{url}/healthz").status_code == 200  # no crash
+        finally:
+            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        again = [post(url, delivery(f"big{i}", pad=50_000)) for i in range(5)]
+        assert [a.json()["result"] for a in again] == ["accepted"] * 5
+        wait_for(lambda: len(sink.state.seen_event_ids) == 6)
+    assert stored_inbox(db) == {"evt_roomy"} | {f"evt_big{i}" for i in range(5)}
 
 
 @pytest.mark.anyio

@@ -6,6 +6,7 @@ import contextlib
 import math
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,8 @@ import httpx
 import msgspec
 import pytest
 
-from bridge.client import MillimetricClient, build_http_client
-from bridge.events import Forget, Track
+from bridge.client import MillimetricClient, batch_body, build_http_client
+from bridge.events import BATCH_MAX_BYTES, Forget, Track, encode
 from bridge.ratelimit import RateLimit
 from bridge.sink import DEV_KEY
 from bridge.stages.forward import Forwarder, ForwarderConfig
@@ -111,9 +112,47 @@ async def test_batches_hold_at_most_500_events(
     await fwd.stop()
     stats = await sink_get(http, sink, "stats")
     assert stats["unique_event_ids"] == 1200
-    assert stats["answers"] == {"batch 202": 3}  # 500 + 500 + 200
-    received = await sink_get(http, sink, "events", limit=2000)
-    assert sorted(e["body"]["event_id"] for e in received["events"]) == sorted(ids)
+    assert stats["answers"] == {"batch 202": 3}
+    received = (await sink_get(http, sink, "events", limit=2000))["events"]
+    assert sorted(e["body"]["event_id"] for e in received) == sorted(ids)
+    # The events of one request share its arrival time: 500 + 500 + 200.
+    assert sorted(Counter(e["arrived"] for e in received).values()) == [200, 500, 500]
+
+
+async def fill_bytes(store: Store, prefix: str, rows: int, batch: int) -> None:
+    """`rows` track events whose `/v1/batch` body, all in one, is `batch` bytes."""
+    base = [len(encode(Track(event="purchase", event_id=f"{prefix}{i}"))) for i in range(rows)]
+    padding = len(encode(Track(event="purchase", properties={"p": ""}))) - len(
+        encode(Track(event="purchase"))
+    )
+    room = batch - len(batch_body([b"x" * n for n in base])) - rows * padding
+    for i in range(rows):
+        share = room // rows + (1 if i < room % rows else 0)
+        call = Track(event="purchase", event_id=f"{prefix}{i}", properties={"p": "x" * share})
+        await store.accept(
+            Delivery(
+                source="test",
+                provider_event_id=f"{prefix}{i}",
+                received_at=time.time(),
+                calls=[call],
+            )
+        )
+
+
+async def test_a_batch_body_is_256kb_at_most_wrapper_included(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    # 40 events whose batch, `{"events":[...]}` and commas included, is exactly the limit:
+    # one request. Then 40 more, one byte larger in all: two.
+    for prefix, size, requests in (("a", BATCH_MAX_BYTES, 1), ("b", BATCH_MAX_BYTES + 1, 2)):
+        await fill_bytes(store, prefix, 40, size)
+        fwd = forwarder(store, http, sink)
+        fwd.start()
+        await wait_until(lambda: drained(store))
+        await fwd.stop()
+        stats = await sink_get(http, sink, "stats")
+        assert stats["answers"] == {"batch 202": requests + (prefix == "b")}, prefix
+    assert stats["unique_event_ids"] == 80
 
 
 async def test_batches_stay_under_256kb(
@@ -143,14 +182,61 @@ async def test_a_429_storm_delays_but_loses_nothing(
     await wait_until(lambda: drained(store), within=60)
     await fwd.stop()
     stats = await sink_get(http, sink, "stats")
-    assert stats["answers"].get("batch 429", 0) >= 1
+    limited = stats["answers"].get("batch 429", 0)
+    assert limited >= 1
     assert stats["unique_event_ids"] == 1500
-    assert fwd.counts["rate_limited"] >= 1
+    assert fwd.counts["rate_limited"] == limited
+    # 30 requests, 20 in the sink's burst, then 5 a second: each 429 holds the lane for
+    # its Retry-After (1 s), in which the sink refills 5, so two or three holds do. At most
+    # 4 requests are in flight when one is answered 429: 12 at most (a lane that ignored
+    # Retry-After got 150).
+    assert limited <= 12
     assert fwd.counts["dead"] == 0
     db = sqlite3.connect(tmp_path / "bridge.db")
     attempts = db.execute("SELECT MAX(attempts) FROM outbox").fetchone()[0]
     db.close()
     assert attempts == 0  # a 429 is not a failed attempt
+
+
+async def test_a_429_holds_the_lane_for_its_retry_after(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    await fill(store, 100)
+    # A second of 429s, each saying to wait 3 s: one request, one hold, then everything.
+    await knobs(http, sink, fail_for_seconds=1.0, fail_status=429, retry_after="3")
+    started = time.time()
+    fwd = forwarder(store, http, sink, msgspec.structs.replace(FAST, max_in_flight=1))
+    fwd.start()
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    stats = await sink_get(http, sink, "stats")
+    assert stats["answers"] == {"batch 429": 1, "batch 202": 1}
+    received = (await sink_get(http, sink, "events"))["events"]
+    assert len(received) == 100
+    assert min(e["arrived"] for e in received) >= started + 3.0  # not after the 1 s outage
+
+
+async def test_a_retry_after_of_days_holds_the_rows_an_hour_at_most(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink, tmp_path: Path
+) -> None:
+    await fill(store, 10)
+    await knobs(http, sink, fail_for_seconds=60, fail_status=429, retry_after="864000")
+    fwd = forwarder(store, http, sink)
+    started = time.time()
+    fwd.start()
+
+    async def limited() -> bool:
+        return fwd.counts["rate_limited"] >= 1
+
+    await wait_until(limited)
+    answered = time.time()
+    await fwd.stop()
+    assert (await sink_get(http, sink, "stats"))["answers"] == {"batch 429": 1}
+    with contextlib.closing(sqlite3.connect(tmp_path / "bridge.db")) as db:
+        due = db.execute("SELECT state, MIN(next_at), MAX(next_at) FROM outbox").fetchone()
+    state, first, last = due
+    assert state == "pending"
+    assert started + 3600 <= first <= last <= answered + 3600  # not ten days
 
 
 async def test_the_published_pace_provokes_no_429(

@@ -190,9 +190,13 @@ def test_tampered_bodies_and_wrong_secrets_are_refused(handler: Handler, event: 
     if getattr(handler.scheme, "signs_body", True):  # a bearer token (Auth0) signs nothing
         with pytest.raises(SignatureInvalid):
             handler.scheme.verify(tampered, [TEST_SECRET], 300)
+    others = ["whsec_b3RoZXIgc2VjcmV0", "whsec_dGhpcmQgc2VjcmV0"]
     with pytest.raises(SignatureInvalid):
-        handler.scheme.verify(request, ["whsec_b3RoZXIgc2VjcmV0"], 300)
-    handler.scheme.verify(request, ["whsec_b3RoZXIgc2VjcmV0", TEST_SECRET], 300)  # rotation
+        handler.scheme.verify(request, others, 300)
+    # Rotation: the right secret is found first, in the middle and last of those listed.
+    for place in range(len(others) + 1):
+        secrets = [*others[:place], TEST_SECRET, *others[place:]]
+        handler.scheme.verify(request, secrets, 300)
 
 
 @pytest.mark.parametrize(("handler", "event"), TIMED_SAMPLES, ids=ids)

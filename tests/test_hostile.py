@@ -35,10 +35,10 @@ from structlog.testing import capture_logs
 from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.errors import SignatureInvalid
-from bridge.plugin import WebhookRequest
+from bridge.plugin import Handler, Sample, WebhookRequest
 from bridge.registry import load_handlers
 from bridge.sink import SinkState, create_sink_app
-from bridge.testing import TEST_SECRET, sign
+from bridge.testing import TEST_SECRET, run_handler, sign
 from tests.conftest import ServerThread, subscription_event, translated
 
 HANDLERS = load_handlers()
@@ -371,6 +371,42 @@ def test_the_same_delivery_fifty_times_at_once_is_stored_and_sent_once(bridge: B
     assert bridge.sink.duplicates == resends  # not even a resend: forwarded once
 
 
+def test_the_request_id_is_the_platforms_when_sane_else_a_new_one(bridge: Bridge) -> None:
+    sent = iter(range(100))
+
+    def answered(**headers: str) -> str:
+        body = subscription(f"request-id-{next(sent)}")
+        answer = bridge.post("/webhooks/stripe", body, {**signed(body), **headers})
+        assert answer.status_code == 200, answer.text
+        return answer.headers["x-request-id"]
+
+    assert answered(**{"fly-request-id": "fly-1", "x-request-id": "proxy-1"}) == "fly-1"
+    assert answered(**{"x-request-id": "Proxy-2-abc"}) == "Proxy-2-abc"
+    assert answered(**{"x-request-id": "a" * 64}) == "a" * 64
+    made = {answered(**{"x-request-id": bad}) for bad in ("a" * 65, "a b", "a_b", "a.b")}
+    made |= {answered(), answered()}
+    assert len(made) == 6  # each a new one, unique
+    assert all(re.fullmatch(r"[0-9a-f]{32}", new) for new in made), made
+
+
+@pytest.mark.parametrize("announced", [True, False], ids=["content-length", "streamed"])
+def test_a_body_of_exactly_the_limit_is_read_one_byte_more_is_413(
+    bridge: Bridge, announced: bool
+) -> None:
+    limit = 1024 * 1024  # BRIDGE_MAX_BODY_BYTES's default
+
+    def body(size: int) -> bytes | Iterator[bytes]:
+        whole = b" " * size
+        return whole if announced else iter([whole[: size // 2], whole[size // 2 :]])
+
+    before = bridge.inbox()
+    exact = bridge.http.post(f"{bridge.url}/webhooks/stripe", content=body(limit))
+    assert exact.status_code == 401  # read whole, then refused for its missing signature
+    over = bridge.http.post(f"{bridge.url}/webhooks/stripe", content=body(limit + 1))
+    assert over.status_code == 413
+    assert bridge.inbox() == before
+
+
 # -- property-based: whatever the bytes and headers ------------------------------------------
 
 SOURCES = st.sampled_from(sorted(HANDLERS))
@@ -425,9 +461,51 @@ def test_unverified_deliveries_are_never_stored_nor_forwarded(
 ) -> None:
     before, forwarded = bridge.inbox(), len(bridge.sink.received)
     answer = bridge.post(f"/webhooks/{source}", body, headers)
-    assert answer.status_code in (400, 401), answer.text
+    # Verification comes before anything reads the body: whatever it holds, a 401.
+    assert answer.status_code == 401, answer.text
     assert bridge.inbox() == before
     assert len(bridge.sink.received) == forwarded
+
+
+OTHER_SECRET = "whsec_" + "b3RoZXIgc2VjcmV0IG9mIHRoZSBzYW1lIHNoYXBl"  # base64, as real ones are
+
+
+def forgeries(handler: Handler, sample: Sample) -> list[tuple[str, dict[str, str], bytes]]:
+    """A recorded sample, which parses and translates, sent with no valid signature: its
+    own headers (delivery id, topic) kept, so that only verification can refuse it."""
+    body, extra = sample.body, dict(sample.headers)
+    tampered = body.replace(b"}", b" }", 1)
+    cases = [
+        ("no signature", extra, body),
+        ("another secret", {**sign(handler, body, OTHER_SECRET), **extra}, body),
+    ]
+    if getattr(handler.scheme, "signs_body", True):  # a bearer token (Auth0) signs no body
+        cases.append(("signed, then changed", {**sign(handler, body), **extra}, tampered))
+        cases.append(("another body's signature", {**sign(handler, tampered), **extra}, body))
+    return cases
+
+
+READABLE = [
+    (name, event)
+    for name, h in sorted(HANDLERS.items())
+    for event, sample in sorted(h.samples().items())
+    if run_handler(h, sample.body, headers=sample.headers).calls
+]
+
+
+@pytest.mark.parametrize(("source", "event"), READABLE, ids=[f"{s}:{e}" for s, e in READABLE])
+def test_unverified_samples_that_would_translate_are_refused_and_never_stored(
+    bridge: Bridge, source: str, event: str
+) -> None:
+    handler = HANDLERS[source]
+    sample = handler.samples()[event]
+    for what, headers, body in forgeries(handler, sample):
+        before, forwarded = bridge.inbox(), len(bridge.sink.received)
+        answer = bridge.post(f"/webhooks/{source}", body, headers)
+        assert answer.status_code == 401, (what, answer.text)
+        assert answer.json()["error"] == "invalid_signature", what
+        assert bridge.inbox() == before, what
+        assert len(bridge.sink.received) == forwarded, what
 
 
 @QUICK

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.errors import PayloadInvalid
-from bridge.money import EXPONENTS, exponent, to_minor_units
+from bridge.money import CURRENCIES, EXPONENTS, exponent, to_minor_units
 
 # The ISO 4217 codes whose minor unit is not a hundredth, written out again here.
 # fmt: off
@@ -114,6 +114,26 @@ def test_exponents_follow_iso_4217() -> None:
     assert {c: exponent(c) for c in FOUR} == dict.fromkeys(FOUR, 4)
     assert set(EXPONENTS) == {*ZERO, *THREE, *FOUR}  # every other code has two
     assert [exponent(c) for c in ("USD", "EUR", "GBP", "CAD", "jpy", "kwd")] == [2, 2, 2, 2, 0, 3]
+
+
+def test_an_unknown_code_has_two_digits_unless_only_known_ones_are_taken() -> None:
+    assert "XYZ" not in CURRENCIES
+    assert exponent("XYZ") == 2
+    assert to_minor_units("1.00", "XYZ") == 100
+    for known in ("usd", "JPY", "KWD"):  # what is known is taken either way
+        assert exponent(known, known_only=True) == exponent(known)
+    assert to_minor_units("1.5", "kwd", known_only=True) == 1500
+    with pytest.raises(PayloadInvalid, match=r"unknown currency 'XYZ': not an ISO 4217 code"):
+        exponent("XYZ", known_only=True)
+    with pytest.raises(PayloadInvalid, match="unknown currency 'xyz'"):
+        to_minor_units("1.00", "xyz", known_only=True)
+
+
+def test_refusals_say_what_was_refused() -> None:
+    with pytest.raises(PayloadInvalid, match=r"^not a decimal amount: '1e3'$"):
+        to_minor_units("1e3", "USD")
+    with pytest.raises(PayloadInvalid, match=r"^1\.005 has more decimals than USD has \(2\)$"):
+        to_minor_units("1.005", "usd")
 
 
 currencies = st.sampled_from(["USD", "EUR", "JPY", "KRW", "KWD", "BHD", "CLF", "UYW"])

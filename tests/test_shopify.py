@@ -881,10 +881,17 @@ def test_malformed_deliveries_are_quarantined_and_unsigned_ones_refused(bridge: 
 
 
 def test_the_test_secret_signs_samples_for_run_handler() -> None:
-    """bridge.testing's secret works with this scheme too (what the contract test uses)."""
+    """bridge.testing's secret works with this scheme too (what the contract test uses):
+    the header is Shopify's HMAC of the body with it, and the sample translates."""
     sample = handler.samples()["orders/paid"]
     signed = signed_request(handler, sample.body, headers=sample.headers)
+    mac = hmac.new(TEST_SECRET.encode(), sample.body, hashlib.sha256).digest()
+    assert signed.headers["x-shopify-hmac-sha256"] == base64.b64encode(mac).decode()
     handler.scheme.verify(signed, [TEST_SECRET], 300)
+    with pytest.raises(SignatureInvalid):
+        handler.scheme.verify(signed, ["another secret"], 300)
+    calls = run_handler(handler, sample.body, headers=sample.headers).calls
+    assert [c.event for c in calls if isinstance(c, Track)] == ["purchase"]
 
 
 # -- shop/redact ----------------------------------------------------------------------------

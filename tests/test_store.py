@@ -24,8 +24,10 @@ from bridge.store import (
     Translation,
     derived_event_id,
     open_store,
+    operations,
 )
 from bridge.store import sqlite as sqlite_store
+from bridge.store.operations import CLEANUP_CHUNK
 from tests.conftest import table_rows, write_lock_held
 
 pytestmark = pytest.mark.anyio
@@ -78,7 +80,42 @@ async def test_every_track_row_gets_a_stable_event_id(store: Store) -> None:
     rows = await store.claim("track", 10, 1 << 20, NOW)
     ids = [msgspec.json.decode(r.body)["event_id"] for r in rows]
     assert ids == [derived_event_id("stripe", "evt_9", 0), "own"]
-    assert derived_event_id("stripe", "evt_9", 0) == derived_event_id("stripe", "evt_9", 0)
+
+
+def test_derived_event_ids_are_recorded_values_unique_to_source_delivery_and_place() -> None:
+    # Millimetric dedupes on these ids: one that changed across versions would count a
+    # redelivery after an upgrade twice, so they are pinned as they always were.
+    assert derived_event_id("stripe", "evt_9", 0) == "97f8b83f5df34b8dd172ad318df4e575"
+    assert derived_event_id("stripe", "evt_9", 1) == "9fa3604ebed3816bd7e21bcc1c5b9d84"
+    places = [
+        (source, delivery_id, index)
+        for source in ("stripe", "stripe-eu", "shopify")
+        for delivery_id in ("evt_1", "evt_2", "evt_10")
+        for index in range(3)
+    ]
+    # Fields that could run together if joined without a separator stay apart too.
+    places += [("stripe", "evt_11", 0), ("stripe", "evt_1", 10), ("stripeevt_1", "", 0)]
+    assert len({derived_event_id(*place) for place in places}) == len(places)
+
+
+async def test_calls_without_an_event_id_never_collide_across_sources_or_places(
+    store: Store,
+) -> None:
+    """Two calls of one delivery, and the same delivery id from two sources: every call
+    is its own row, none taken for a redelivery of another."""
+    for source in ("stripe", "stripe-eu"):
+        calls = (
+            Track(event="a", user_id="u1"),
+            Track(event="a", user_id="u1"),
+            # Links not yet known (a known one is not sent again): each its own row.
+            Identify(user_id=f"{source}-u1", anonymous_id="a1"),
+            Identify(user_id=f"{source}-u2", anonymous_id="a2"),
+        )
+        assert await store.accept(delivery("evt_1", *calls, source=source)) == "accepted"
+    tracks = await store.claim("track", 10, 1 << 20, NOW)
+    ids = [msgspec.json.decode(r.body)["event_id"] for r in tracks]
+    assert len(ids) == len(set(ids)) == 4
+    assert len(await store.claim("identify", 10, 1 << 20, NOW)) == 4
 
 
 async def test_claim_respects_count_bytes_and_claims(store: Store) -> None:
@@ -96,9 +133,26 @@ async def test_claim_respects_count_bytes_and_claims(store: Store) -> None:
 
 
 async def test_a_row_larger_than_the_budget_is_claimed_alone(store: Store) -> None:
-    await store.accept(delivery("big", Track(event="x", properties={"p": "y" * 5000})))
-    rows = await store.claim("track", 100, 100, NOW)
-    assert len(rows) == 1
+    for name in ("big", "bigger"):
+        await store.accept(delivery(name, Track(event=name, properties={"p": "y" * 5000})))
+    await store.accept(delivery("small", Track(event="small")))
+    claims = [await store.claim("track", 100, 100, NOW) for _ in range(4)]
+    events = [[msgspec.json.decode(r.body)["event"] for r in rows] for rows in claims]
+    assert events == [["big"], ["bigger"], ["small"], []]  # none takes another along
+
+
+async def test_claim_fills_the_byte_budget_exactly(store: Store) -> None:
+    for i in range(5):
+        await store.accept(delivery(f"e{i}", Track(event="x", event_id=f"id{i}")))
+    everything = await store.claim("track", 100, 1 << 20, NOW)
+    ids = [r.id for r in everything]
+    one = len(everything[0].body) + 1  # a body and its comma in the batch
+    assert {len(r.body) + 1 for r in everything} == {one}
+    for budget, taken in ((3 * one, 3), (3 * one - 1, 2), (one, 1), (5 * one, 5)):
+        await store.retry(ids, NOW, count_attempt=False)  # all due again
+        assert len(await store.claim("track", 100, budget, NOW)) == taken, budget
+    await store.retry(ids, NOW, count_attempt=False)
+    assert len(await store.claim("track", 4, 1 << 20, NOW)) == 4  # the count, exactly
 
 
 async def test_retry_makes_rows_due_later_and_counts_attempts(store: Store) -> None:
@@ -218,6 +272,46 @@ async def test_cleanup_follows_retention(store: Store) -> None:
     assert counts == {"delivered": 2, "raw_payloads": 2, "inbox": 1}
     stats = await store.stats(NOW)
     assert (stats.inbox, stats.raw_payloads, stats.delivered, stats.pending) == (2, 1, 0, 1)
+
+
+async def test_cleanup_goes_on_past_its_first_chunk(store: Store) -> None:
+    """Retention drops rows in chunks of 5,000, each its own transaction: more than one
+    chunk is dropped in full, and what is within retention stays."""
+    day = 86400.0
+    many = [Track(event="x", event_id=f"bulk{i}") for i in range(CLEANUP_CHUNK + 1)]
+    await store.accept(delivery("bulk", *many, at=NOW - 8 * day))
+    await store.accept(delivery("new", at=NOW))
+    rows = await store.claim("track", 2 * len(many), 1 << 30, NOW)
+    assert len(rows) == len(many) + 1
+    await store.delivered([r.id for r in rows], NOW - 8 * day)
+    counts = await store.cleanup(Retention(), NOW)
+    assert counts == {"delivered": len(many) + 1, "raw_payloads": 1, "inbox": 0}
+    assert (await store.stats(NOW)).delivered == 0
+
+
+async def test_erasing_a_user_takes_every_call_however_many(store: Store) -> None:
+    many = [Track(event="x", event_id=f"u1-{i}", user_id="u1") for i in range(CLEANUP_CHUNK + 1)]
+    await store.accept(delivery("bulk", *many))
+    await store.accept(delivery("other", Track(event="x", event_id="u2-0", user_id="u2")))
+    assert await store.erase("u1") == len(many) + 1  # the calls and the raw payload
+    (left,) = await store.claim("track", 2 * len(many), 1 << 30, NOW)
+    assert msgspec.json.decode(left.body)["user_id"] == "u2"
+
+
+async def test_cleanup_of_every_kind_goes_on_past_a_chunk(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(operations, "CLEANUP_CHUNK", 3)  # 3 rows a chunk: 7 make three
+    day = 86400.0
+    for i in range(7):
+        await store.accept(delivery(f"old{i}", at=NOW - 40 * day))
+    await store.accept(delivery("new", at=NOW))
+    rows = await store.claim("track", 100, 1 << 30, NOW)
+    await store.delivered([r.id for r in rows[:7]], NOW - 8 * day)
+    counts = await store.cleanup(Retention(), NOW)
+    assert counts == {"delivered": 7, "raw_payloads": 7, "inbox": 7}
+    stats = await store.stats(NOW)
+    assert (stats.inbox, stats.raw_payloads, stats.delivered, stats.pending) == (1, 1, 0, 1)
 
 
 async def test_paused_reason_is_shared_through_the_store(store: Store) -> None:

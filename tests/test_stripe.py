@@ -127,6 +127,44 @@ def test_sdk_signed_fixtures_verify() -> None:
             handler.scheme.verify(request, [signatures["secret"]], 300)
 
 
+def scheme_request(headers: dict[str, str], body: bytes = b'{"id":"evt_r"}') -> WebhookRequest:
+    return WebhookRequest(source="stripe", headers=headers, body=body, received_at=time.time())
+
+
+def test_each_refusal_says_why_in_a_few_words() -> None:
+    """What the 401 says, per cause: an operator reads it to tell a wrong secret from a
+    clock that is off."""
+    now = int(time.time())
+    body = b'{"id":"evt_r"}'
+    good = signed(body, SECRET, now)[1]["stripe-signature"]
+    old = signed(body, SECRET, now - 400)[1]["stripe-signature"]
+    ahead = signed(body, SECRET, now + 400)[1]["stripe-signature"]
+    cases = [
+        ({}, body, "missing Stripe-Signature header"),
+        (
+            {"stripe-signature": good},
+            b"\xff\xfe",
+            "body is not UTF-8, so it cannot carry a valid signature",
+        ),
+        ({"stripe-signature": "t=1,v1=\xe9"}, body, "malformed Stripe-Signature header"),
+        ({"stripe-signature": f"t={now}"}, body, "malformed Stripe-Signature header"),
+        ({"stripe-signature": "v1=" + "0" * 64}, body, "malformed Stripe-Signature header"),
+        ({"stripe-signature": ahead}, body, "timestamp ahead of the 300s tolerance"),
+        ({"stripe-signature": old}, body, "timestamp outside the 300s tolerance"),
+        (
+            {"stripe-signature": f"t={now},v1={'0' * 64}"},
+            body,
+            "no valid Stripe signature for any configured secret",
+        ),
+    ]
+    for headers, sent, reason in cases:
+        with pytest.raises(SignatureInvalid) as refused:
+            handler.scheme.verify(scheme_request(headers, sent), [SECRET], 300)
+        assert str(refused.value) == reason, headers
+    # A blank secret (a stray comma in the variable) is passed over, not the end of the list.
+    handler.scheme.verify(scheme_request({"stripe-signature": good}, body), [" ", SECRET], 300)
+
+
 def test_one_off_checkout_payment(bridge: Bridge) -> None:
     event = fixture(
         "checkout.session.completed",
@@ -217,6 +255,60 @@ def test_partial_then_full_refund(bridge: Bridge) -> None:
         (r["event"], r["properties"]["amount_cents"], r["properties"]["fully_refunded"])
         for r in refunds
     ] == [("refund", 500, False), ("refund", 1000, True)]
+
+
+@pytest.mark.parametrize("newest_first", [True, False], ids=["newest first", "oldest first"])
+def test_a_refund_without_previous_attributes_is_the_newest_refund(
+    bridge: Bridge, newest_first: bool
+) -> None:
+    """With no `previous_attributes`, what this event refunded is the newest refund in the
+    charge's list (Stripe lists the newest first), never an older one nor the total."""
+    older = {"id": "re_old", "object": "refund", "amount": 500, "created": 1658982000}
+    newer = {"id": "re_new", "object": "refund", "amount": 300, "created": 1658982465}
+    listed = [newer, older] if newest_first else [older, newer]
+    event = fixture(
+        "charge.refunded",
+        amount=1500,
+        amount_refunded=800,
+        refunds={"object": "list", "data": listed, "has_more": False, "total_count": 2},
+    )
+    assert bridge.post(event).json()["result"] == "accepted"
+    (refund,) = bridge.arrived(1)
+    assert (refund["event"], refund["properties"]["amount_cents"]) == ("refund", 300)
+
+
+def v1(body: bytes, secret: str, timestamp: int) -> str:
+    """The `v1` signature Stripe computes for one endpoint secret."""
+    header = stripe.WebhookSignature.generate_signature_header(body.decode(), secret, timestamp)
+    return header.split("v1=")[1]
+
+
+@pytest.mark.parametrize("order", ["old,new", "new,old", "old,v0,new", "v0,old,new"])
+def test_a_header_with_a_signature_per_secret_is_verified_by_any_of_them(
+    bridge: Bridge, order: str
+) -> None:
+    """While a secret is rolled, Stripe signs with the old and the new one: one `v1=`
+    each, in either order. A source that knows only the new secret finds its signature
+    wherever it is listed."""
+    event = fixture("invoice.paid", id_=f"evt_rolled_{order}")
+    body = msgspec.json.encode(event)
+    now = int(time.time())
+    entries = {"old": v1(body, OLD_SECRET, now), "new": v1(body, SECRET, now), "v0": "ab" * 32}
+    header = f"t={now}," + ",".join(
+        f"{'v0' if name == 'v0' else 'v1'}={entries[name]}" for name in order.split(",")
+    )
+    answer = httpx.post(
+        f"{bridge.url}/webhooks/stripe-live", content=body, headers={"stripe-signature": header}
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["result"] == "accepted"
+    # Signatures of secrets it does not hold, however many: refused.
+    other = msgspec.json.encode({**event, "id": f"{event['id']}_other"})
+    others = f"t={now},v1={v1(other, OLD_SECRET, now)},v1={v1(other, 'whsec_x', now)}"
+    refused = httpx.post(
+        f"{bridge.url}/webhooks/stripe-live", content=other, headers={"stripe-signature": others}
+    )
+    assert refused.status_code == 401
 
 
 def test_redelivery_is_recognised(bridge: Bridge) -> None:

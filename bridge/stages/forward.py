@@ -312,7 +312,9 @@ class Forwarder:
         return self.paused is not None or self._not_before[route] > self.clock()
 
     async def _claim(self, route: Route, limit: int) -> list[OutboxRow]:
-        budget = self.config.batch_bytes - _WRAPPER if route == "track" else 1 << 30
+        # The store counts a comma after every body and the last has none (the + 1): a
+        # batch of exactly `batch_bytes` fits.
+        budget = self.config.batch_bytes - _WRAPPER + 1 if route == "track" else 1 << 30
         return await self.store.claim(route, limit, budget, self.clock())
 
     def _spawn(self, work: Awaitable[None]) -> None:
