@@ -5,9 +5,11 @@ about the user after it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -25,6 +27,8 @@ from bridge.config import load_settings
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.events import BATCH_MAX_BYTES, PROPERTIES_MAX_BYTES
 from bridge.sink import DEV_KEY
+from bridge.stages import relay as relay_stage
+from bridge.stages.translate import Translator
 from bridge.testing import sign
 from handlers.stripe import handler as stripe
 from tests.conftest import RunningSink, ServerThread
@@ -480,6 +484,91 @@ def mentions(db: Path, needle: str) -> bool:
     )
 
 
+@contextlib.contextmanager
+def translation_held(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """The translate stage's loop waits until the event is set (as on a bridge whose stage
+    is behind): deliveries stay untranslated meanwhile."""
+    release = threading.Event()
+    run = Translator.run
+
+    async def held(self: Translator, stopping: asyncio.Event) -> None:
+        await asyncio.to_thread(release.wait)
+        await run(self, stopping)
+
+    monkeypatch.setattr(Translator, "run", held)
+    try:
+        yield release
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("caught_up", [True, False], ids=["caught-up", "not-caught-up"])
+def test_a_forget_reaches_the_calls_before_it_that_wait_for_translation(
+    sink: RunningSink,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caught_up: bool,
+) -> None:
+    """Calls about a user appended but not yet translated when their forget comes: none
+    reaches Millimetric, the forget does, and so do other users' calls, the batch's
+    included. The forget first translates what waits (`caught-up`); when that takes too
+    long (`not-caught-up`: no time for it) the forget goes ahead, and the user's calls are
+    dropped as they are translated (their tombstone)."""
+    user, visitor, keep = "usr_waiting_forget", "anon_waiting_forget", "usr_waiting_keep"
+    if not caught_up:
+        monkeypatch.setattr(relay_stage, "CATCH_UP_SECONDS", 0.0)
+    knobs(sink, keys=[])  # forwarding paused too: nothing is sent before the forget
+    with translation_held(monkeypatch) as release, serve(sink, database_url) as server:
+        before = [
+            (
+                "track",
+                {"event": "signup", "event_id": "w1", "user_id": user, "anonymous_id": visitor},
+            ),
+            ("track", {"event": "viewed", "event_id": "w2", "anonymous_id": visitor}),
+            (
+                "batch",
+                {
+                    "events": [
+                        {"event": "bought", "event_id": "w3", "user_id": user},
+                        {"event": "bought", "event_id": "k1", "user_id": keep},
+                    ]
+                },
+            ),
+            ("identify", {"user_id": user, "traits": {"plan": "pro"}}),
+            ("track", {"event": "viewed", "event_id": "k2", "user_id": keep}),
+        ]
+        for route, body in before:
+            assert post(server.url, route, body).status_code == 202
+        assert httpx.get(f"{server.url}/readyz").json()["untranslated"] == len(before)
+
+        assert post(server.url, "forget", {"user_id": user}).json() == {"ok": True}
+        waiting = httpx.get(f"{server.url}/readyz").json()["untranslated"]
+        assert waiting == (0 if caught_up else len(before))
+        if caught_up and database_url.startswith("sqlite:///"):
+            db = tmp_path / "bridge.db"  # erased before the 202, the batch's payload too
+            assert not mentions(db, visitor)
+            # What is left of the user is the forget itself, until it is sent.
+            assert {route for route, body in outbox(db) if user in body} <= {"forget"}
+        release.set()
+        knobs(sink, keys=[DEV_KEY])
+        wait_for(
+            lambda: (
+                {"k1", "k2"} <= {c.get("event_id") for c in sink_calls(sink)}
+                and sink.state.answers["forget 202"]
+            )
+        )
+        time.sleep(1.0)  # anything more would show by now
+        calls = sink_calls(sink)
+    # Not caught up, the visitor's own track is not known to be the user's when it is
+    # translated (its link came with a call that the forget dropped): why the forget
+    # translates what waits first.
+    names = (user, visitor) if caught_up else (user,)
+    about = [c for c in calls if any(name in json.dumps(c) for name in names)]
+    assert about == [{"route": "forget", "user_id": user}]
+    assert {c["event_id"] for c in calls if c["route"] == "track"} >= {"k1", "k2"}
+
+
 def test_forget_needs_a_secret_key_and_a_user(sqlite_relay: ServerThread) -> None:
     refused = post(
         sqlite_relay.url, "forget", {"user_id": "u"}, {"authorization": "Bearer rk_live_x_y"}
@@ -601,22 +690,33 @@ def test_relay_settings_and_their_defaults() -> None:
         (sqlite3.InterfaceError("quoting usr_secret_value"), "the store failed: InterfaceError"),
     ],
 )
+@pytest.mark.parametrize(
+    ("route", "body", "operation"),
+    [
+        # A track is appended to the inbox; a forget is stored with its erasure at once.
+        ("track", {"event": "x", "user_id": "usr_secret_value"}, "append"),
+        ("forget", {"user_id": "usr_secret_value"}, "accept"),
+    ],
+)
 def test_a_store_that_cannot_take_a_call_is_503_with_retry_after(
     sink: RunningSink,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     raised: Exception,
     message: str,
+    route: str,
+    body: dict[str, Any],
+    operation: str,
 ) -> None:
     app = create_app(load_settings(relay_env(sink, f"sqlite:///{tmp_path}/bridge.db")))
     with ServerThread(app) as server:
 
-        async def accept(delivery: Any) -> Any:
+        async def refuse(delivery: Any) -> Any:
             raise raised
 
-        monkeypatch.setattr(app.state.store, "accept", accept)
+        monkeypatch.setattr(app.state.store, operation, refuse)
         with capture_logs() as lines:
-            answer = post(server.url, "track", {"event": "x", "user_id": "usr_secret_value"})
+            answer = post(server.url, route, body)
         assert answer.status_code == 503
         assert answer.json() == {"ok": False, "error": "store_unavailable", "message": message}
         assert answer.headers["retry-after"] == "5"
@@ -628,4 +728,4 @@ def test_a_store_that_cannot_take_a_call_is_503_with_retry_after(
         )
         assert "usr_secret_value" not in json.dumps(lines, default=str)
         monkeypatch.undo()  # the store takes calls again
-        assert post(server.url, "track", {"event": "x"}).status_code == 202
+        assert post(server.url, route, body).status_code == 202

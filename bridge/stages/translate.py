@@ -115,6 +115,8 @@ class Translator:
         self.config = config or TranslatorConfig()
         self.on_queued: Callable[[Route], None] = lambda route: None
         self._wake = asyncio.Event()
+        # One batch at a time in this process: the loop's and a forget's (`catch_up`).
+        self._stepping = asyncio.Lock()
         self._arrivals = 0  # deliveries intake stored here (each wakes the stage)
         # (when, arrivals) at the last batch; the loop's clock is time.monotonic's.
         self._since: tuple[float, int] = (time.monotonic(), 0)
@@ -178,16 +180,33 @@ class Translator:
 
     async def step(self, limit: int | None = None) -> int:
         """Translate the oldest waiting deliveries, one batch; how many."""
-        stored = await self.store.untranslated(limit or self.config.batch)
-        if not stored:
-            return 0
-        translations = [translate_one(delivery, self.sources) for delivery in stored]
-        try:
-            await self.store.record(translations)
-        except StoreUnavailable:
-            translations = await self._one_by_one(translations)
-        self._report(translations)
-        return len(stored)
+        async with self._stepping:
+            stored = await self.store.untranslated(limit or self.config.batch)
+            if not stored:
+                return 0
+            translations = [translate_one(delivery, self.sources) for delivery in stored]
+            try:
+                await self.store.record(translations)
+            except StoreUnavailable:
+                translations = await self._one_by_one(translations)
+            self._report(translations)
+            return len(stored)
+
+    async def catch_up(self, within: float) -> bool:
+        """Translate what waits now, batch after batch, here and at once (on an instance
+        that stands by too), for at most `within` seconds; whether nothing was left.
+
+        A forget carried out before its 202 (the relay's) first lets what came before it
+        reach the outbox: there its calls are erased with the user's, and a visitor it
+        links to the user is known to be theirs. A delivery translated after the forget
+        is stored without the user's calls all the same (their tombstone), but a call
+        naming only that visitor would not be known as theirs."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while loop.time() < deadline:
+            if await self.step() < self.config.batch:
+                return True
+        return False
 
     async def _one_by_one(self, translations: Sequence[Translation]) -> list[Translation]:
         """A batch the store refused, one delivery at a time: one delivery that the store
@@ -211,11 +230,12 @@ class Translator:
             source = translation.delivery.source
             if translation.failure is None:
                 metrics.TRANSLATED.labels(source).inc()
-                routes.update(
-                    route_of(o)
-                    for o in translation.outputs
-                    if isinstance(o, Track | Identify | Forget)
-                )
+                for output in translation.outputs:
+                    if isinstance(output, Track | Identify | Forget):
+                        routes.add(route_of(output))
+                    # A track naming both ids may teach the link: its identify goes first.
+                    if isinstance(output, Track) and output.anonymous_id and output.user_id:
+                        routes.add("identify")
                 continue
             kind = translation.failure.partition(":")[0]
             metrics.TRANSLATE_FAILURES.labels(source, kind).inc()
