@@ -33,7 +33,7 @@ from bridge.registry import RELAY_SOURCE
 from bridge.sink import DEV_KEY
 from bridge.stages import relay as relay_stage
 from bridge.stages.relay_handler import Relayed, encoded, with_relay
-from bridge.stages.translate import Translator, translate_one
+from bridge.stages.translate import Translator, TranslatorConfig, translate_one
 from bridge.store import Delivery, Store, StoredDelivery
 from bridge.testing import sign
 from handlers.stripe import handler as stripe
@@ -885,3 +885,24 @@ def test_whatever_the_relay_takes_translates_back_to_the_same_calls(
     expected = [*relayed.events, *([relayed.identify] if relayed.identify else [])]
     assert translation.outputs == expected
     assert len(expected) == count
+
+
+@pytest.mark.anyio
+async def test_a_translate_batch_ends_at_its_calls_and_the_rest_follows(store: Store) -> None:
+    """Relay batches become hundreds of calls a delivery: a batch of the translate stage
+    ends once its deliveries have become `batch_calls` calls (the writes of one batch
+    hold up everything else meanwhile), and the next batch takes the rest."""
+    for n in range(3):
+        relayed = Relayed(events=[Track(event="x", event_id=f"c{n}-{i}") for i in range(100)])
+        delivery = Delivery(
+            source=RELAY_SOURCE,
+            provider_event_id=f"relay-calls-{n}",
+            received_at=time.time(),
+            raw_body=encoded(relayed),
+        )
+        assert await store.append(delivery) == "accepted"
+    translator = Translator(store, with_relay({}), TranslatorConfig(batch_calls=150))
+    assert await translator.step() == 2  # 100 calls, then 200: past 150
+    assert (await store.backlog()).untranslated == 1
+    assert await translator.step() == 1
+    assert (await store.backlog()).pending == 300

@@ -55,6 +55,10 @@ class TranslatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     busy_probe: float = 0.05
     max_defer: float = 5.0
     busy_batch: int = 100  # deliveries a batch while intake takes a burst
+    # A batch also ends once its deliveries have become this many calls (a relay batch
+    # is up to 500 calls, where a webhook is a few): writing a call costs 30-60 us.
+    batch_calls: int = 2000
+    busy_batch_calls: int = 500
 
 
 def translate_one(stored: StoredDelivery, sources: Mapping[str, Source]) -> Translation:
@@ -153,9 +157,13 @@ class Translator:
             busy = await self._yield_to_intake(stopping, behind)
             # A batch holds the loop while it is translated (about 50-90 us a delivery):
             # a small one while intake is busy, so that no request waits long behind it.
-            limit = self.config.busy_batch if busy else self.config.batch
+            limit, calls = (
+                (self.config.busy_batch, self.config.busy_batch_calls)
+                if busy
+                else (self.config.batch, self.config.batch_calls)
+            )
             try:
-                done = await self.step(limit)
+                _, behind = await self._step(limit, calls)
             except StoreUnavailable as error:
                 log.error("store unavailable; translation waits", error=str(error))
                 await _wait(stopping, self.config.error_pause)
@@ -164,7 +172,6 @@ class Translator:
                 log.exception("translate stage error; carrying on")
                 await _wait(stopping, self.config.error_pause)
                 continue
-            behind = done >= limit
             if not behind:
                 waiter = asyncio.ensure_future(self._wake.wait())
                 stopper = asyncio.ensure_future(stopping.wait())
@@ -180,17 +187,29 @@ class Translator:
 
     async def step(self, limit: int | None = None) -> int:
         """Translate the oldest waiting deliveries, one batch; how many."""
+        taken, _ = await self._step(limit or self.config.batch, self.config.batch_calls)
+        return taken
+
+    async def _step(self, limit: int, max_calls: int) -> tuple[int, bool]:
+        """One batch: at most `limit` deliveries, ending early once they have become
+        `max_calls` calls; how many it took, and whether it was full (more may wait)."""
         async with self._stepping:
-            stored = await self.store.untranslated(limit or self.config.batch)
-            if not stored:
-                return 0
-            translations = [translate_one(delivery, self.sources) for delivery in stored]
+            stored = await self.store.untranslated(limit)
+            translations = []
+            calls = 0
+            for delivery in stored:  # those left out stay waiting, for the next batch
+                translations.append(translate_one(delivery, self.sources))
+                calls += len(translations[-1].outputs)
+                if calls >= max_calls:
+                    break
+            if not translations:
+                return 0, False
             try:
                 await self.store.record(translations)
             except StoreUnavailable:
                 translations = await self._one_by_one(translations)
             self._report(translations)
-            return len(stored)
+            return len(translations), len(translations) >= limit or calls >= max_calls
 
     async def catch_up(self, within: float) -> bool:
         """Translate what waits now, batch after batch, here and at once (on an instance
@@ -204,7 +223,8 @@ class Translator:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while loop.time() < deadline:
-            if await self.step() < self.config.batch:
+            _, full = await self._step(self.config.batch, self.config.batch_calls)
+            if not full:
                 return True
         return False
 
