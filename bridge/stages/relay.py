@@ -243,11 +243,13 @@ def _prepared(call: Track | Identify | Batch, received_at: float) -> tuple[Relay
 
 
 def _completed(track: Track, now: datetime) -> Track:
-    if track.event_id is not None and track.timestamp is not None:
-        return track
-    return msgspec.structs.replace(
-        track, event_id=track.event_id or new_event_id(), timestamp=track.timestamp or now
-    )
+    # Completed in place: the Track was decoded for this request alone, and what is set
+    # needs no check (`structs.replace` would run every check again, 4 us a track).
+    if track.event_id is None:
+        msgspec.structs.force_setattr(track, "event_id", new_event_id())
+    if track.timestamp is None:
+        msgspec.structs.force_setattr(track, "timestamp", now)
+    return track
 
 
 class _Answer:
