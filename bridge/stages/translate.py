@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
@@ -119,6 +121,9 @@ class Translator:
         self.config = config or TranslatorConfig()
         self.on_queued: Callable[[Route], None] = lambda route: None
         self._wake = asyncio.Event()
+        # Calls a delivery became, in the last batch: how many deliveries to read for the
+        # next (a batch of relay batches reads tens, not 500 bodies of which it uses 20).
+        self._calls_each = 1.0
         # One batch at a time in this process: the loop's and a forget's (`catch_up`).
         self._stepping = asyncio.Lock()
         self._arrivals = 0  # deliveries intake stored here (each wakes the stage)
@@ -194,6 +199,7 @@ class Translator:
         """One batch: at most `limit` deliveries, ending early once they have become
         `max_calls` calls; how many it took, and whether it was full (more may wait)."""
         async with self._stepping:
+            limit = min(limit, max(1, math.ceil(max_calls / self._calls_each)))
             stored = await self.store.untranslated(limit)
             translations = []
             calls = 0
@@ -204,6 +210,7 @@ class Translator:
                     break
             if not translations:
                 return 0, False
+            self._calls_each = max(calls / len(translations), 1.0)
             try:
                 await self.store.record(translations)
             except StoreUnavailable:
@@ -246,10 +253,11 @@ class Translator:
 
     def _report(self, translations: Sequence[Translation]) -> None:
         routes: set[Route] = set()
+        translated: Counter[str] = Counter()  # one metric update a source, not a delivery
         for translation in translations:
             source = translation.delivery.source
             if translation.failure is None:
-                metrics.TRANSLATED.labels(source).inc()
+                translated[source] += 1
                 for output in translation.outputs:
                     if isinstance(output, Track | Identify | Forget):
                         routes.add(route_of(output))
@@ -267,6 +275,8 @@ class Translator:
                 inbox_id=translation.delivery.id,
                 reason=kind,
             )
+        for source, count in translated.items():
+            metrics.TRANSLATED.labels(source).inc(count)
         for route in routes:
             self.on_queued(route)
 
