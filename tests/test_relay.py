@@ -753,6 +753,26 @@ def test_a_store_that_cannot_take_a_call_is_503_with_retry_after(
         assert post(server.url, route, body).status_code == 202
 
 
+def test_a_nul_in_any_value_is_relayed_as_it_came(relay: ServerThread, sink: RunningSink) -> None:
+    """PostgreSQL's text cannot hold a NUL: a relay delivery naming one is translated and
+    sent all the same, never quarantined."""
+    track = {
+        "event": "nul\u0000event",
+        "event_id": "nul\u0000id",
+        "user_id": "usr\u0000nul",
+        "anonymous_id": "anon\u0000nul",
+        "properties": {"k\u0000": "v\u0000"},
+    }
+    assert post(relay.url, "track", track).json() == {"ok": True, "event_id": "nul\u0000id"}
+    identify = {"user_id": "usr\u0000nul", "traits": {"t": "\u0000"}}
+    assert post(relay.url, "identify", identify).status_code == 202
+    calls = wait_for(lambda: len(sink_calls(sink)) >= 3 and sink_calls(sink))
+    sent = {c["route"]: {k: v for k, v in c.items() if k != "route"} for c in calls}
+    assert sent["track"] == {**track, "timestamp": sent["track"]["timestamp"]}
+    assert identify in [{k: v for k, v in c.items() if k != "route"} for c in calls]
+    assert httpx.get(f"{relay.url}/readyz").json()["quarantined"] == 0
+
+
 def test_a_request_is_stored_as_one_delivery_of_its_checked_completed_calls(
     sink: RunningSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
