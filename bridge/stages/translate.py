@@ -31,7 +31,7 @@ import msgspec
 import structlog
 
 from bridge import metrics
-from bridge.errors import EventInvalid, PayloadInvalid, StoreUnavailable
+from bridge.errors import EventInvalid, PayloadInvalid, StoreRefused, StoreUnavailable
 from bridge.events import About, Alias, Forget, ForgetVisitor, Identify, Purge, Track
 from bridge.plugin import WebhookRequest
 from bridge.registry import Source
@@ -236,15 +236,16 @@ class Translator:
         return False
 
     async def _one_by_one(self, translations: Sequence[Translation]) -> list[Translation]:
-        """A batch the store refused, one delivery at a time: one delivery that the store
-        refuses (what it became cannot be written) must not hold back the others, so it
-        is quarantined with the store's reason. A store that is down refuses that too,
-        and the batch waits for it."""
+        """A batch the store refused, one delivery at a time: one delivery whose calls the
+        store refuses (`StoreRefused`: they cannot be written) must not hold back the
+        others, so it is quarantined with the store's reason. A store that is down, or
+        goes down meanwhile, raises: the batch waits for it, and nothing is quarantined
+        for an outage."""
         done = []
         for translation in translations:
             try:
                 await self.store.record([translation])
-            except StoreUnavailable as error:
+            except StoreRefused as error:
                 failure = _reason("store", str(error))
                 translation = Translation(delivery=translation.delivery, failure=failure)
                 await self.store.record([translation])
