@@ -6,17 +6,23 @@ same server, in one run; then `/v1/batch` with 100 events a request.
         [--database-url postgresql://postgres@127.0.0.1:5432/test]
 
 The machinery of bench/intake.py (uvicorn with one worker, uvloop and httptools; wrk
-replaying distinct bodies, each thread its own slice, so no event_id repeats at the bridge): a bare
-Litestar `@post` handler that reads the body (the baseline), the same route served raw
-(the ceiling of the way the bridge serves its routes), and the bridge (`millimetric-bridge
-serve` with `BRIDGE_RELAY_KEYS`), each sent the same ~300-byte track events with their own
-event_id. The bridge stores each call durably before its 202 (SQLite in a temporary
-directory, synchronous=FULL, or a fresh PostgreSQL database with `--database-url`) while
-its forwarder drains into a local sink at the published limits. Then the bridge alone
-takes batches of 100 such events (events/s). Prints req/s, p50, p99, the ratio to the
-bare POST and the load average (the machine may be shared: compare ratios within a
-round). The relay's cap on the backlog is set out of reach: this measures throughput.
-Needs wrk (`apt-get install wrk`).
+replaying distinct bodies, each thread its own slice, so no event_id repeats at the
+bridge): a bare Litestar `@post` handler that reads the body (the baseline), the same
+route served raw (the ceiling of the way the bridge serves its routes), and the bridge
+(`millimetric-bridge serve` with `BRIDGE_RELAY_KEYS`), each sent the same ~300-byte track
+events with their own event_id. The bridge appends each request's calls to its inbox
+durably before its 202 (SQLite in a temporary directory, synchronous=FULL, or a fresh
+PostgreSQL database with `--database-url`) while its translate stage and forwarder take
+them on to a local sink at the published limits. After the rounds of tracks, the bridge
+alone takes batches of 100 such events (events/s). After each of the bridge's runs the
+script waits until its translate stage has caught up (`then s`), and counts that time and
+CPU with the run.
+
+Prints req/s, p50, p99, the ratio to the bare POST, each server's CPU per request (the
+bridge's includes what its translate stage and forwarder did meanwhile) and the load
+average (the machine may be shared: compare ratios within a round). The relay's cap on
+the backlog is set out of reach: this measures throughput. Needs wrk (`apt-get install
+wrk`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -183,6 +190,7 @@ def run(
         [BIN / "millimetric-bridge", "serve"], env=env, stdout=subprocess.DEVNULL
     )
     name_of = {bare_port: SERVERS[0], raw_port: SERVERS[1], bridge_port: f"relay ({backend})"}
+    pid_of = {bare_port: bare.pid, raw_port: raw.pid, bridge_port: bridge.pid}
     rows: list[tuple[str, dict[str, float], float]] = []
     batch_rows: list[tuple[dict[str, float], float]] = []
     try:
@@ -193,6 +201,7 @@ def run(
         paths = {bare_port: "/webhooks/x", raw_port: "/webhooks/x", bridge_port: "/v1/track"}
         for number in range(args.runs):
             for port in (bare_port, raw_port, bridge_port):
+                before = cpu_seconds(pid_of[port])
                 result = intake.run_wrk(
                     f"http://127.0.0.1:{port}{paths[port]}",
                     script,
@@ -201,7 +210,14 @@ def run(
                     args.connections,
                     first=number * per_run(args),
                 )
+                if port == bridge_port:
+                    result["then_s"] = caught_up(bridge_port)
+                result["cpu_us"] = cpu_per_request(pid_of[port], before, result, args.seconds)
                 rows.append((name_of[port], result, os.getloadavg()[0]))
+        # The batches after every round of tracks: the outbox they fill (the forwarder
+        # sends 2,500 events/s) would otherwise weigh on the rounds that follow.
+        for number in range(args.runs):
+            before = cpu_seconds(bridge.pid)
             result = intake.run_wrk(
                 f"http://127.0.0.1:{bridge_port}/v1/batch",
                 script,
@@ -210,6 +226,8 @@ def run(
                 args.connections,
                 first=number * batch_count,
             )
+            result["then_s"] = caught_up(bridge_port)
+            result["cpu_us"] = cpu_per_request(bridge.pid, before, result, args.seconds)
             batch_rows.append((result, os.getloadavg()[0]))
         stats = httpx.get(f"http://127.0.0.1:{bridge_port}/readyz").json()
     finally:
@@ -219,6 +237,29 @@ def run(
     report(args, rows, batch_rows, stats)
 
 
+def caught_up(port: int, within: float = 900) -> float:
+    """Wait until the bridge's translate stage has taken every delivery appended (its work
+    belongs to the run that appended them, not to the next); seconds waited."""
+    started = time.monotonic()
+    while httpx.get(f"http://127.0.0.1:{port}/readyz").json()["untranslated"]:
+        if time.monotonic() - started > within:
+            raise SystemExit(f"the translate stage did not catch up within {within:g}s")
+        time.sleep(0.25)
+    return time.monotonic() - started
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU the process has used (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_request(pid: int, before: float, result: dict[str, float], seconds: int) -> float:
+    """Microseconds of the server's CPU per request answered, from the start of the run
+    until the translate stage caught up with it (`caught_up`)."""
+    return (cpu_seconds(pid) - before) / max(result["rate"] * seconds, 1) * 1e6
+
+
 def report(
     args: argparse.Namespace,
     rows: list[tuple[str, dict[str, float], float]],
@@ -226,37 +267,51 @@ def report(
     stats: dict[str, object],
 ) -> None:
     print(
-        f"{'':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'ratio':>6} {'load':>5}"
+        f"{'':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'ratio':>6}"
+        f" {'CPU/req':>8} {'then s':>6} {'load':>5}"
     )
     ratios: list[float] = []
     ceiling: list[float] = []
     p99s: list[float] = []
+    cpus: list[float] = []
     for index, (name, r, load) in enumerate(rows):
         base = rows[index - index % len(SERVERS)][1]["rate"]
         if index % len(SERVERS) == len(SERVERS) - 1:
             ratios.append(r["rate"] / base)
             ceiling.append(r["rate"] / rows[index - 1][1]["rate"])
             p99s.append(r["p99"])
+            cpus.append(r["cpu_us"])
         print(
             f"{name:22} {r['rate']:>9,.0f} {r['p50']:>8.2f} {r['p99']:>8.2f}"
-            f" {r['errors']:>8.0f} {r['rate'] / base:>6.2f} {load:>5.2f}"
+            f" {r['errors']:>8.0f} {r['rate'] / base:>6.2f} {r['cpu_us']:>5.0f} us"
+            f" {r.get('then_s', 0):>6.1f} {load:>5.2f}"
         )
     print(
         f"relay track over {len(ratios)} run(s), medians: {statistics.median(ratios):.2f} of the"
         f" bare POST, {statistics.median(ceiling):.2f} of the raw route, p99"
-        f" {statistics.median(p99s):.1f} ms"
+        f" {statistics.median(p99s):.1f} ms, {statistics.median(cpus):.0f} us of the bridge's"
+        " CPU a call"
     )
     print(
         f"\n{'batches of ' + str(args.batch_size):22} {'req/s':>9} {'events/s':>9}"
-        f" {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'load':>5}"
+        f" {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'CPU/event':>10} {'then s':>6}"
+        f" {'translated/s':>12} {'load':>5}"
     )
     for r, load in batch_rows:
+        events = r["rate"] * args.batch_size
         print(
-            f"{'relay batch':22} {r['rate']:>9,.0f} {r['rate'] * args.batch_size:>9,.0f}"
-            f" {r['p50']:>8.2f} {r['p99']:>8.2f} {r['errors']:>8.0f} {load:>5.2f}"
+            f"{'relay batch':22} {r['rate']:>9,.0f} {events:>9,.0f}"
+            f" {r['p50']:>8.2f} {r['p99']:>8.2f} {r['errors']:>8.0f}"
+            f" {r['cpu_us'] / args.batch_size:>7.1f} us {r['then_s']:>6.1f}"
+            f" {events * args.seconds / (args.seconds + r['then_s']):>12,.0f} {load:>5.2f}"
         )
     print(
-        f"\nbridge outbox after the run: {stats.get('pending')} pending "
+        "(then s: how long the translate stage took after wrk stopped to catch up with what"
+        " the run appended; CPU/req and CPU/event include it)"
+    )
+    print(
+        f"\nbridge after the run: {stats.get('untranslated')} deliveries untranslated,"
+        f" {stats.get('pending')} calls pending "
         f"({args.connections} connections, {args.seconds}s each, wrk -t2, {os.cpu_count()} CPUs)"
     )
 

@@ -42,6 +42,7 @@ from bridge.stages.forward import Forwarder
 from bridge.stages.intake import intake_route
 from bridge.stages.reconcile import Reconciler
 from bridge.stages.relay import Relay, relay_routes
+from bridge.stages.relay_handler import with_relay
 from bridge.stages.translate import Translator
 from bridge.store import Store, open_store
 
@@ -145,7 +146,7 @@ def create_app(
             if http is None:
                 await client.aclose()
             raise
-        translator = Translator(outbox, sources)
+        translator = Translator(outbox, with_relay(sources))
         reconciler = None
         if reconciled and settings.reconcile.every > 0:
             reconciler = Reconciler(
@@ -165,7 +166,7 @@ def create_app(
         app.state.translator = translator
         app.state.forwarder = forwarder
         if relay is not None:
-            relay.bind(outbox, forwarder)
+            relay.bind(outbox, translator, forwarder)
         forwarder.start()
         try:
             yield

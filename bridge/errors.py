@@ -82,6 +82,13 @@ class StoreUnavailable(BridgeError):
     """The outbox store cannot be reached or written; the provider should retry."""
 
 
+class StoreRefused(StoreUnavailable):
+    """The store refused what it was given (a value it cannot hold, a limit, a
+    constraint): the same again cannot succeed, whereas an outage passes. Intake still
+    answers 503 (a redelivery may differ); the translate stage quarantines the delivery
+    whose calls were refused, and waits out any other `StoreUnavailable`."""
+
+
 class ProviderError(BridgeError):
     """A provider's API (its event list, for backfill and reconcile) failed to answer.
 

@@ -28,6 +28,7 @@ from bridge.plugin import Handler, HandlerTemplate, SignatureScheme, SourceOptio
 
 __all__ = [
     "HANDLER_GROUP",
+    "RELAY_SOURCE",
     "Source",
     "check_handler",
     "load_handlers",
@@ -36,6 +37,9 @@ __all__ = [
 ]
 
 HANDLER_GROUP: Final = "millimetric_bridge.handlers"
+#: The source of the relay's deliveries (`bridge.stages.relay`): the translate stage reads
+#: them with the relay's own handler, so no configured source may take the name.
+RELAY_SOURCE: Final = "relay"
 _NAME: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _VARIABLE: Final = re.compile(r"^[A-Z][A-Z0-9_]*$")
 # A header name as HTTP allows it (a token), lower-case as the intake names headers.
@@ -265,6 +269,8 @@ def load_sources(
             raise ConfigError(where, f"no handler named {handler_name!r} is installed")
         if not _NAME.match(name):
             raise ConfigError(where, "a source name is lower-case letters, digits, - or _")
+        if name == RELAY_SOURCE:
+            raise ConfigError(where, "relay is the name of the relay's own deliveries")
         default_variable = (
             plugin.secret_variable
             if isinstance(plugin, Handler) and name == plugin.name

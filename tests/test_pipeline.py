@@ -16,7 +16,7 @@ import pytest
 
 from bridge.app import create_app
 from bridge.config import load_settings
-from bridge.errors import StoreUnavailable
+from bridge.errors import StoreRefused, StoreUnavailable
 from bridge.events import Output
 from bridge.plugin import WebhookRequest
 from bridge.registry import load_sources
@@ -248,18 +248,24 @@ async def test_a_delivery_the_store_refuses_is_quarantined_and_holds_back_nothin
 ) -> None:
     """What a delivery became cannot be written (the store refuses it): the others of its
     batch are recorded, it is quarantined with the store's reason; a store that is down
-    refuses everything, and the batch waits for it."""
+    refuses everything, and the batch waits for it; one that goes down (or comes back)
+    while the batch goes one at a time quarantines nothing."""
     store = open_store(database_url)
     await store.open()
     real = store.record
     down = False
+    outage_for = 0  # the next calls that meet an outage
 
     async def refusing(translations: Sequence[Translation]) -> None:
+        nonlocal outage_for
         poisoned = any(
             t.delivery.provider_event_id == "poison" and t.failure is None for t in translations
         )
-        if down or poisoned:
-            raise StoreUnavailable("refused")
+        if down or outage_for:
+            outage_for = max(0, outage_for - 1)
+            raise StoreUnavailable("the server closed the connection")
+        if poisoned:
+            raise StoreRefused("refused")
         await real(translations)
 
     store.record = refusing  # type: ignore[method-assign]
@@ -280,6 +286,11 @@ async def test_a_delivery_the_store_refuses_is_quarantined_and_holds_back_nothin
             await translator.step()
         assert (await store.backlog()).untranslated == 3  # waits for the store
         down = False
+        outage_for = 2  # the batch, then its first delivery alone: down, then back
+        with pytest.raises(StoreUnavailable):
+            await translator.step()
+        assert await store.dead_letters() == []  # an outage quarantines nothing
+        assert (await store.backlog()).untranslated == 3
         assert await translator.step() == 3
         (letter,) = await store.dead_letters()
         assert (letter.kind, letter.provider_event_id) == ("delivery", "poison")

@@ -155,6 +155,8 @@ def test_bridge_toml_adds_sources_with_their_own_secrets_and_options(tmp_path: P
         ('[sources.Bad_Name]\nhandler = "stripe"\n', "lower-case"),
         ('[sources.x]\nhandler = "stripe"\nsecret_variable = "lower"\n', "secret_variable"),
         ("not toml at all [", "cannot read"),
+        # The relay's deliveries are translated by its own handler: no source may be `relay`.
+        ('[sources.relay]\nhandler = "stripe"\n', r"\[sources.relay\]: relay is the name"),
     ],
 )
 def test_bridge_toml_mistakes_name_the_table(tmp_path: Path, toml: str, says: str) -> None:

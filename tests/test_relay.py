@@ -5,9 +5,11 @@ about the user after it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -17,14 +19,22 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from bridge.app import create_app
 from bridge.config import load_settings
-from bridge.errors import ConfigError, StoreUnavailable
-from bridge.events import BATCH_MAX_BYTES, PROPERTIES_MAX_BYTES
+from bridge.errors import ConfigError, IngestRefused, StoreUnavailable
+from bridge.events import BATCH_MAX_BYTES, PROPERTIES_MAX_BYTES, Forget, Track
+from bridge.ingest_api import parse_call
+from bridge.registry import RELAY_SOURCE
 from bridge.sink import DEV_KEY
+from bridge.stages import relay as relay_stage
+from bridge.stages.relay_handler import Relayed, encoded, with_relay
+from bridge.stages.translate import Translator, TranslatorConfig, translate_one
+from bridge.store import Delivery, Store, StoredDelivery
 from bridge.testing import sign
 from handlers.stripe import handler as stripe
 from tests.conftest import RunningSink, ServerThread
@@ -406,6 +416,22 @@ def test_past_the_backlog_cap_the_relay_answers_429_and_webhooks_still_200(
         wait_for(lambda: post(server.url, "track", {"event": "x"}).status_code == 202, within=30)
 
 
+def test_a_batch_counts_its_calls_against_the_cap(sink: RunningSink, database_url: str) -> None:
+    """A batch of 100 is 100 calls waiting, whether still in the inbox or in the outbox."""
+    knobs(sink, keys=[])  # forwarding paused: the calls wait
+    with serve(sink, database_url, BRIDGE_RELAY_MAX_PENDING="150") as server:
+        for n in range(2):
+            assert post(server.url, "batch", events(100, f"capb{n}-")).status_code == 202
+        # 200 calls wait: refused at once. (Counted as one delivery each, the batches
+        # would let about 150 tracks in; a read of the backlog taken while the second
+        # still waited for translation lets at most 49 in until the next read.)
+        taken = 0
+        while (answer := post(server.url, "track", {"event": "x"})).status_code == 202:
+            taken += 1
+            assert taken < 50
+        assert (answer.status_code, answer.json()["error"]) == (429, "rate_limited")
+
+
 def test_forget_erases_at_once_and_is_sent_after_everything_before_it(
     sink: RunningSink, tmp_path: Path
 ) -> None:
@@ -478,6 +504,91 @@ def mentions(db: Path, needle: str) -> bool:
         for path in db.parent.glob(db.name + "*")
         if path.is_file() and not path.name.endswith(".lock")
     )
+
+
+@contextlib.contextmanager
+def translation_held(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """The translate stage's loop waits until the event is set (as on a bridge whose stage
+    is behind): deliveries stay untranslated meanwhile."""
+    release = threading.Event()
+    run = Translator.run
+
+    async def held(self: Translator, stopping: asyncio.Event) -> None:
+        await asyncio.to_thread(release.wait)
+        await run(self, stopping)
+
+    monkeypatch.setattr(Translator, "run", held)
+    try:
+        yield release
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("caught_up", [True, False], ids=["caught-up", "not-caught-up"])
+def test_a_forget_reaches_the_calls_before_it_that_wait_for_translation(
+    sink: RunningSink,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caught_up: bool,
+) -> None:
+    """Calls about a user appended but not yet translated when their forget comes: none
+    reaches Millimetric, the forget does, and so do other users' calls, the batch's
+    included. The forget first translates what waits (`caught-up`); when that takes too
+    long (`not-caught-up`: no time for it) the forget goes ahead, and the user's calls are
+    dropped as they are translated (their tombstone)."""
+    user, visitor, keep = "usr_waiting_forget", "anon_waiting_forget", "usr_waiting_keep"
+    if not caught_up:
+        monkeypatch.setattr(relay_stage, "CATCH_UP_SECONDS", 0.0)
+    knobs(sink, keys=[])  # forwarding paused too: nothing is sent before the forget
+    with translation_held(monkeypatch) as release, serve(sink, database_url) as server:
+        before = [
+            (
+                "track",
+                {"event": "signup", "event_id": "w1", "user_id": user, "anonymous_id": visitor},
+            ),
+            ("track", {"event": "viewed", "event_id": "w2", "anonymous_id": visitor}),
+            (
+                "batch",
+                {
+                    "events": [
+                        {"event": "bought", "event_id": "w3", "user_id": user},
+                        {"event": "bought", "event_id": "k1", "user_id": keep},
+                    ]
+                },
+            ),
+            ("identify", {"user_id": user, "traits": {"plan": "pro"}}),
+            ("track", {"event": "viewed", "event_id": "k2", "user_id": keep}),
+        ]
+        for route, body in before:
+            assert post(server.url, route, body).status_code == 202
+        assert httpx.get(f"{server.url}/readyz").json()["untranslated"] == len(before)
+
+        assert post(server.url, "forget", {"user_id": user}).json() == {"ok": True}
+        waiting = httpx.get(f"{server.url}/readyz").json()["untranslated"]
+        assert waiting == (0 if caught_up else len(before))
+        if caught_up and database_url.startswith("sqlite:///"):
+            db = tmp_path / "bridge.db"  # erased before the 202, the batch's payload too
+            assert not mentions(db, visitor)
+            # What is left of the user is the forget itself, until it is sent.
+            assert {route for route, body in outbox(db) if user in body} <= {"forget"}
+        release.set()
+        knobs(sink, keys=[DEV_KEY])
+        wait_for(
+            lambda: (
+                {"k1", "k2"} <= {c.get("event_id") for c in sink_calls(sink)}
+                and sink.state.answers["forget 202"]
+            )
+        )
+        time.sleep(1.0)  # anything more would show by now
+        calls = sink_calls(sink)
+    # Not caught up, the visitor's own track is not known to be the user's when it is
+    # translated (its link came with a call that the forget dropped): why the forget
+    # translates what waits first.
+    names = (user, visitor) if caught_up else (user,)
+    about = [c for c in calls if any(name in json.dumps(c) for name in names)]
+    assert about == [{"route": "forget", "user_id": user}]
+    assert {c["event_id"] for c in calls if c["route"] == "track"} >= {"k1", "k2"}
 
 
 def test_forget_needs_a_secret_key_and_a_user(sqlite_relay: ServerThread) -> None:
@@ -601,22 +712,33 @@ def test_relay_settings_and_their_defaults() -> None:
         (sqlite3.InterfaceError("quoting usr_secret_value"), "the store failed: InterfaceError"),
     ],
 )
+@pytest.mark.parametrize(
+    ("route", "body", "operation"),
+    [
+        # A track is appended to the inbox; a forget is stored with its erasure at once.
+        ("track", {"event": "x", "user_id": "usr_secret_value"}, "append"),
+        ("forget", {"user_id": "usr_secret_value"}, "accept"),
+    ],
+)
 def test_a_store_that_cannot_take_a_call_is_503_with_retry_after(
     sink: RunningSink,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     raised: Exception,
     message: str,
+    route: str,
+    body: dict[str, Any],
+    operation: str,
 ) -> None:
     app = create_app(load_settings(relay_env(sink, f"sqlite:///{tmp_path}/bridge.db")))
     with ServerThread(app) as server:
 
-        async def accept(delivery: Any) -> Any:
+        async def refuse(delivery: Any) -> Any:
             raise raised
 
-        monkeypatch.setattr(app.state.store, "accept", accept)
+        monkeypatch.setattr(app.state.store, operation, refuse)
         with capture_logs() as lines:
-            answer = post(server.url, "track", {"event": "x", "user_id": "usr_secret_value"})
+            answer = post(server.url, route, body)
         assert answer.status_code == 503
         assert answer.json() == {"ok": False, "error": "store_unavailable", "message": message}
         assert answer.headers["retry-after"] == "5"
@@ -628,4 +750,179 @@ def test_a_store_that_cannot_take_a_call_is_503_with_retry_after(
         )
         assert "usr_secret_value" not in json.dumps(lines, default=str)
         monkeypatch.undo()  # the store takes calls again
-        assert post(server.url, "track", {"event": "x"}).status_code == 202
+        assert post(server.url, route, body).status_code == 202
+
+
+def test_a_nul_in_any_value_is_relayed_as_it_came(relay: ServerThread, sink: RunningSink) -> None:
+    """PostgreSQL's text cannot hold a NUL: a relay delivery naming one is translated and
+    sent all the same, never quarantined."""
+    track = {
+        "event": "nul\u0000event",
+        "event_id": "nul\u0000id",
+        "user_id": "usr\u0000nul",
+        "anonymous_id": "anon\u0000nul",
+        "properties": {"k\u0000": "v\u0000"},
+    }
+    assert post(relay.url, "track", track).json() == {"ok": True, "event_id": "nul\u0000id"}
+    identify = {"user_id": "usr\u0000nul", "traits": {"t": "\u0000"}}
+    assert post(relay.url, "identify", identify).status_code == 202
+    calls = wait_for(lambda: len(sink_calls(sink)) >= 3 and sink_calls(sink))
+    sent = {c["route"]: {k: v for k, v in c.items() if k != "route"} for c in calls}
+    assert sent["track"] == {**track, "timestamp": sent["track"]["timestamp"]}
+    assert identify in [{k: v for k, v in c.items() if k != "route"} for c in calls]
+    assert httpx.get(f"{relay.url}/readyz").json()["quarantined"] == 0
+
+
+def test_a_request_is_stored_as_one_delivery_of_its_checked_completed_calls(
+    sink: RunningSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the 202: one `relay` delivery a request, untranslated, whose raw body is the
+    request's calls as the Structs read them, completed, re-encoded compact and canonical
+    (a track or a batch as a batch's body)."""
+    db = tmp_path / "bridge.db"
+    with translation_held(monkeypatch), serve(sink, f"sqlite:///{db}") as server:
+        before = time.time()
+        track = post(server.url, "track", {"user_id": "u1", "event": "signup"})
+        zoned = "2024-05-01T10:00:00+05:30"
+        batch = post(
+            server.url,
+            "batch",
+            {"events": [{"event": "a", "timestamp": zoned, "event_id": "b1"}, {"event": "b"}]},
+        )
+        identify = post(server.url, "identify", {"traits": {"plan": "pro"}, "user_id": "u1"})
+        assert [a.status_code for a in (track, batch, identify)] == [202] * 3
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            rows = conn.execute(
+                "SELECT source, provider_event_id, state, raw_body FROM inbox ORDER BY id"
+            ).fetchall()
+            assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
+    assert [(r[0], r[2]) for r in rows] == [("relay", "untranslated")] * 3
+    assert len({r[1] for r in rows}) == 3
+    assert all(r[1].startswith("relay-") for r in rows)
+    stored_track, stored_batch, stored_identify = (bytes(r[3]) for r in rows)
+    stamped = json.loads(stored_track)["events"][0]["timestamp"]
+    assert before - 1 <= datetime.fromisoformat(stamped).timestamp() <= time.time()
+    event_id = track.json()["event_id"]
+    assert stored_track == (
+        b'{"events":[{"event":"signup","event_id":"%s","timestamp":"%s","user_id":"u1"}]}'
+        % (event_id.encode(), stamped.encode())
+    )
+    (first, second) = json.loads(stored_batch)["events"]
+    assert first == {"event": "a", "event_id": "b1", "timestamp": zoned}
+    assert set(second) == {"event", "event_id", "timestamp"}
+    assert stored_identify == b'{"identify":{"user_id":"u1","traits":{"plan":"pro"}}}'
+
+
+def test_what_the_relay_stores_its_handler_gives_back_and_a_bad_one_is_quarantined(
+    sink: RunningSink, database_url: str
+) -> None:
+    """A relay delivery the Structs refuse cannot come from the relay (it checked the calls
+    before storing them); one that does all the same is quarantined and listed like any
+    other, and holds back none after it."""
+    good = Relayed(events=[Track(event="x", event_id="good-1", user_id="u")])
+    with serve(sink, database_url) as server:
+        app = server.server.config.app
+        store: Store = app.state.store
+        assert server.loop is not None
+
+        def append(provider_event_id: str, body: bytes) -> None:
+            delivery = Delivery(
+                source=RELAY_SOURCE,
+                provider_event_id=provider_event_id,
+                received_at=time.time(),
+                raw_body=body,
+            )
+            asyncio.run_coroutine_threadsafe(store.append(delivery), server.loop).result(10)
+            app.state.translator.wake()
+
+        append("relay-bad", b'{"events":[{"event":""}]}')
+        append("relay-good", encoded(good))
+        assert [c["event_id"] for c in sink.arrived(1)] == ["good-1"]
+        dead = httpx.get(f"{server.url}/readyz").json()
+        assert dead["quarantined"] == 1
+        (letter,) = asyncio.run_coroutine_threadsafe(store.dead_letters(), server.loop).result(10)
+    assert (letter.kind, letter.source, letter.provider_event_id) == (
+        "delivery",
+        "relay",
+        "relay-bad",
+    )
+    assert letter.reason.startswith("payload: not a relay delivery")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+TRACKS = st.fixed_dictionaries(
+    {"event": st.text(min_size=1, max_size=130)},
+    optional={
+        "event_id": st.text(max_size=130),
+        "timestamp": st.datetimes(timezones=st.timezones()).map(lambda t: t.isoformat()),
+        "anonymous_id": st.text(),
+        "user_id": st.text(),
+        "url": st.text(),
+        "properties": st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=4),
+    },
+)
+REQUESTS = st.one_of(
+    st.tuples(st.just("track"), TRACKS),
+    st.tuples(st.just("batch"), st.fixed_dictionaries({"events": st.lists(TRACKS, max_size=3)})),
+    st.tuples(
+        st.just("identify"),
+        st.fixed_dictionaries(
+            {"user_id": st.text()},
+            optional={"anonymous_id": st.text(), "traits": st.dictionaries(st.text(), JSON_VALUES)},
+        ),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(request=REQUESTS)
+def test_whatever_the_relay_takes_translates_back_to_the_same_calls(
+    request: tuple[str, dict[str, Any]],
+) -> None:
+    """So a relay delivery is never quarantined for its content."""
+    route, body = request
+    try:
+        call = parse_call(route, msgspec.json.encode(body))
+    except IngestRefused:  # answered 400, never stored
+        assume(False)
+        return
+    assert not isinstance(call, Forget)  # none is generated: a forget is never appended
+    relayed, count, _ = relay_stage._prepared(call, time.time())
+    stored = StoredDelivery(
+        id=1,
+        source=RELAY_SOURCE,
+        provider_event_id="relay-x",
+        received_at=0.0,
+        raw_body=encoded(relayed),
+        headers={},
+    )
+    translation = translate_one(stored, with_relay({}))
+    assert translation.failure is None
+    expected = [*relayed.events, *([relayed.identify] if relayed.identify else [])]
+    assert translation.outputs == expected
+    assert len(expected) == count
+
+
+@pytest.mark.anyio
+async def test_a_translate_batch_ends_at_its_calls_and_the_rest_follows(store: Store) -> None:
+    """Relay batches become hundreds of calls a delivery: a batch of the translate stage
+    ends once its deliveries have become `batch_calls` calls (the writes of one batch
+    hold up everything else meanwhile), and the next batch takes the rest."""
+    for n in range(3):
+        relayed = Relayed(events=[Track(event="x", event_id=f"c{n}-{i}") for i in range(100)])
+        delivery = Delivery(
+            source=RELAY_SOURCE,
+            provider_event_id=f"relay-calls-{n}",
+            received_at=time.time(),
+            raw_body=encoded(relayed),
+        )
+        assert await store.append(delivery) == "accepted"
+    translator = Translator(store, with_relay({}), TranslatorConfig(batch_calls=150))
+    assert await translator.step() == 2  # 100 calls, then 200: past 150
+    assert (await store.backlog()).untranslated == 1
+    assert await translator.step() == 1
+    assert (await store.backlog()).pending == 300

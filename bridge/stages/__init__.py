@@ -10,6 +10,8 @@ Data flows one way:
   its rate limits: delivered, retried or dead-lettered.
 
 The relay (`bridge.stages.relay`) takes the user's own servers' calls on Millimetric's API
-(`/v1/*`) and stores them in the outbox with `Store.accept`, as the operator's forget is;
-the forward stage sends them with the rest.
+(`/v1/*`) as intake takes webhooks: checked, then appended to the inbox as deliveries of
+source `relay`, which the translate stage turns into calls with the relay's own handler
+(`bridge.stages.relay_handler`). Only its forget is carried out before the answer, as the
+operator's is (`Store.accept`).
 """

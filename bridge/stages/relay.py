@@ -1,23 +1,30 @@
 """The relay: `POST /v1/track`, `/v1/identify`, `/v1/batch` and `/v1/forget` on the bridge.
 
 Millimetric's own ingest API (the same bodies, answers and errors, from
-`bridge.ingest_api`, which the local sink serves too), for the user's own servers: a call
-is stored in the outbox before its 202, then forwarded like a webhook's calls (batched,
-within the rate limits, retried through outages). Mounted only when `BRIDGE_RELAY_KEYS`
-is set; clients authenticate with one of those keys.
+`bridge.ingest_api`, which the local sink serves too), for the user's own servers, on the
+pipeline as webhook intake is (`bridge.stages.intake`). Mounted only when
+`BRIDGE_RELAY_KEYS` is set; clients authenticate with one of those keys.
 
-A call is stored as a delivery of source `relay` with its calls already made, as the
-operator's forget is (`Store.accept`), so the outbox's rules apply to it as to any other:
-one `event_id` queued once, what is learned about a visitor, erasure and a forget's
-order. Calls arriving together are stored together (group commit): while one group is
-committed the next gathers, and each caller is answered once its own group is durable. A
-forget goes alone, after every call taken before it, then erases as `millimetric-bridge
-forget` does.
+Before its 202 a request is authenticated, its body read and checked by the event
+Structs (a 400 `invalid_payload` names the field), its tracks completed (an event_id and
+a timestamp where they name none, so that the answer carries the event_id), and its calls
+appended to the inbox as one delivery of source `relay` (`Store.append`: group commit
+with whatever else arrives, webhooks included); the 202 follows once that is durable. The
+translate stage then turns the delivery into its calls like any other
+(`bridge.stages.relay_handler`), and the outbox's rules apply to them: one `event_id`
+queued once, what is learned about a visitor, erasure and a forget's order.
 
-The routes are served at the ASGI level, as intake is (`bridge.stages.intake`): a route
-middleware reads the body from `receive` and answers without a `Request` or a handler
-call. Above `BRIDGE_RELAY_MAX_PENDING` calls waiting to be sent, the relay answers 429
-`rate_limited` (webhook intake never looks at it).
+A forget does what `millimetric-bridge forget` does, before its 202: what waits for
+translation is translated first (`Translator.catch_up`: the calls sent before the forget
+reach the outbox, and the visitors they link to the user are known), then the forget is
+stored with `Store.accept` (the user's calls not in flight erased, their tombstone
+recorded, Millimetric's forget queued after every earlier call about them) and the
+erasure reaches the disk (`Store.erase`).
+
+The routes are served at the ASGI level, as intake is: a route middleware reads the body
+from `receive` and answers without a `Request` or a handler call. Above
+`BRIDGE_RELAY_MAX_PENDING` calls waiting, the relay answers 429 `rate_limited` (webhook
+intake never looks at it).
 """
 
 from __future__ import annotations
@@ -29,9 +36,9 @@ import itertools
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 import structlog
@@ -42,9 +49,10 @@ from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
 
 from bridge import metrics
 from bridge.errors import IngestRefused, StoreUnavailable
-from bridge.events import Call, Forget, Identify, Output, Track
+from bridge.events import Forget, Identify, Track
 from bridge.ingest_api import Batch, bearer_key, check_scope, error_body, parse_call
 from bridge.logs import info_line
+from bridge.registry import RELAY_SOURCE
 from bridge.stages.forward import Forwarder
 
 # The intake's raw-serving helpers: the body read under a limit and a deadline, the store
@@ -57,27 +65,32 @@ from bridge.stages.intake import (
     _Deadline,
     _request_id,
 )
-from bridge.store import Delivery, Route, Store, settle
+from bridge.stages.relay_handler import Relayed, encoded
+from bridge.stages.translate import Translator
+from bridge.store import Delivery, Store
 
-__all__ = ["RELAY_SOURCE", "Relay", "relay_routes"]
+__all__ = ["RELAY_SOURCE", "Relay", "new_event_id", "relay_routes"]
 
 log = structlog.get_logger("bridge.relay")
+T = TypeVar("T")
 
-#: The source of the deliveries the relay stores.
-RELAY_SOURCE: Final = "relay"
 #: How often the relay reads how many calls are waiting (`Store.backlog`, cheap but not free).
 BACKLOG_EVERY: Final = 1.0
 #: What a client is told to wait when the backlog is at its cap.
 FULL_RETRY_AFTER: Final = 5
-#: Most calls one group commit stores (whole requests: a batch is never split).
-MAX_GROUP_CALLS: Final = 2000
+#: Within this many calls of the cap (or 1% of it), a read of the backlog counts exactly.
+EXACT_WITHIN: Final = 2000
+#: Longest a forget translates what came before it; past that, the forget is carried out
+#: and what is left is reached as it is translated (`Translator.catch_up`).
+CATCH_UP_SECONDS: Final = 5.0
 
 _encoder: Final = msgspec.json.Encoder()
 _OK: Final = b'{"ok":true}'
 _BODY_ERRORS: Final = {413: "payload_too_large", 408: "request_timeout"}
 
-#: Event ids the bridge gives tracks sent without one: a random prefix (drawn again in a
-#: forked child) and a counter, unique across processes and restarts at no cost per call.
+#: Event ids the bridge gives tracks sent without one, and the relay's delivery ids: a
+#: random prefix (drawn again in a forked child) and a counter, unique across processes
+#: and restarts at no cost per call.
 _ids: list[Any] = [secrets.token_hex(8), itertools.count()]
 
 
@@ -92,47 +105,38 @@ def new_event_id() -> str:
     return f"{_ids[0]}{next(_ids[1]):016x}"
 
 
-class _Taken:
-    """One request's calls, waiting for their group's commit."""
-
-    __slots__ = ("calls", "forget", "future", "routes")
-
-    def __init__(self, calls: list[Call], routes: set[Route], future: asyncio.Future[None]) -> None:
-        self.calls = calls
-        self.routes = routes
-        self.future = future
-        self.forget = calls[0].user_id if isinstance(calls[0], Forget) else None
-
-
 class Relay:
-    """The keys the relay accepts, its cap on the backlog, and its group commit."""
+    """The keys the relay accepts, its cap on the backlog, and how it stores calls."""
 
     def __init__(self, keys: Sequence[str], max_pending: int) -> None:
         # Compared as digests: constant time whatever the given key's length.
         self._keys = [hashlib.sha256(key.encode()).digest() for key in keys]
         self.max_pending = max_pending
-        self._waiting: list[_Taken] = []
-        self._committing: asyncio.Task[None] | None = None
-        # The backlog as last read, and the calls stored since: a cap that holds between
-        # two reads. Near the cap, a read and a group's commit take turns (`_turn`), so
-        # that the read knows exactly which of the relay's calls it counted; further off,
-        # a read does not hold commits up (counting a big backlog takes milliseconds), and
-        # the calls committed while it ran may count twice until the next.
-        self._turn = asyncio.Lock()
-        self._pending = 0
-        self._stored = 0  # calls stored by this relay, ever
-        self._stored_at_read = 0
+        # The calls waiting as last read (the outbox's pending rows, and the deliveries
+        # waiting for translation at one call each: a relay batch counts its calls once
+        # translated, a moment later), and the calls this relay appended since: a cap
+        # that holds between two reads. Near the cap, a read waits for the appends under
+        # way and holds new ones until it is done (`_held`), so that it knows exactly
+        # which of the relay's calls it counted; further off, a read holds nothing up
+        # (counting a big backlog takes milliseconds), and the calls appended while it
+        # ran may count twice until the next.
+        self._waiting = 0
+        self._appended = 0  # calls appended by this relay, ever
+        self._appended_at_read = 0
+        self._in_flight = 0  # appends under way
+        self._held: asyncio.Event | None = None  # set once an exact read is done
+        self._drained: asyncio.Event | None = None  # set when the appends under way end
         self._read_at = float("-inf")
         self._reading: asyncio.Task[None] | None = None
-        self._bound: tuple[Store, Forwarder] | None = None
+        self._bound: tuple[Store, Translator, Forwarder] | None = None
 
-    def bind(self, store: Store, forwarder: Forwarder) -> None:
-        """The app's store and forwarder, from its lifespan (held here: Litestar's `State`
+    def bind(self, store: Store, translator: Translator, forwarder: Forwarder) -> None:
+        """The app's store and stages, from its lifespan (held here: Litestar's `State`
         costs microseconds a lookup, on every call)."""
-        self._bound = (store, forwarder)
+        self._bound = (store, translator, forwarder)
 
     @property
-    def bound(self) -> tuple[Store, Forwarder]:
+    def bound(self) -> tuple[Store, Translator, Forwarder]:
         if self._bound is None:
             raise StoreUnavailable("the relay is not started")
         return self._bound
@@ -145,11 +149,11 @@ class Relay:
         return found
 
     def check_room(self, store: Store) -> None:
-        """429 `rate_limited` while `max_pending` calls or more are waiting to be sent."""
+        """429 `rate_limited` while `max_pending` calls or more are waiting."""
         now = time.monotonic()
-        estimate = self._pending + self._stored - self._stored_at_read
+        estimate = self._waiting + self._appended - self._appended_at_read
         if self._reading is None and now - self._read_at >= BACKLOG_EVERY:
-            near = estimate >= self.max_pending - max(MAX_GROUP_CALLS, self.max_pending // 100)
+            near = estimate >= self.max_pending - max(EXACT_WITHIN, self.max_pending // 100)
             self._reading = asyncio.create_task(self._read_backlog(store, exact=near))
         if estimate >= self.max_pending:
             raise IngestRefused(
@@ -161,128 +165,91 @@ class Relay:
             )
 
     async def _read_backlog(self, store: Store, *, exact: bool) -> None:
+        held = None
         try:
             if exact:
-                async with self._turn:
-                    backlog = await store.backlog()
-                    stored = self._stored
-            else:
-                stored = self._stored
-                backlog = await store.backlog()
-            self._pending, self._stored_at_read = backlog.pending, stored
-        except Exception as error:  # the last reading stands; accepts meet the fault
+                held = self._held = asyncio.Event()
+                while self._in_flight:
+                    self._drained = asyncio.Event()
+                    await self._drained.wait()
+            appended = self._appended
+            backlog = await store.backlog()
+            self._waiting = backlog.pending + backlog.untranslated
+            self._appended_at_read = appended
+        except Exception as error:  # the last reading stands; appends meet the fault
             log.warning("relay cannot read the backlog", error=type(error).__name__)
         finally:
+            if held is not None:
+                self._held = None
+                held.set()
             self._read_at = time.monotonic()
             self._reading = None
 
-    async def take(self, store: Store, calls: list[Call], routes: set[Route]) -> None:
-        """Store `calls` durably (with whatever arrives meanwhile); raise what the store
-        raised."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Taken(calls, routes, future))
-        if self._committing is None:
-            self._committing = asyncio.create_task(self._commit(store))
-        await future
-
-    async def _commit(self, store: Store) -> None:
-        """Commit what is waiting, group after group, in arrival order."""
+    async def append(self, store: Store, delivery: Delivery, calls: int) -> None:
+        """Append one request's delivery durably; count its `calls` against the cap."""
+        while (held := self._held) is not None:
+            await held.wait()
+        self._in_flight += 1
         try:
-            while self._waiting:
-                count, end = 0, 0
-                while end < len(self._waiting) and (
-                    end == 0 or count + len(self._waiting[end].calls) <= MAX_GROUP_CALLS
-                ):
-                    count += len(self._waiting[end].calls)
-                    end += 1
-                group = self._waiting[:end]
-                del self._waiting[:end]
-                # Those answered already (past their deadline: 503) are not stored late.
-                run: list[_Taken] = []
-                for taken in group:
-                    if taken.future.done():
-                        continue
-                    if taken.forget is None:
-                        run.append(taken)
-                        continue
-                    await self._store_in_turn(store, run)
-                    await self._store_in_turn(store, [taken])  # alone, after what came first
-                    run = []
-                await self._store_in_turn(store, run)
+            await _stored(store.append(delivery))
         finally:
-            self._committing = None
+            self._in_flight -= 1
+            if not self._in_flight and self._drained is not None:
+                self._drained.set()
+        self._appended += calls
 
-    async def _store_in_turn(self, store: Store, run: list[_Taken]) -> None:
-        async with self._turn:
-            await self._store(store, run)
-
-    async def _store(self, store: Store, run: list[_Taken]) -> None:
-        run = [taken for taken in run if not taken.future.done()]
-        if not run:
-            return
-        calls: list[Output] = [call for taken in run for call in taken.calls]
+    async def forget(self, call: Forget, received_at: float) -> None:
+        """As `millimetric-bridge forget` does, once what came before it is translated:
+        erased now, to the disk, and Millimetric's forget queued after every earlier call
+        about the user."""
+        store, translator, forwarder = self.bound
+        await _stored(translator.catch_up(CATCH_UP_SECONDS))
         delivery = Delivery(
             source=RELAY_SOURCE,
             provider_event_id=f"relay-{new_event_id()}",
-            received_at=time.time(),
-            calls=calls,
+            received_at=received_at,
+            calls=[call],
         )
-        try:
-            await store.accept(delivery)
-            if run[0].forget is not None:
-                # As `millimetric-bridge forget` does: erased now, to the disk.
-                await store.erase(run[0].forget)
-        except Exception as error:
-            if len(run) == 1:
-                if not isinstance(error, StoreUnavailable):
-                    # A store raising outside the tree cannot take it now; as at intake, its
-                    # type is told, never its text (it may quote a call).
-                    log.error("relay store failed", error=type(error).__name__)
-                    error = StoreUnavailable(f"the store failed: {type(error).__name__}")
-                settle(run[0].future, None, error)
-                return
-            # One at a time: a call the store refuses fails alone.
-            for taken in run:
-                await self._store(store, [taken])
-            return
-        self._stored += len(calls)
-        for taken in run:
-            settle(taken.future, None)
+        await _stored(store.accept(delivery))
+        await _stored(store.erase(call.user_id))
+        forwarder.wake("forget")
 
 
-def _prepared(
-    route: str, call: Track | Identify | Batch | Forget, received_at: float
-) -> tuple[list[Call], set[Route], bytes]:
-    """The calls to store and the answer's body. A track gets an event_id when it has none
-    (returned in the answer) and the time it arrived when it names none: sent later, after
-    an outage, it still counts when it happened."""
+async def _stored(work: Awaitable[T]) -> T:
+    """What the store answers; an exception outside the error tree becomes
+    `StoreUnavailable` naming its type only (its text may quote a call), as at intake."""
+    try:
+        return await work
+    except StoreUnavailable:
+        raise
+    except Exception as error:
+        log.error("relay store failed", error=type(error).__name__)
+        raise StoreUnavailable(f"the store failed: {type(error).__name__}") from None
+
+
+def _prepared(call: Track | Identify | Batch, received_at: float) -> tuple[Relayed, int, bytes]:
+    """What to store, how many calls it holds, and the answer's body. A track gets an
+    event_id when it has none (returned in the answer) and the time it arrived when it
+    names none: sent later, after an outage, it still counts when it happened."""
     now = datetime.fromtimestamp(received_at, UTC)
     if isinstance(call, Track):
         track = _completed(call, now)
         answer = b'{"ok":true,"event_id":' + _encoder.encode(track.event_id) + b"}"
-        return [track], _track_routes(track), answer
+        return Relayed(events=[track]), 1, answer
     if isinstance(call, Batch):
-        events: list[Call] = [_completed(event, now) for event in call.events]
-        routes: set[Route] = {"track"}
-        for event in call.events:
-            routes |= _track_routes(event)
-        return events, routes, b'{"ok":true,"accepted":%d}' % len(events)
-    if isinstance(call, Identify):
-        return [call], {"identify"}, _OK
-    return [call], {"forget"}, _OK
+        events = [_completed(event, now) for event in call.events]
+        return Relayed(events=events), len(events), b'{"ok":true,"accepted":%d}' % len(events)
+    return Relayed(identify=call), 1, _OK
 
 
 def _completed(track: Track, now: datetime) -> Track:
-    if track.event_id is not None and track.timestamp is not None:
-        return track
-    return msgspec.structs.replace(
-        track, event_id=track.event_id or new_event_id(), timestamp=track.timestamp or now
-    )
-
-
-def _track_routes(track: Track) -> set[Route]:
-    # A track naming both ids may teach the bridge the link: an identify is queued first.
-    return {"track", "identify"} if track.anonymous_id and track.user_id else {"track"}
+    # Completed in place: the Track was decoded for this request alone, and what is set
+    # needs no check (`structs.replace` would run every check again, 4 us a track).
+    if track.event_id is None:
+        msgspec.structs.force_setattr(track, "event_id", new_event_id())
+    if track.timestamp is None:
+        msgspec.structs.force_setattr(track, "timestamp", now)
+    return track
 
 
 class _Answer:
@@ -316,7 +283,7 @@ async def _relay(
     started = time.perf_counter()
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed([*scope["headers"]])}
     request_id = _request_id(headers)
-    calls: list[Call] = []
+    calls = 0
 
     def done(result: str, reason: str | None, status: int) -> None:
         metrics.relay(route, result, reason or "")
@@ -326,7 +293,7 @@ async def _relay(
             "result": result,
             "reason": reason,
             "status": status,
-            "calls": len(calls),
+            "calls": calls,
             "ms": round((time.perf_counter() - started) * 1000, 2),
             "request_id": request_id,
         }
@@ -335,7 +302,7 @@ async def _relay(
         else:  # the canonical line of every relay request, at a few microseconds
             info_line(log, "relay", line)
 
-    store, forwarder = relay.bound
+    store, translator, _ = relay.bound
     body_deadline, accept_deadline = deadlines
     try:
         key = bearer_key(headers.get("authorization"))
@@ -355,9 +322,22 @@ async def _relay(
                 headers=dict(error.headers or {}),
             ) from None
         received_at = time.time()
-        calls, routes, answer = _prepared(route, parse_call(route, body), received_at)
+        call = parse_call(route, body)
+        stored: Awaitable[None]
+        if isinstance(call, Forget):
+            calls, answer = 1, _OK
+            stored = relay.forget(call, received_at)
+        else:
+            relayed, calls, answer = _prepared(call, received_at)
+            delivery = Delivery(
+                source=RELAY_SOURCE,
+                provider_event_id=f"relay-{new_event_id()}",
+                received_at=received_at,
+                raw_body=encoded(relayed),
+            )
+            stored = relay.append(store, delivery, calls)
         try:
-            await accept_deadline.run(relay.take(store, calls, routes))
+            await accept_deadline.run(stored)
         except StoreUnavailable as error:
             raise IngestRefused(
                 503, "store_unavailable", str(error), headers={"retry-after": "5"}
@@ -370,9 +350,9 @@ async def _relay(
     except Exception as error:  # a bug: logged by type here, answered by the last resort
         done("failed", type(error).__name__, 503)
         raise
-    for woken in routes:
-        forwarder.wake(woken)
-    metrics.relayed(route, len(calls))
+    if route != "forget":
+        translator.wake()
+    metrics.relayed(route, calls)
     done("accepted", None, 202)
     return _Answer(202, answer, request_id)
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
@@ -29,7 +31,7 @@ import msgspec
 import structlog
 
 from bridge import metrics
-from bridge.errors import EventInvalid, PayloadInvalid, StoreUnavailable
+from bridge.errors import EventInvalid, PayloadInvalid, StoreRefused, StoreUnavailable
 from bridge.events import About, Alias, Forget, ForgetVisitor, Identify, Purge, Track
 from bridge.plugin import WebhookRequest
 from bridge.registry import Source
@@ -55,6 +57,10 @@ class TranslatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     busy_probe: float = 0.05
     max_defer: float = 5.0
     busy_batch: int = 100  # deliveries a batch while intake takes a burst
+    # A batch also ends once its deliveries have become this many calls (a relay batch
+    # is up to 500 calls, where a webhook is a few): writing a call costs 30-60 us.
+    batch_calls: int = 2000
+    busy_batch_calls: int = 500
 
 
 def translate_one(stored: StoredDelivery, sources: Mapping[str, Source]) -> Translation:
@@ -115,6 +121,11 @@ class Translator:
         self.config = config or TranslatorConfig()
         self.on_queued: Callable[[Route], None] = lambda route: None
         self._wake = asyncio.Event()
+        # Calls a delivery became, in the last batch: how many deliveries to read for the
+        # next (a batch of relay batches reads tens, not 500 bodies of which it uses 20).
+        self._calls_each = 1.0
+        # One batch at a time in this process: the loop's and a forget's (`catch_up`).
+        self._stepping = asyncio.Lock()
         self._arrivals = 0  # deliveries intake stored here (each wakes the stage)
         # (when, arrivals) at the last batch; the loop's clock is time.monotonic's.
         self._since: tuple[float, int] = (time.monotonic(), 0)
@@ -151,9 +162,13 @@ class Translator:
             busy = await self._yield_to_intake(stopping, behind)
             # A batch holds the loop while it is translated (about 50-90 us a delivery):
             # a small one while intake is busy, so that no request waits long behind it.
-            limit = self.config.busy_batch if busy else self.config.batch
+            limit, calls = (
+                (self.config.busy_batch, self.config.busy_batch_calls)
+                if busy
+                else (self.config.batch, self.config.batch_calls)
+            )
             try:
-                done = await self.step(limit)
+                _, behind = await self._step(limit, calls)
             except StoreUnavailable as error:
                 log.error("store unavailable; translation waits", error=str(error))
                 await _wait(stopping, self.config.error_pause)
@@ -162,7 +177,6 @@ class Translator:
                 log.exception("translate stage error; carrying on")
                 await _wait(stopping, self.config.error_pause)
                 continue
-            behind = done >= limit
             if not behind:
                 waiter = asyncio.ensure_future(self._wake.wait())
                 stopper = asyncio.ensure_future(stopping.wait())
@@ -178,27 +192,60 @@ class Translator:
 
     async def step(self, limit: int | None = None) -> int:
         """Translate the oldest waiting deliveries, one batch; how many."""
-        stored = await self.store.untranslated(limit or self.config.batch)
-        if not stored:
-            return 0
-        translations = [translate_one(delivery, self.sources) for delivery in stored]
-        try:
-            await self.store.record(translations)
-        except StoreUnavailable:
-            translations = await self._one_by_one(translations)
-        self._report(translations)
-        return len(stored)
+        taken, _ = await self._step(limit or self.config.batch, self.config.batch_calls)
+        return taken
+
+    async def _step(self, limit: int, max_calls: int) -> tuple[int, bool]:
+        """One batch: at most `limit` deliveries, ending early once they have become
+        `max_calls` calls; how many it took, and whether it was full (more may wait)."""
+        async with self._stepping:
+            limit = min(limit, max(1, math.ceil(max_calls / self._calls_each)))
+            stored = await self.store.untranslated(limit)
+            translations = []
+            calls = 0
+            for delivery in stored:  # those left out stay waiting, for the next batch
+                translations.append(translate_one(delivery, self.sources))
+                calls += len(translations[-1].outputs)
+                if calls >= max_calls:
+                    break
+            if not translations:
+                return 0, False
+            self._calls_each = max(calls / len(translations), 1.0)
+            try:
+                await self.store.record(translations)
+            except StoreUnavailable:
+                translations = await self._one_by_one(translations)
+            self._report(translations)
+            return len(translations), len(translations) >= limit or calls >= max_calls
+
+    async def catch_up(self, within: float) -> bool:
+        """Translate what waits now, batch after batch, here and at once (on an instance
+        that stands by too), for at most `within` seconds; whether nothing was left.
+
+        A forget carried out before its 202 (the relay's) first lets what came before it
+        reach the outbox: there its calls are erased with the user's, and a visitor it
+        links to the user is known to be theirs. A delivery translated after the forget
+        is stored without the user's calls all the same (their tombstone), but a call
+        naming only that visitor would not be known as theirs."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while loop.time() < deadline:
+            _, full = await self._step(self.config.batch, self.config.batch_calls)
+            if not full:
+                return True
+        return False
 
     async def _one_by_one(self, translations: Sequence[Translation]) -> list[Translation]:
-        """A batch the store refused, one delivery at a time: one delivery that the store
-        refuses (what it became cannot be written) must not hold back the others, so it
-        is quarantined with the store's reason. A store that is down refuses that too,
-        and the batch waits for it."""
+        """A batch the store refused, one delivery at a time: one delivery whose calls the
+        store refuses (`StoreRefused`: they cannot be written) must not hold back the
+        others, so it is quarantined with the store's reason. A store that is down, or
+        goes down meanwhile, raises: the batch waits for it, and nothing is quarantined
+        for an outage."""
         done = []
         for translation in translations:
             try:
                 await self.store.record([translation])
-            except StoreUnavailable as error:
+            except StoreRefused as error:
                 failure = _reason("store", str(error))
                 translation = Translation(delivery=translation.delivery, failure=failure)
                 await self.store.record([translation])
@@ -207,15 +254,17 @@ class Translator:
 
     def _report(self, translations: Sequence[Translation]) -> None:
         routes: set[Route] = set()
+        translated: Counter[str] = Counter()  # one metric update a source, not a delivery
         for translation in translations:
             source = translation.delivery.source
             if translation.failure is None:
-                metrics.TRANSLATED.labels(source).inc()
-                routes.update(
-                    route_of(o)
-                    for o in translation.outputs
-                    if isinstance(o, Track | Identify | Forget)
-                )
+                translated[source] += 1
+                for output in translation.outputs:
+                    if isinstance(output, Track | Identify | Forget):
+                        routes.add(route_of(output))
+                    # A track naming both ids may teach the link: its identify goes first.
+                    if isinstance(output, Track) and output.anonymous_id and output.user_id:
+                        routes.add("identify")
                 continue
             kind = translation.failure.partition(":")[0]
             metrics.TRANSLATE_FAILURES.labels(source, kind).inc()
@@ -227,6 +276,8 @@ class Translator:
                 inbox_id=translation.delivery.id,
                 reason=kind,
             )
+        for source, count in translated.items():
+            metrics.TRANSLATED.labels(source).inc(count)
         for route in routes:
             self.on_queued(route)
 

@@ -53,7 +53,7 @@ from psycopg.types.string import StrDumper, StrDumperUnknown, TextLoader
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bridge.database_url import redacted, scrubbed
-from bridge.errors import ConfigError, StoreUnavailable
+from bridge.errors import ConfigError, StoreRefused, StoreUnavailable
 from bridge.store import AcceptResult, Delivery, settle
 from bridge.store import operations as ops
 from bridge.store.base import SQLStore
@@ -213,7 +213,8 @@ class PostgresStore(SQLStore):
                     f"postgresql: no connection to {redacted(self.url)} within {POOL_TIMEOUT:g}s"
                 ) from error
             except psycopg.Error as error:
-                raise StoreUnavailable(f"postgresql: {error}") from error
+                kind = StoreRefused if _refusal(error) else StoreUnavailable
+                raise kind(f"postgresql: {error}") from error
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -482,6 +483,20 @@ async def _steps(cur: Cursor, operation: Callable[..., Op[T]], args: tuple[Any, 
 async def _append_one(cur: Cursor, delivery: Delivery) -> AcceptResult:
     await cur.execute(f"SET LOCAL lock_timeout = '{ALONE_LOCK_TIMEOUT_MS}ms'")
     return "duplicate" if await _steps(cur, ops.append, (delivery,)) is None else "accepted"
+
+
+#: SQLSTATE classes of a refusal of what was sent: data exception, integrity constraint
+#: violation, program limit exceeded. Others (a lost connection, a shutdown, a lock or
+#: resource running out) pass.
+_REFUSALS: Final = ("22", "23", "54")
+
+
+def _refusal(error: psycopg.Error) -> bool:
+    """Whether the server, or the driver before it (a value it cannot send), refused what
+    it was given, rather than failing to take it now."""
+    if error.sqlstate is None:
+        return isinstance(error, psycopg.DataError)
+    return error.sqlstate[:2] in _REFUSALS
 
 
 def _unreachable(failure: StoreUnavailable) -> bool:

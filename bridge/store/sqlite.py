@@ -30,7 +30,7 @@ from typing import IO, Any, Final, TypeVar
 import msgspec
 import structlog
 
-from bridge.errors import ConfigError, StoreUnavailable
+from bridge.errors import ConfigError, StoreRefused, StoreUnavailable
 from bridge.store import AcceptResult, Delivery, settle
 from bridge.store.base import SQLStore
 from bridge.store.sql import Op, Step, drive, load
@@ -221,9 +221,16 @@ def _settle_all(settled: list[tuple[asyncio.Future[Any], Any, Any]]) -> None:
 
 
 def _as_unavailable(error: BaseException) -> BaseException:
-    if isinstance(error, sqlite3.OperationalError | sqlite3.DatabaseError):
-        return StoreUnavailable(f"sqlite: {error}")
+    if isinstance(error, sqlite3.Error):
+        return _unavailable(error)
     return error
+
+
+def _unavailable(error: sqlite3.Error) -> StoreUnavailable:
+    """What SQLite refuses for the values it was given (too big, a constraint) is
+    `StoreRefused`; anything else (locked, I/O, a full disk) passes."""
+    refused = isinstance(error, sqlite3.DataError | sqlite3.IntegrityError)
+    return (StoreRefused if refused else StoreUnavailable)(f"sqlite: {error}")
 
 
 class SQLiteStore(SQLStore):
@@ -340,7 +347,7 @@ class SQLiteStore(SQLStore):
             finally:
                 conn.close()
         except sqlite3.Error as error:
-            raise StoreUnavailable(f"sqlite: {error}") from error
+            raise _unavailable(error) from error
 
     # -- lifecycle -------------------------------------------------------------------------
 
