@@ -231,14 +231,15 @@ async def test_slow_headers_a_silent_client_an_idle_keepalive_and_a_slow_body_ar
         BRIDGE_BODY_TIMEOUT_SECONDS=str(body),
     ) as server:
 
-        async def slow_headers() -> tuple[bytes, float]:
+        async def trickled(head: bytes, byte: bytes) -> tuple[bytes, float]:
+            """Send `head`, then `byte` every 0.2 s for ever: when the server closes."""
             started = time.monotonic()
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.write(b"GET /healthz HTTP/1.1\r\n")
+            writer.write(head)
 
             async def trickle() -> None:
-                while True:  # a header byte every 0.2 s, never the end of the headers
-                    writer.write(b"X")
+                while True:
+                    writer.write(byte)
                     await asyncio.sleep(0.2)
 
             trickling = asyncio.create_task(trickle())
@@ -247,6 +248,10 @@ async def test_slow_headers_a_silent_client_an_idle_keepalive_and_a_slow_body_ar
             finally:
                 trickling.cancel()
                 writer.close()
+
+        async def slow_headers() -> tuple[bytes, float]:
+            # A header byte every 0.2 s, never the end of the headers.
+            return await trickled(b"GET /healthz HTTP/1.1\r\n", b"X")
 
         async def silent() -> tuple[bytes, float]:
             started = time.monotonic()
@@ -270,21 +275,8 @@ async def test_slow_headers_a_silent_client_an_idle_keepalive_and_a_slow_body_ar
         async def body_never_read() -> tuple[bytes, float]:
             # /healthz answers without reading the body: the backstop closes the
             # connection the body is still arriving on.
-            started = time.monotonic()
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.write(b"GET /healthz HTTP/1.1\r\nHost: bridge\r\nContent-Length: 1000\r\n\r\n")
-
-            async def trickle() -> None:
-                while True:
-                    writer.write(b" ")
-                    await asyncio.sleep(0.2)
-
-            trickling = asyncio.create_task(trickle())
-            try:
-                return await closed_after(reader, started)
-            finally:
-                trickling.cancel()
-                writer.close()
+            head = b"GET /healthz HTTP/1.1\r\nHost: bridge\r\nContent-Length: 1000\r\n\r\n"
+            return await trickled(head, b" ")
 
         tasks: list[Awaitable[tuple[bytes, float]]] = [
             slow_headers(),
