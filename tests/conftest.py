@@ -56,9 +56,20 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def subscription_event(n: str, *, customer: str = "cus_test", **extra: Any) -> bytes:
+def subscription_event(
+    n: str, *, customer: str = "cus_test", metadata: dict[str, str] | None = None, **extra: Any
+) -> bytes:
     """A live Stripe event, unsigned, that becomes exactly one call: the track
-    `subscription_started:sub_<n>` (event `evt_<n>`); `extra` adds top-level fields."""
+    `subscription_started:sub_<n>` (event `evt_<n>`); `metadata` goes on the subscription,
+    `extra` adds top-level fields."""
+    subscription: dict[str, Any] = {
+        "id": f"sub_{n}",
+        "object": "subscription",
+        "customer": customer,
+        "status": "active",
+    }
+    if metadata is not None:
+        subscription["metadata"] = metadata
     return msgspec.json.encode(
         {
             "id": f"evt_{n}",
@@ -66,14 +77,7 @@ def subscription_event(n: str, *, customer: str = "cus_test", **extra: Any) -> b
             "type": "customer.subscription.created",
             "livemode": True,
             "created": int(time.time()),
-            "data": {
-                "object": {
-                    "id": f"sub_{n}",
-                    "object": "subscription",
-                    "customer": customer,
-                    "status": "active",
-                }
-            },
+            "data": {"object": subscription},
             **extra,
         }
     )

@@ -38,31 +38,20 @@ from bridge.store import sqlite as sqlite_store
 from bridge.store.sqlite import SQLiteStore
 from bridge.testing import sign
 from handlers.stripe import handler as stripe
-from tests.conftest import RunningSink, ServerThread, free_port, write_lock_held
+from tests.conftest import (
+    RunningSink,
+    ServerThread,
+    free_port,
+    subscription_event,
+    write_lock_held,
+)
 
 SECRET = "whsec_faults_secret"
 
 
 def delivery(n: str, pad: int = 0) -> bytes:
     """A live Stripe delivery that becomes one track call, `subscription_started:sub_<n>`."""
-    obj: dict[str, Any] = {
-        "id": f"sub_{n}",
-        "object": "subscription",
-        "customer": "cus_f",
-        "status": "active",
-    }
-    if pad:
-        obj["metadata"] = {"pad": "x" * pad}
-    return msgspec.json.encode(
-        {
-            "id": f"evt_{n}",
-            "object": "event",
-            "type": "customer.subscription.created",
-            "livemode": True,
-            "created": int(time.time()),
-            "data": {"object": obj},
-        }
-    )
+    return subscription_event(n, customer="cus_f", metadata={"pad": "x" * pad} if pad else None)
 
 
 def post(url: str, body: bytes, timeout: float = 10) -> httpx.Response:
