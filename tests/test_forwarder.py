@@ -15,11 +15,13 @@ import anyio
 import httpx
 import msgspec
 import pytest
+from prometheus_client import REGISTRY
 
 from bridge.client import MillimetricClient, batch_body, build_http_client
 from bridge.events import BATCH_MAX_BYTES, Forget, Track, encode
 from bridge.ratelimit import RateLimit
 from bridge.sink import DEV_KEY
+from bridge.stages import forward
 from bridge.stages.forward import Forwarder, ForwarderConfig
 from bridge.store import Delivery, Store
 from tests.conftest import RunningSink, table_rows
@@ -63,14 +65,16 @@ async def fill(
     prefix: str = "e",
     user: str | None = None,
     properties: dict[str, Any] | None = None,
+    at: float | None = None,
 ) -> list[str]:
+    """`n` track events, received `at` (now by default): due then, and that old."""
     ids = [f"{prefix}{i}" for i in range(n)]
     for event_id in ids:
         await store.accept(
             Delivery(
                 source="test",
                 provider_event_id=event_id,
-                received_at=time.time(),
+                received_at=time.time() if at is None else at,
                 calls=[
                     Track(
                         event="purchase",
@@ -460,3 +464,111 @@ async def test_identify_goes_to_its_own_route(
     await fwd.stop()
     received = (await sink_get(http, sink, "events", route="identify"))["events"]
     assert [e["body"] for e in received] == [{"user_id": "u9", "anonymous_id": "a9"}]
+
+
+# -- on a clock the test moves -----------------------------------------------------------------
+#
+# Holds, probes and backoffs end when the forwarder's clock says so: with a clock that only
+# the test moves, each one ends exactly when the test decides, however slow the machine.
+# Rows are received at START, so they are due from the first moment on that clock.
+
+START = 1_000_000.0
+
+
+class Clock:
+    """The forwarder's clock, standing still until the test moves it."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TopOfJitter:
+    """Stands in for the forwarder's `random`: each backoff's bounds, recorded, and its
+    longest wait (the jitter's top), so a row's `next_at` tells the ceiling."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, float]] = []
+
+    def uniform(self, low: float, high: float) -> float:
+        self.calls.append((low, high))
+        return high
+
+
+def sample(name: str, **labels: str) -> float:
+    """A series of /metrics now (the registry is the process's: tests compare before/after)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def clocked(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink, config: ForwarderConfig, clock: Clock
+) -> Forwarder:
+    client = MillimetricClient(http, key=DEV_KEY, host=sink.url)
+    return Forwarder(store, client, config, clock=clock)
+
+
+async def counted(fwd: Forwarder, key: str, n: int, within: float = 20) -> None:
+    async def reached() -> bool:
+        return fwd.counts[key] >= n
+
+    await wait_until(reached, within)
+    assert fwd.counts[key] == n, fwd.counts
+
+
+async def test_retries_back_off_exponentially_with_full_jitter_up_to_the_cap(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jitter = TopOfJitter()
+    monkeypatch.setattr(forward, "random", jitter)
+    await knobs(http, sink, fail_for_seconds=3600)
+    await fill(store, 1, at=START)
+    clock = Clock(START)
+    config = msgspec.structs.replace(FAST, backoff_base=1.0, backoff_cap=20.0)
+    waited = sample("bridge_retry_wait_seconds_total", cause="backoff")
+    fwd = clocked(store, http, sink, config, clock)
+    fwd.start()
+    ceilings = [2.0, 4.0, 8.0, 16.0, 20.0]  # base * 2**attempts, up to the cap
+    for attempt, ceiling in enumerate(ceilings, start=1):
+        # `retried` counts once the row's retry is written.
+        await counted(fwd, "retried", attempt)
+        assert fwd.counts["requests"] == attempt
+        rows = await table_rows(store, "SELECT attempts, claimed, next_at FROM outbox")
+        assert rows == [(attempt, 0, clock.now + ceiling)]
+        clock.now += ceiling  # due again, not a moment before (the jitter's top)
+    await fwd.stop()
+    # Full jitter: anywhere from no wait at all up to the ceiling.
+    assert jitter.calls == [(0, ceiling) for ceiling in ceilings]
+    assert fwd.counts["dead"] == fwd.counts["delivered"] == 0
+    added = sample("bridge_retry_wait_seconds_total", cause="backoff") - waited
+    assert added == pytest.approx(sum(ceilings))
+
+
+async def test_rows_max_age_old_are_dead_lettered_naming_the_hours_and_the_last_answer(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    await knobs(http, sink, fail_for_seconds=3600)
+    await fill(store, 1, prefix="old", at=START)
+    clock = Clock(START + 7200)  # the row is exactly max_age old when its answer comes
+    config = msgspec.structs.replace(FAST, max_age=7200.0)
+    dead = sample("bridge_dead_letters_total", route="track")
+    fwd = clocked(store, http, sink, config, clock)
+    fwd.start()
+    await counted(fwd, "dead", 1)
+    assert await table_rows(store, "SELECT state, attempts, done_at FROM outbox") == [
+        ("dead", 1, START + 7200)
+    ]
+    (letter,) = await store.dead_letters()
+    last_answer = "503 unavailable: sink fault: failing on purpose"
+    assert letter.reason == f"gave up after 2 h; last answer: {last_answer}"
+    # Younger rows are tried again, until they are that old too; then they join it.
+    await fill(store, 2, prefix="young", at=START + 100)
+    clock.now += 1  # past the outage hold
+    await counted(fwd, "retried", 2)
+    clock.now = START + 100 + 7200  # past their backoff, and max_age old
+    await counted(fwd, "dead", 3)
+    await fwd.stop()
+    assert fwd.counts["retried"] == 2
+    assert len(await store.dead_letters()) == 3
+    assert sample("bridge_dead_letters_total", route="track") - dead == 3
