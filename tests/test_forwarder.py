@@ -572,3 +572,48 @@ async def test_rows_max_age_old_are_dead_lettered_naming_the_hours_and_the_last_
     assert fwd.counts["retried"] == 2
     assert len(await store.dead_letters()) == 3
     assert sample("bridge_dead_letters_total", route="track") - dead == 3
+
+
+async def test_a_refused_key_is_probed_after_probe_min_then_half_as_often_up_to_probe_max(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    await knobs(http, sink, keys=[])
+    await fill(store, 3, at=START)
+    clock = Clock(START)
+    fwd = clocked(store, http, sink, FAST, clock)  # probes after 0.1, 0.2, then 0.3 s
+    fwd.start()
+
+    async def refused(n: int) -> None:
+        """The n-th refusal is in: the store says paused again (the test cleared it)."""
+
+        async def done() -> bool:
+            return (await store.stats(time.time())).paused is not None
+
+        await wait_until(done)
+        stats = await sink_get(http, sink, "stats")
+        assert stats["answers"] == {"batch 401": n}
+
+    await refused(1)
+    assert "invalid_api_key" in (fwd.paused or "")
+    assert (await store.stats(time.time())).paused == fwd.paused  # what `outbox status` shows
+    assert sample("bridge_forwarder_paused") == 1
+    for n, wait in enumerate([0.1, 0.2, 0.3, 0.3], start=2):
+        refused_at = clock.now
+        await store.set_paused(None)  # each refusal writes it again: how the test sees one
+        clock.now = refused_at + wait - 0.01
+        # Not a moment early: a probe let through now would be in within this second.
+        await anyio.sleep(1.0 if n == 3 else 0)
+        assert (await sink_get(http, sink, "stats"))["answers"] == {"batch 401": n - 1}
+        clock.now = refused_at + wait
+        await refused(n)
+    # Nothing was charged or dropped meanwhile; the probe after the key is fixed resumes.
+    rows = await table_rows(store, "SELECT state, attempts, COUNT(*) FROM outbox GROUP BY 1, 2")
+    assert rows == [("pending", 0, 3)]
+    await knobs(http, sink, keys=[DEV_KEY])
+    clock.now += 0.3
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    assert fwd.paused is None
+    assert (await store.stats(time.time())).paused is None
+    assert sample("bridge_forwarder_paused") == 0
+    assert fwd.counts["delivered"] == 3
