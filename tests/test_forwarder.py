@@ -580,7 +580,10 @@ async def test_a_refused_key_is_probed_after_probe_min_then_half_as_often_up_to_
     await knobs(http, sink, keys=[])
     await fill(store, 3, at=START)
     clock = Clock(START)
-    fwd = clocked(store, http, sink, FAST, clock)  # probes after 0.1, 0.2, then 0.3 s
+    # Probes after 0.1, 0.2, then 0.3 s; one send at a time, so a lane that looks while a
+    # probe is answered waits for its pause before it claims the rows that probe released.
+    config = msgspec.structs.replace(FAST, max_in_flight=1)
+    fwd = clocked(store, http, sink, config, clock)
     fwd.start()
 
     async def refused(n: int) -> None:
@@ -617,3 +620,72 @@ async def test_a_refused_key_is_probed_after_probe_min_then_half_as_often_up_to_
     assert (await store.stats(time.time())).paused is None
     assert sample("bridge_forwarder_paused") == 0
     assert fwd.counts["delivered"] == 3
+
+
+async def test_outage_holds_double_up_to_the_cap_and_recovery_sends_the_retries_at_once(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(forward, "random", TopOfJitter())
+    await knobs(http, sink, fail_for_seconds=3600)
+    clock = Clock(START)
+    config = msgspec.structs.replace(
+        FAST,
+        backoff_base=1000.0,  # a failed row waits 1000 s on this clock (the cap)
+        backoff_cap=1000.0,
+        outage_hold=0.05,
+        outage_hold_cap=0.15,
+        idle_poll=60.0,  # the lane looks for rows only when woken (or a minute later)
+        max_in_flight=1,
+    )
+    answers = {
+        status: sample("bridge_millimetric_answers_total", route="/v1/batch", status=status)
+        for status in ("503", "202")
+    }
+    forwarded = sample("bridge_forwarded_calls_total", route="track")
+    fwd = clocked(store, http, sink, config, clock)
+
+    async def send_one(n: int, hold: float, settled: tuple[str, int]) -> None:
+        """A new row, the lane woken: the n-th request goes once the hold since the last
+        answer is over, not before; then wait for its answer to be `settled`."""
+        answered = clock.now
+        await fill(store, 1, prefix=f"r{n}-", at=START)
+        # One wake a request: the lane's one pass claims the one new row. The doubled
+        # hold is checked early too: nothing goes a moment before it ends.
+        clock.now = answered + hold - (0.01 if n == 3 else 0)
+        fwd.wake()
+        if n == 3:
+            await anyio.sleep(1.0)
+            assert fwd.counts["requests"] == n - 1
+            clock.now = answered + hold  # the lane, held, sees it at its next look
+        await counted(fwd, *settled)
+        assert fwd.counts["requests"] == n
+
+    await fill(store, 1, prefix="r1-", at=START)
+    fwd.start()
+    await counted(fwd, "retried", 1)
+    for n, hold in enumerate([0.05, 0.1, 0.15, 0.15], start=2):  # doubled, then the cap
+        await send_one(n, hold, ("retried", n))
+    await knobs(http, sink, fail_for_seconds=0)  # Millimetric answers again
+    answered = clock.now
+    await fill(store, 1, prefix="r6-", at=START)
+    clock.now = answered + 0.15
+    fwd.wake()
+    # The first success makes the five rows backed off for 1000 s due now, and wakes the
+    # lane for them: on this clock no time passes, and the lane's own poll is a minute.
+    await counted(fwd, "delivered", 6)
+    assert fwd.counts["requests"] == 7
+    assert (await sink_get(http, sink, "stats"))["answers"] == {"batch 503": 5, "batch 202": 2}
+    # A new outage starts over from the shortest hold.
+    await knobs(http, sink, fail_for_seconds=3600)
+    await fill(store, 1, prefix="again", at=START)
+    fwd.wake()
+    await counted(fwd, "retried", 6)
+    await send_one(9, 0.05, ("retried", 7))
+    await fwd.stop()
+    sent = {
+        status: sample("bridge_millimetric_answers_total", route="/v1/batch", status=status)
+        - before
+        for status, before in answers.items()
+    }
+    assert sent == {"503": 7, "202": 2}
+    assert sample("bridge_forwarded_calls_total", route="track") - forwarded == 6
