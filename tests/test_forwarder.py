@@ -689,3 +689,51 @@ async def test_outage_holds_double_up_to_the_cap_and_recovery_sends_the_retries_
     }
     assert sent == {"503": 7, "202": 2}
     assert sample("bridge_forwarded_calls_total", route="track") - forwarded == 6
+
+
+async def test_a_batch_costs_one_token_of_the_pace(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    # A forwarder starts with one token (another may just have spent the burst), and this
+    # pace adds the next in 1000 s: the first batch goes at once on that one token.
+    await fill(store, 1)
+    config = msgspec.structs.replace(FAST, batch_limit=RateLimit(rate=0.001, burst=20))
+    fwd = forwarder(store, http, sink, config)
+    fwd.start()
+    await wait_until(lambda: drained(store))
+    await fwd.stop(grace=0.2)  # the lane waits for its next token: cut short
+    assert (await sink_get(http, sink, "stats"))["answers"] == {"batch 202": 1}
+
+
+async def test_the_forwarder_leads_while_started_and_wake_sends_without_waiting_for_the_poll(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    fwd = forwarder(store, http, sink, msgspec.structs.replace(FAST, idle_poll=60.0))
+    assert (fwd.running, fwd.leading) == (False, False)
+    fwd.start()
+
+    async def leading() -> bool:
+        return fwd.leading
+
+    await wait_until(leading)
+    assert fwd.running
+    assert fwd.leading is True
+    assert sample("bridge_forwarder_leader") == 1
+    # New rows (in one transaction: one batch) and a wake, as intake gives after an
+    # accept: sent now, not in a minute.
+    calls = [Track(event="purchase", event_id=f"w{i}") for i in range(3)]
+    await store.accept(
+        Delivery(source="test", provider_event_id="w", received_at=time.time(), calls=calls)
+    )
+    fwd.wake()
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    assert (fwd.running, fwd.leading) == (False, False)
+    assert sample("bridge_forwarder_leader") == 0
+    assert fwd.counts == {
+        "requests": 1,
+        "delivered": 3,
+        "dead": 0,
+        "rate_limited": 0,
+        "retried": 0,
+    }
