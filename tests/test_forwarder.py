@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from bridge.client import MillimetricClient, batch_body, build_http_client
-from bridge.events import BATCH_MAX_BYTES, Forget, Track, encode
+from bridge.events import BATCH_MAX_BYTES, Forget, Identify, Track, encode
 from bridge.ratelimit import RateLimit
 from bridge.sink import DEV_KEY
 from bridge.stages import forward
@@ -448,8 +448,6 @@ def claimed(db: Path) -> int:
 async def test_identify_goes_to_its_own_route(
     store: Store, http: httpx.AsyncClient, sink: RunningSink
 ) -> None:
-    from bridge.events import Identify
-
     await store.accept(
         Delivery(
             source="t",
@@ -737,3 +735,36 @@ async def test_the_forwarder_leads_while_started_and_wake_sends_without_waiting_
         "rate_limited": 0,
         "retried": 0,
     }
+
+
+async def test_identify_rows_wait_uncharged_while_the_key_is_refused(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    await knobs(http, sink, keys=[])
+    await fill(store, 1)  # the track lane's batches are the probes
+    for i in range(3):
+        await store.accept(
+            Delivery(
+                source="t",
+                provider_event_id=f"i{i}",
+                received_at=time.time(),
+                calls=[Identify(user_id=f"u{i}", anonymous_id=f"a{i}")],
+            )
+        )
+    fwd = forwarder(store, http, sink)
+    fwd.start()
+
+    async def probed() -> bool:
+        return bool((await sink_get(http, sink, "stats"))["answers"].get("batch 401", 0) >= 3)
+
+    await wait_until(probed)
+    # The identify lane claims its rows after each probe and puts them back, uncharged.
+    rows = await table_rows(
+        store, "SELECT route, state, attempts, COUNT(*) FROM outbox GROUP BY 1, 2, 3"
+    )
+    assert sorted(rows) == [("identify", "pending", 0, 3), ("track", "pending", 0, 1)]
+    await knobs(http, sink, keys=[DEV_KEY])
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    received = (await sink_get(http, sink, "events", route="identify"))["events"]
+    assert [e["body"]["user_id"] for e in received] == ["u0", "u1", "u2"]
