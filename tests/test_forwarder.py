@@ -768,3 +768,31 @@ async def test_identify_rows_wait_uncharged_while_the_key_is_refused(
     await fwd.stop()
     received = (await sink_get(http, sink, "events", route="identify"))["events"]
     assert [e["body"]["user_id"] for e in received] == ["u0", "u1", "u2"]
+
+
+async def test_a_refused_key_with_only_identify_rows_waiting_is_probed_and_resumes(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    # No track row to probe with: the identify lane's first row is the probe.
+    await knobs(http, sink, keys=[])
+    await store.accept(
+        Delivery(
+            source="t",
+            provider_event_id="i0",
+            received_at=time.time(),
+            calls=[Identify(user_id="u0", anonymous_id="a0")],
+        )
+    )
+    fwd = forwarder(store, http, sink)
+    fwd.start()
+
+    async def probed() -> bool:
+        return bool((await sink_get(http, sink, "stats"))["answers"].get("identify 401", 0) >= 2)
+
+    await wait_until(probed)
+    await knobs(http, sink, keys=[DEV_KEY])
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    assert fwd.paused is None
+    received = (await sink_get(http, sink, "events", route="identify"))["events"]
+    assert [e["body"] for e in received] == [{"user_id": "u0", "anonymous_id": "a0"}]
