@@ -208,6 +208,8 @@ async def test_a_429_holds_the_lane_for_its_retry_after(
     await fill(store, 100)
     # A second of 429s, each saying to wait 3 s: one request, one hold, then everything.
     await knobs(http, sink, fail_for_seconds=1.0, fail_status=429, retry_after="3")
+    limited = sample("bridge_millimetric_answers_total", route="/v1/batch", status="429")
+    waited = sample("bridge_retry_wait_seconds_total", cause="rate_limited")
     started = time.time()
     fwd = forwarder(store, http, sink, msgspec.structs.replace(FAST, max_in_flight=1))
     fwd.start()
@@ -215,6 +217,11 @@ async def test_a_429_holds_the_lane_for_its_retry_after(
     await fwd.stop()
     stats = await sink_get(http, sink, "stats")
     assert stats["answers"] == {"batch 429": 1, "batch 202": 1}
+    assert fwd.counts["rate_limited"] == 1
+    assert sample("bridge_millimetric_answers_total", route="/v1/batch", status="429") == (
+        limited + 1
+    )
+    assert sample("bridge_retry_wait_seconds_total", cause="rate_limited") == waited + 3
     received = (await sink_get(http, sink, "events"))["events"]
     assert len(received) == 100
     assert min(e["arrived"] for e in received) >= started + 3.0  # not after the 1 s outage
@@ -384,7 +391,8 @@ async def test_a_refused_key_pauses_without_touching_rows_then_resumes(
 ) -> None:
     await knobs(http, sink, keys=[])
     await fill(store, 10)
-    fwd = forwarder(store, http, sink)
+    # Five batches: those claimed while a probe is answered are put back unsent.
+    fwd = forwarder(store, http, sink, msgspec.structs.replace(FAST, batch_events=2))
     fwd.start()
 
     async def paused() -> bool:
