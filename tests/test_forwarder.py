@@ -680,6 +680,8 @@ async def test_outage_holds_double_up_to_the_cap_and_recovery_sends_the_retries_
     # lane for them: on this clock no time passes, and the lane's own poll is a minute.
     await counted(fwd, "delivered", 6)
     assert fwd.counts["requests"] == 7
+    done = await table_rows(store, "SELECT DISTINCT done_at FROM outbox WHERE state = 'delivered'")
+    assert done == [(clock.now,)]  # when retention counts from
     assert (await sink_get(http, sink, "stats"))["answers"] == {"batch 503": 5, "batch 202": 2}
     # A new outage starts over from the shortest hold.
     await knobs(http, sink, fail_for_seconds=3600)
