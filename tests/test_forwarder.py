@@ -24,7 +24,7 @@ from bridge.sink import DEV_KEY
 from bridge.stages import forward
 from bridge.stages.forward import Forwarder, ForwarderConfig
 from bridge.store import Delivery, Store
-from tests.conftest import RunningSink, table_rows
+from tests.conftest import RunningSink, free_port, table_rows
 
 pytestmark = [
     pytest.mark.anyio,
@@ -806,3 +806,26 @@ async def test_a_refused_key_with_only_identify_rows_waiting_is_probed_and_resum
     assert fwd.paused is None
     received = (await sink_get(http, sink, "events", route="identify"))["events"]
     assert [e["body"] for e in received] == [{"user_id": "u0", "anonymous_id": "a0"}]
+
+
+async def test_answers_without_a_status_are_counted_as_timeout_or_connection(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    def answers(status: str) -> float:
+        return sample("bridge_millimetric_answers_total", route="/v1/batch", status=status)
+
+    before = {status: answers(status) for status in ("timeout", "connection")}
+    await fill(store, 1, at=START)
+    await knobs(http, sink, latency_ms=1000)
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    async with build_http_client(timeout=0.2) as impatient:
+        for at, host, status in ((START, sink.url, "timeout"), (START + 10, nowhere, "connection")):
+            client = MillimetricClient(impatient, key=DEV_KEY, host=host)
+            # On a clock that stands still, the hold after the failure never ends: one try
+            # (and the row's backoff is over at the next forwarder's time).
+            fwd = Forwarder(store, client, FAST, clock=Clock(at))
+            fwd.start()
+            await counted(fwd, "retried", 1)
+            await fwd.stop()
+            assert answers(status) == before[status] + 1, status
+    assert answers("timeout") == before["timeout"] + 1
