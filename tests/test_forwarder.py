@@ -15,14 +15,16 @@ import anyio
 import httpx
 import msgspec
 import pytest
+from prometheus_client import REGISTRY
 
 from bridge.client import MillimetricClient, batch_body, build_http_client
-from bridge.events import BATCH_MAX_BYTES, Forget, Track, encode
+from bridge.events import BATCH_MAX_BYTES, Forget, Identify, Track, encode
 from bridge.ratelimit import RateLimit
 from bridge.sink import DEV_KEY
+from bridge.stages import forward
 from bridge.stages.forward import Forwarder, ForwarderConfig
 from bridge.store import Delivery, Store
-from tests.conftest import RunningSink, table_rows
+from tests.conftest import RunningSink, free_port, table_rows
 
 pytestmark = [
     pytest.mark.anyio,
@@ -63,14 +65,16 @@ async def fill(
     prefix: str = "e",
     user: str | None = None,
     properties: dict[str, Any] | None = None,
+    at: float | None = None,
 ) -> list[str]:
+    """`n` track events, received `at` (now by default): due then, and that old."""
     ids = [f"{prefix}{i}" for i in range(n)]
     for event_id in ids:
         await store.accept(
             Delivery(
                 source="test",
                 provider_event_id=event_id,
-                received_at=time.time(),
+                received_at=time.time() if at is None else at,
                 calls=[
                     Track(
                         event="purchase",
@@ -204,6 +208,8 @@ async def test_a_429_holds_the_lane_for_its_retry_after(
     await fill(store, 100)
     # A second of 429s, each saying to wait 3 s: one request, one hold, then everything.
     await knobs(http, sink, fail_for_seconds=1.0, fail_status=429, retry_after="3")
+    limited = sample("bridge_millimetric_answers_total", route="/v1/batch", status="429")
+    waited = sample("bridge_retry_wait_seconds_total", cause="rate_limited")
     started = time.time()
     fwd = forwarder(store, http, sink, msgspec.structs.replace(FAST, max_in_flight=1))
     fwd.start()
@@ -211,6 +217,11 @@ async def test_a_429_holds_the_lane_for_its_retry_after(
     await fwd.stop()
     stats = await sink_get(http, sink, "stats")
     assert stats["answers"] == {"batch 429": 1, "batch 202": 1}
+    assert fwd.counts["rate_limited"] == 1
+    assert sample("bridge_millimetric_answers_total", route="/v1/batch", status="429") == (
+        limited + 1
+    )
+    assert sample("bridge_retry_wait_seconds_total", cause="rate_limited") == waited + 3
     received = (await sink_get(http, sink, "events"))["events"]
     assert len(received) == 100
     assert min(e["arrived"] for e in received) >= started + 3.0  # not after the 1 s outage
@@ -380,7 +391,8 @@ async def test_a_refused_key_pauses_without_touching_rows_then_resumes(
 ) -> None:
     await knobs(http, sink, keys=[])
     await fill(store, 10)
-    fwd = forwarder(store, http, sink)
+    # Five batches: those claimed while a probe is answered are put back unsent.
+    fwd = forwarder(store, http, sink, msgspec.structs.replace(FAST, batch_events=2))
     fwd.start()
 
     async def paused() -> bool:
@@ -444,8 +456,6 @@ def claimed(db: Path) -> int:
 async def test_identify_goes_to_its_own_route(
     store: Store, http: httpx.AsyncClient, sink: RunningSink
 ) -> None:
-    from bridge.events import Identify
-
     await store.accept(
         Delivery(
             source="t",
@@ -460,3 +470,362 @@ async def test_identify_goes_to_its_own_route(
     await fwd.stop()
     received = (await sink_get(http, sink, "events", route="identify"))["events"]
     assert [e["body"] for e in received] == [{"user_id": "u9", "anonymous_id": "a9"}]
+
+
+# -- on a clock the test moves -----------------------------------------------------------------
+#
+# Holds, probes and backoffs end when the forwarder's clock says so: with a clock that only
+# the test moves, each one ends exactly when the test decides, however slow the machine.
+# Rows are received at START, so they are due from the first moment on that clock.
+
+START = 1_000_000.0
+
+
+class Clock:
+    """The forwarder's clock, standing still until the test moves it."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TopOfJitter:
+    """Stands in for the forwarder's `random`: each backoff's bounds, recorded, and its
+    longest wait (the jitter's top), so a row's `next_at` tells the ceiling."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, float]] = []
+
+    def uniform(self, low: float, high: float) -> float:
+        self.calls.append((low, high))
+        return high
+
+
+def sample(name: str, **labels: str) -> float:
+    """A series of /metrics now (the registry is the process's: tests compare before/after)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def clocked(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink, config: ForwarderConfig, clock: Clock
+) -> Forwarder:
+    client = MillimetricClient(http, key=DEV_KEY, host=sink.url)
+    return Forwarder(store, client, config, clock=clock)
+
+
+async def counted(fwd: Forwarder, key: str, n: int, within: float = 20) -> None:
+    async def reached() -> bool:
+        return fwd.counts[key] >= n
+
+    await wait_until(reached, within)
+    assert fwd.counts[key] == n, fwd.counts
+
+
+async def test_retries_back_off_exponentially_with_full_jitter_up_to_the_cap(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jitter = TopOfJitter()
+    monkeypatch.setattr(forward, "random", jitter)
+    await knobs(http, sink, fail_for_seconds=3600)
+    await fill(store, 1, at=START)
+    clock = Clock(START)
+    config = msgspec.structs.replace(FAST, backoff_base=1.0, backoff_cap=20.0)
+    waited = sample("bridge_retry_wait_seconds_total", cause="backoff")
+    fwd = clocked(store, http, sink, config, clock)
+    fwd.start()
+    ceilings = [2.0, 4.0, 8.0, 16.0, 20.0]  # base * 2**attempts, up to the cap
+    for attempt, ceiling in enumerate(ceilings, start=1):
+        # `retried` counts once the row's retry is written.
+        await counted(fwd, "retried", attempt)
+        assert fwd.counts["requests"] == attempt
+        rows = await table_rows(store, "SELECT attempts, claimed, next_at FROM outbox")
+        assert rows == [(attempt, 0, clock.now + ceiling)]
+        clock.now += ceiling  # due again, not a moment before (the jitter's top)
+    await fwd.stop()
+    # Full jitter: anywhere from no wait at all up to the ceiling.
+    assert jitter.calls == [(0, ceiling) for ceiling in ceilings]
+    assert fwd.counts["dead"] == fwd.counts["delivered"] == 0
+    added = sample("bridge_retry_wait_seconds_total", cause="backoff") - waited
+    assert added == pytest.approx(sum(ceilings))
+
+
+async def test_rows_max_age_old_are_dead_lettered_naming_the_hours_and_the_last_answer(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    await knobs(http, sink, fail_for_seconds=3600)
+    await fill(store, 1, prefix="old", at=START)
+    clock = Clock(START + 7200)  # the row is exactly max_age old when its answer comes
+    config = msgspec.structs.replace(FAST, max_age=7200.0)
+    dead = sample("bridge_dead_letters_total", route="track")
+    fwd = clocked(store, http, sink, config, clock)
+    fwd.start()
+    await counted(fwd, "dead", 1)
+    assert await table_rows(store, "SELECT state, attempts, done_at FROM outbox") == [
+        ("dead", 1, START + 7200)
+    ]
+    (letter,) = await store.dead_letters()
+    last_answer = "503 unavailable: sink fault: failing on purpose"
+    assert letter.reason == f"gave up after 2 h; last answer: {last_answer}"
+    # Younger rows are tried again, until they are that old too; then they join it.
+    await fill(store, 2, prefix="young", at=START + 100)
+    clock.now += 1  # past the outage hold
+    await counted(fwd, "retried", 2)
+    clock.now = START + 100 + 7200  # past their backoff, and max_age old
+    await counted(fwd, "dead", 3)
+    await fwd.stop()
+    assert fwd.counts["retried"] == 2
+    assert len(await store.dead_letters()) == 3
+    assert sample("bridge_dead_letters_total", route="track") - dead == 3
+
+
+async def test_a_refused_key_is_probed_after_probe_min_then_half_as_often_up_to_probe_max(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    await knobs(http, sink, keys=[])
+    await fill(store, 3, at=START)
+    clock = Clock(START)
+    # Probes after 0.1, 0.2, then 0.3 s; one send at a time, so a lane that looks while a
+    # probe is answered waits for its pause before it claims the rows that probe released.
+    config = msgspec.structs.replace(FAST, max_in_flight=1)
+    fwd = clocked(store, http, sink, config, clock)
+    fwd.start()
+
+    async def refused(n: int) -> None:
+        """The n-th refusal is in: the store says paused again (the test cleared it)."""
+
+        async def done() -> bool:
+            return (await store.stats(time.time())).paused is not None
+
+        await wait_until(done)
+        stats = await sink_get(http, sink, "stats")
+        assert stats["answers"] == {"batch 401": n}
+
+    await refused(1)
+    assert "invalid_api_key" in (fwd.paused or "")
+    assert (await store.stats(time.time())).paused == fwd.paused  # what `outbox status` shows
+    assert sample("bridge_forwarder_paused") == 1
+    for n, wait in enumerate([0.1, 0.2, 0.3, 0.3], start=2):
+        refused_at = clock.now
+        await store.set_paused(None)  # each refusal writes it again: how the test sees one
+        clock.now = refused_at + wait - 0.01
+        # Not a moment early: a probe let through now would be in within this second.
+        await anyio.sleep(1.0 if n == 3 else 0)
+        assert (await sink_get(http, sink, "stats"))["answers"] == {"batch 401": n - 1}
+        clock.now = refused_at + wait
+        await refused(n)
+    # Nothing was charged or dropped meanwhile; the probe after the key is fixed resumes.
+    rows = await table_rows(store, "SELECT state, attempts, COUNT(*) FROM outbox GROUP BY 1, 2")
+    assert rows == [("pending", 0, 3)]
+    await knobs(http, sink, keys=[DEV_KEY])
+    clock.now += 0.3
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    assert fwd.paused is None
+    assert (await store.stats(time.time())).paused is None
+    assert sample("bridge_forwarder_paused") == 0
+    assert fwd.counts["delivered"] == 3
+
+
+async def test_outage_holds_double_up_to_the_cap_and_recovery_sends_the_retries_at_once(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(forward, "random", TopOfJitter())
+    await knobs(http, sink, fail_for_seconds=3600)
+    clock = Clock(START)
+    config = msgspec.structs.replace(
+        FAST,
+        backoff_base=1000.0,  # a failed row waits 1000 s on this clock (the cap)
+        backoff_cap=1000.0,
+        outage_hold=0.05,
+        outage_hold_cap=0.15,
+        idle_poll=60.0,  # the lane looks for rows only when woken (or a minute later)
+        max_in_flight=1,
+    )
+    answers = {
+        status: sample("bridge_millimetric_answers_total", route="/v1/batch", status=status)
+        for status in ("503", "202")
+    }
+    forwarded = sample("bridge_forwarded_calls_total", route="track")
+    fwd = clocked(store, http, sink, config, clock)
+
+    async def send_one(n: int, hold: float, settled: tuple[str, int]) -> None:
+        """A new row, the lane woken: the n-th request goes once the hold since the last
+        answer is over, not before; then wait for its answer to be `settled`."""
+        answered = clock.now
+        await fill(store, 1, prefix=f"r{n}-", at=START)
+        # One wake a request: the lane's one pass claims the one new row. The doubled
+        # hold is checked early too: nothing goes a moment before it ends.
+        clock.now = answered + hold - (0.01 if n == 3 else 0)
+        fwd.wake()
+        if n == 3:
+            await anyio.sleep(1.0)
+            assert fwd.counts["requests"] == n - 1
+            clock.now = answered + hold  # the lane, held, sees it at its next look
+        await counted(fwd, *settled)
+        assert fwd.counts["requests"] == n
+
+    await fill(store, 1, prefix="r1-", at=START)
+    fwd.start()
+    await counted(fwd, "retried", 1)
+    for n, hold in enumerate([0.05, 0.1, 0.15, 0.15], start=2):  # doubled, then the cap
+        await send_one(n, hold, ("retried", n))
+    await knobs(http, sink, fail_for_seconds=0)  # Millimetric answers again
+    answered = clock.now
+    await fill(store, 1, prefix="r6-", at=START)
+    clock.now = answered + 0.15
+    fwd.wake()
+    # The first success makes the five rows backed off for 1000 s due now, and wakes the
+    # lane for them: on this clock no time passes, and the lane's own poll is a minute.
+    await counted(fwd, "delivered", 6)
+    assert fwd.counts["requests"] == 7
+    done = await table_rows(store, "SELECT DISTINCT done_at FROM outbox WHERE state = 'delivered'")
+    assert done == [(clock.now,)]  # when retention counts from
+    assert (await sink_get(http, sink, "stats"))["answers"] == {"batch 503": 5, "batch 202": 2}
+    # A new outage starts over from the shortest hold.
+    await knobs(http, sink, fail_for_seconds=3600)
+    await fill(store, 1, prefix="again", at=START)
+    fwd.wake()
+    await counted(fwd, "retried", 6)
+    await send_one(9, 0.05, ("retried", 7))
+    await fwd.stop()
+    sent = {
+        status: sample("bridge_millimetric_answers_total", route="/v1/batch", status=status)
+        - before
+        for status, before in answers.items()
+    }
+    assert sent == {"503": 7, "202": 2}
+    assert sample("bridge_forwarded_calls_total", route="track") - forwarded == 6
+
+
+async def test_a_batch_costs_one_token_of_the_pace(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    # A forwarder starts with one token (another may just have spent the burst), and this
+    # pace adds the next in 1000 s: the first batch goes at once on that one token.
+    await fill(store, 1)
+    config = msgspec.structs.replace(FAST, batch_limit=RateLimit(rate=0.001, burst=20))
+    fwd = forwarder(store, http, sink, config)
+    fwd.start()
+    await wait_until(lambda: drained(store))
+    await fwd.stop(grace=0.2)  # the lane waits for its next token: cut short
+    assert (await sink_get(http, sink, "stats"))["answers"] == {"batch 202": 1}
+
+
+async def test_the_forwarder_leads_while_started_and_wake_sends_without_waiting_for_the_poll(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    fwd = forwarder(store, http, sink, msgspec.structs.replace(FAST, idle_poll=60.0))
+    assert (fwd.running, fwd.leading) == (False, False)
+    fwd.start()
+
+    async def leading() -> bool:
+        return fwd.leading
+
+    await wait_until(leading)
+    assert fwd.running
+    assert fwd.leading is True
+    assert sample("bridge_forwarder_leader") == 1
+    # New rows (in one transaction: one batch) and a wake, as intake gives after an
+    # accept: sent now, not in a minute.
+    calls = [Track(event="purchase", event_id=f"w{i}") for i in range(3)]
+    await store.accept(
+        Delivery(source="test", provider_event_id="w", received_at=time.time(), calls=calls)
+    )
+    fwd.wake()
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    assert (fwd.running, fwd.leading) == (False, False)
+    assert sample("bridge_forwarder_leader") == 0
+    assert fwd.counts == {
+        "requests": 1,
+        "delivered": 3,
+        "dead": 0,
+        "rate_limited": 0,
+        "retried": 0,
+    }
+
+
+async def test_identify_rows_wait_uncharged_while_the_key_is_refused(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    await knobs(http, sink, keys=[])
+    await fill(store, 1)  # the track lane's batches are the probes
+    for i in range(3):
+        await store.accept(
+            Delivery(
+                source="t",
+                provider_event_id=f"i{i}",
+                received_at=time.time(),
+                calls=[Identify(user_id=f"u{i}", anonymous_id=f"a{i}")],
+            )
+        )
+    fwd = forwarder(store, http, sink)
+    fwd.start()
+
+    async def probed() -> bool:
+        return bool((await sink_get(http, sink, "stats"))["answers"].get("batch 401", 0) >= 3)
+
+    await wait_until(probed)
+    # The identify lane claims its rows after each probe and puts them back, uncharged.
+    rows = await table_rows(
+        store, "SELECT route, state, attempts, COUNT(*) FROM outbox GROUP BY 1, 2, 3"
+    )
+    assert sorted(rows) == [("identify", "pending", 0, 3), ("track", "pending", 0, 1)]
+    await knobs(http, sink, keys=[DEV_KEY])
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    received = (await sink_get(http, sink, "events", route="identify"))["events"]
+    assert [e["body"]["user_id"] for e in received] == ["u0", "u1", "u2"]
+
+
+async def test_a_refused_key_with_only_identify_rows_waiting_is_probed_and_resumes(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    # No track row to probe with: the identify lane's first row is the probe.
+    await knobs(http, sink, keys=[])
+    await store.accept(
+        Delivery(
+            source="t",
+            provider_event_id="i0",
+            received_at=time.time(),
+            calls=[Identify(user_id="u0", anonymous_id="a0")],
+        )
+    )
+    fwd = forwarder(store, http, sink)
+    fwd.start()
+
+    async def probed() -> bool:
+        return bool((await sink_get(http, sink, "stats"))["answers"].get("identify 401", 0) >= 2)
+
+    await wait_until(probed)
+    await knobs(http, sink, keys=[DEV_KEY])
+    await wait_until(lambda: drained(store))
+    await fwd.stop()
+    assert fwd.paused is None
+    received = (await sink_get(http, sink, "events", route="identify"))["events"]
+    assert [e["body"] for e in received] == [{"user_id": "u0", "anonymous_id": "a0"}]
+
+
+async def test_answers_without_a_status_are_counted_as_timeout_or_connection(
+    store: Store, http: httpx.AsyncClient, sink: RunningSink
+) -> None:
+    def answers(status: str) -> float:
+        return sample("bridge_millimetric_answers_total", route="/v1/batch", status=status)
+
+    before = {status: answers(status) for status in ("timeout", "connection")}
+    await fill(store, 1, at=START)
+    await knobs(http, sink, latency_ms=1000)
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    async with build_http_client(timeout=0.2) as impatient:
+        for at, host, status in ((START, sink.url, "timeout"), (START + 10, nowhere, "connection")):
+            client = MillimetricClient(impatient, key=DEV_KEY, host=host)
+            # On a clock that stands still, the hold after the failure never ends: one try
+            # (and the row's backoff is over at the next forwarder's time).
+            fwd = Forwarder(store, client, FAST, clock=Clock(at))
+            fwd.start()
+            await counted(fwd, "retried", 1)
+            await fwd.stop()
+            assert answers(status) == before[status] + 1, status
+    assert answers("timeout") == before["timeout"] + 1

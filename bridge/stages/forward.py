@@ -308,8 +308,11 @@ class Forwarder:
         return len(rows) >= full
 
     def _held(self, route: Route) -> bool:
-        """Whether sending must wait: paused on a refused key, or inside a Retry-After."""
-        return self.paused is not None or self._not_before[route] > self.clock()
+        """Whether sending must wait: paused on a refused key until the next probe (which
+        any lane's row may be: a backlog of identify or forget rows alone probes too), or
+        inside a Retry-After."""
+        now = self.clock()
+        return (self.paused is not None and now < self._probe_at) or self._not_before[route] > now
 
     async def _claim(self, route: Route, limit: int) -> list[OutboxRow]:
         # The store counts a comma after every body and the last has none (the + 1): a
