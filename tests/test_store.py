@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -697,6 +698,35 @@ def raw_delivery(event_id: str, body: bytes = b'{"id":"x"}', source: str = "stri
         raw_body=body,
         headers={"stripe-signature": "t=1,v1=00", "x-topic": "orders/paid"},
     )
+
+
+async def test_a_group_of_appends_answers_each_delivery_and_stores_each_once(
+    store: Store,
+) -> None:
+    """Appends taken in one commit share it: a redelivery of a stored delivery, or a twin
+    in the same group, must still get its own `duplicate`, and every other delivery its
+    `accepted`, stored once with its own fields, however many arrive at once."""
+    assert await store.append(raw_delivery("old", b'{"id":"old"}')) == "accepted"
+    fresh = [raw_delivery(f"g{i}", f'{{"id":"g{i}"}}'.encode()) for i in range(300)]
+    results = await asyncio.gather(*(store.append(d) for d in fresh))
+    assert results == ["accepted"] * 300
+    mixed = [
+        raw_delivery("n1"),
+        raw_delivery("old"),  # stored before: a redelivery
+        raw_delivery("n2"),
+        raw_delivery("n2"),  # its twin, in the same group
+        raw_delivery("g7"),
+        raw_delivery("n1", source="shopify"),  # the same id from another source is new
+    ]
+    results = await asyncio.gather(*(store.append(d) for d in mixed))
+    assert results == ["accepted", "duplicate", "accepted", "duplicate", "duplicate", "accepted"]
+    stored = await store.untranslated(1000)
+    assert len(stored) == 1 + 300 + 3
+    assert Counter((d.source, d.provider_event_id) for d in stored).most_common(1)[0][1] == 1
+    by_id = {d.provider_event_id: d for d in stored if d.source == "stripe"}
+    assert by_id["g123"].raw_body == b'{"id":"g123"}'
+    assert by_id["old"].raw_body == b'{"id":"old"}'  # the redelivery changed nothing
+    assert by_id["g299"].headers == {"stripe-signature": "t=1,v1=00", "x-topic": "orders/paid"}
 
 
 async def test_appended_deliveries_wait_untranslated_in_arrival_order(store: Store) -> None:
