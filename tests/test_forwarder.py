@@ -453,23 +453,29 @@ def claimed(db: Path) -> int:
         return int(conn.execute("SELECT COUNT(*) FROM outbox WHERE claimed = 1").fetchone()[0])
 
 
+async def identify_rows(store: Store, n: int) -> None:
+    """`n` identify calls (u0 and a0, u1 and a1, ...), a delivery each."""
+    for i in range(n):
+        await store.accept(
+            Delivery(
+                source="t",
+                provider_event_id=f"i{i}",
+                received_at=time.time(),
+                calls=[Identify(user_id=f"u{i}", anonymous_id=f"a{i}")],
+            )
+        )
+
+
 async def test_identify_goes_to_its_own_route(
     store: Store, http: httpx.AsyncClient, sink: RunningSink
 ) -> None:
-    await store.accept(
-        Delivery(
-            source="t",
-            provider_event_id="i1",
-            received_at=time.time(),
-            calls=[Identify(user_id="u9", anonymous_id="a9")],
-        )
-    )
+    await identify_rows(store, 1)
     fwd = forwarder(store, http, sink)
     fwd.start()
     await wait_until(lambda: drained(store))
     await fwd.stop()
     received = (await sink_get(http, sink, "events", route="identify"))["events"]
-    assert [e["body"] for e in received] == [{"user_id": "u9", "anonymous_id": "a9"}]
+    assert [e["body"] for e in received] == [{"user_id": "u0", "anonymous_id": "a0"}]
 
 
 # -- on a clock the test moves -----------------------------------------------------------------
@@ -752,15 +758,7 @@ async def test_identify_rows_wait_uncharged_while_the_key_is_refused(
 ) -> None:
     await knobs(http, sink, keys=[])
     await fill(store, 1)  # the track lane's batches are the probes
-    for i in range(3):
-        await store.accept(
-            Delivery(
-                source="t",
-                provider_event_id=f"i{i}",
-                received_at=time.time(),
-                calls=[Identify(user_id=f"u{i}", anonymous_id=f"a{i}")],
-            )
-        )
+    await identify_rows(store, 3)
     fwd = forwarder(store, http, sink)
     fwd.start()
 
@@ -785,14 +783,7 @@ async def test_a_refused_key_with_only_identify_rows_waiting_is_probed_and_resum
 ) -> None:
     # No track row to probe with: the identify lane's first row is the probe.
     await knobs(http, sink, keys=[])
-    await store.accept(
-        Delivery(
-            source="t",
-            provider_event_id="i0",
-            received_at=time.time(),
-            calls=[Identify(user_id="u0", anonymous_id="a0")],
-        )
-    )
+    await identify_rows(store, 1)
     fwd = forwarder(store, http, sink)
     fwd.start()
 
