@@ -96,6 +96,16 @@ async def wait_until(check: Callable[[], Awaitable[bool]], within: float = 20) -
         await anyio.sleep(0.05)
 
 
+async def answered(http: httpx.AsyncClient, sink: RunningSink, answer: str, n: int) -> None:
+    """Wait until the sink has given `answer` (such as "batch 503") at least `n` times."""
+
+    async def reached() -> bool:
+        stats = await sink_get(http, sink, "stats")
+        return bool(stats["answers"].get(answer, 0) >= n)
+
+    await wait_until(reached)
+
+
 def forwarder(
     store: Store, http: httpx.AsyncClient, sink: RunningSink, config: ForwarderConfig = FAST
 ) -> Forwarder:
@@ -314,11 +324,7 @@ async def test_an_outage_costs_few_requests_and_recovery_sends_the_backlog_at_on
         await fill(store, 10, prefix=f"w{wave}-")
         await anyio.sleep(0.05)
 
-    async def probed() -> bool:
-        stats = await sink_get(http, sink, "stats")
-        return bool(stats["answers"].get("batch 503", 0) >= 3)
-
-    await wait_until(probed)
+    await answered(http, sink, "batch 503", 3)
     backed_off = await table_rows(
         store,
         "SELECT event_id, next_at FROM outbox WHERE state = 'pending' AND attempts > 0 ORDER BY id",
@@ -762,10 +768,7 @@ async def test_identify_rows_wait_uncharged_while_the_key_is_refused(
     fwd = forwarder(store, http, sink)
     fwd.start()
 
-    async def probed() -> bool:
-        return bool((await sink_get(http, sink, "stats"))["answers"].get("batch 401", 0) >= 3)
-
-    await wait_until(probed)
+    await answered(http, sink, "batch 401", 3)
     # The identify lane claims its rows after each probe and puts them back, uncharged.
     rows = await table_rows(
         store, "SELECT route, state, attempts, COUNT(*) FROM outbox GROUP BY 1, 2, 3"
@@ -787,10 +790,7 @@ async def test_a_refused_key_with_only_identify_rows_waiting_is_probed_and_resum
     fwd = forwarder(store, http, sink)
     fwd.start()
 
-    async def probed() -> bool:
-        return bool((await sink_get(http, sink, "stats"))["answers"].get("identify 401", 0) >= 2)
-
-    await wait_until(probed)
+    await answered(http, sink, "identify 401", 2)
     await knobs(http, sink, keys=[DEV_KEY])
     await wait_until(lambda: drained(store))
     await fwd.stop()
