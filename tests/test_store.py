@@ -262,6 +262,29 @@ async def test_a_failed_send_for_a_forgotten_user_is_not_retried(store: Store) -
     assert len(await store.claim("forget", 10, 1 << 20, NOW)) == 1
 
 
+async def test_a_send_failing_while_its_user_is_forgotten_is_never_sent_again(
+    store: Store,
+) -> None:
+    """A failed send returned to the queue while its user's forget is accepted: either the
+    forget erases the returned row or the return drops it, never neither (on PostgreSQL
+    they were two transactions each reading before the other committed: CI saw the user's
+    identify sent after their forget was accepted). The return starts a little later each
+    round, so that some rounds fall inside the forget's transaction."""
+    for n in range(40):
+        user = f"u_race_{n}"
+        await store.accept(delivery(f"e{n}", Track(event="purchase", user_id=user)))
+        (row,) = await store.claim("track", 10, 1 << 20, NOW)
+
+        async def returned(row_id: int = row.id, delay: float = n * 0.0002) -> None:
+            await asyncio.sleep(delay)
+            await store.retry([row_id], NOW, count_attempt=False)
+
+        await asyncio.gather(returned(), store.accept(delivery(f"f{n}", Forget(user_id=user))))
+        assert await store.claim("track", 10, 1 << 20, NOW) == [], f"round {n}"
+        (forget,) = await store.claim("forget", 10, 1 << 20, NOW)
+        await store.delivered([forget.id], NOW)
+
+
 async def test_cleanup_follows_retention(store: Store) -> None:
     day = 86400.0
     await store.accept(delivery("old", at=NOW - 40 * day))

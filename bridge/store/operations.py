@@ -275,8 +275,10 @@ def _forget(user_id: str, beside: list[str], now: float) -> Op[None]:
     visitors become calls about the user (so the forget waits for those in flight, and
     `erase` finds them later), deliveries linked to any of them become linked to the user,
     then everything linked to the user goes, and the quarantined deliveries that name any
-    of them. Sends in flight stay: the forget row waits for them, and `erase` removes them
-    once they are sent."""
+    of them. Sends in flight stay: the forget row waits for them, `erase` removes them once
+    they are sent, and a failed one is dropped when it returns (`erasure_lock` keeps the
+    forget and that return from missing each other)."""
+    yield from rows("erasure_lock")
     subject = hash_subject(user_id)
     visitors = [v for (v,) in (yield from rows("visitors_of", subject, subject))]
     related = sorted({*beside, *(hash_subject(v) for v in visitors)} - {subject})
@@ -336,6 +338,7 @@ def _purge_prefixes(source: str, purge: Purge, now: float) -> Op[None]:
 def release_all_claims(now: float) -> Op[int]:
     """The forwarder that held these claims is gone: what it had in flight is due again now
     (Millimetric deduplicates those sends by event_id), save calls about a forgotten user."""
+    yield from rows("erasure_lock")
     yield from count("drop_forgotten_claims")
     return (yield from count("release_claims", now))
 
@@ -376,6 +379,7 @@ def delivered(ids: list[int], now: float) -> Op[None]:
 
 
 def retry(ids: list[int], next_at: float, count_attempt: bool) -> Op[None]:
+    yield from rows("erasure_lock")
     yield from count("retry", next_at, int(count_attempt), ids)
     # A send that failed after its user was forgotten is not tried again.
     yield from count("drop_forgotten_retries", ids)

@@ -90,6 +90,10 @@ INSERT OR IGNORE INTO inbox_subjects (subject, inbox_id)
 SELECT DISTINCT ?, inbox_id FROM inbox_subjects
 WHERE subject IN (SELECT value FROM json_each(?));
 
+-- name: erasure_lock
+-- (postgres.sql takes a lock here; SQLite runs one write transaction at a time.)
+SELECT 1;
+
 -- name: remember_forgotten
 INSERT INTO forgotten (subject, at) VALUES (?, ?) ON CONFLICT DO NOTHING;
 
