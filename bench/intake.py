@@ -9,13 +9,14 @@ same distinct, freshly signed ~1 KB Stripe-style bodies (each thread replays its
 slice, so no delivery repeats): a bare Litestar `@post` handler that reads the body (the
 baseline every ratio is against), the same route served raw as the bridge serves its
 intake (a route middleware answering from `receive`: the ceiling of that way, with no
-work), and the bridge. The bridge (`millimetric-bridge serve`) verifies, translates and
-commits each delivery before answering, with its forwarder draining into a local sink at
-the published limits. The store is SQLite in a temporary directory (synchronous=FULL,
-group commit), or with `--database-url postgresql://...` a fresh database created on that
-server for the run and dropped after it. Prints req/s, p50 and p99 for both, the ratio,
-and the load average beside them (the machine may be shared: compare ratios, repeat with
-`--runs`, which alternates the servers). Needs wrk (`apt-get install wrk`).
+work), and the bridge. The bridge (`millimetric-bridge serve`) verifies and commits each
+delivery before answering; its translate stage and forwarder run behind it, draining into
+a local sink at the published limits. The store is SQLite in a temporary directory
+(synchronous=FULL, group commit), or with `--database-url postgresql://...` a fresh
+database created on that server for the run and dropped after it. Prints req/s, p50 and
+p99 for both, the ratio, and the load average beside them (the machine may be shared:
+compare ratios, repeat with `--runs`, which alternates the servers). Needs wrk
+(`apt-get install wrk`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@
 Each variant is `millimetric-bridge serve` with some parts replaced by nothing:
 `no-translate` (the translate stage does not run: deliveries are only stored),
 `no-forwarder` (neither forwarding nor translation runs), `no-log` (no line per webhook),
-`no-store` (append answers at once, nothing is stored: NOT durable).
+`no-store` (append answers at once, nothing is stored: NOT durable), `append-process`
+(a prototype: intake's appends group-committed by a writer process of their own, over a
+socket pair, rather than by the store's writer thread and the event loop; the same
+statement into the same file, the same FULL fsync before each answer).
 They run in turn with a bare Litestar POST (bench/bare_app.py) in every round, under the
 same wrk load as bench/intake.py, and the script prints each variant's median ratio to
 the bare POST of its round and the server's CPU per request. A diagnostic: none of these
@@ -17,9 +20,14 @@ variants is a product setting, and `no-store` breaks every guarantee.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import itertools
 import os
 import shutil
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -27,8 +35,92 @@ from pathlib import Path
 from typing import Any
 
 import intake as bench
+import msgspec
 
-PARTS = ("no-forwarder", "no-translate", "no-log", "no-store")
+PARTS = ("no-forwarder", "no-translate", "no-log", "no-store", "append-process")
+_FRAME = struct.Struct("!I")
+
+
+def frames(buffer: bytearray) -> list[bytes]:
+    """The complete length-prefixed frames at the start of `buffer`, taken out of it."""
+    found, at = [], 0
+    while len(buffer) - at >= 4:
+        (size,) = _FRAME.unpack_from(buffer, at)
+        if len(buffer) - at - 4 < size:
+            break
+        found.append(bytes(buffer[at + 4 : at + 4 + size]))
+        at += 4 + size
+    del buffer[:at]
+    return found
+
+
+def append_writer(path: str, fd: int) -> None:
+    """The `append-process` writer: each batch of appends that arrived together in one
+    transaction, committed, then every answer in one write."""
+    from bridge.store import Delivery
+    from bridge.store.sqlite import SQLiteStore, _appended
+
+    sock = socket.socket(fileno=fd)
+    conn = SQLiteStore(path)._connect()
+    decode = msgspec.msgpack.Decoder(tuple[int, str, str, float, bytes, dict[str, str]]).decode
+    buffer = bytearray()
+    while data := sock.recv(1 << 20):
+        buffer += data
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while more := sock.recv(1 << 20):
+                buffer += more
+        sock.setblocking(True)
+        batch = [
+            (seq, Delivery(source=s, provider_event_id=i, received_at=at, raw_body=b, headers=h))
+            for seq, s, i, at, b, h in map(decode, frames(buffer))
+        ]
+        if not batch:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        answers = [(seq, _appended(conn, delivery) == "accepted") for seq, delivery in batch]
+        conn.execute("COMMIT")
+        body = msgspec.msgpack.encode(answers)
+        sock.sendall(_FRAME.pack(len(body)) + body)
+
+
+class _Appends(asyncio.Protocol):
+    """The bridge's side of the `append-process` writer."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.waiting: dict[int, asyncio.Future[bool]] = {}
+        self.queued: list[bytes] = []
+        self.buffer = bytearray()
+        self.seq = itertools.count()
+        self.encode = msgspec.msgpack.Encoder().encode
+        self.decode = msgspec.msgpack.Decoder(list[tuple[int, bool]]).decode
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        for frame in frames(self.buffer):
+            for seq, accepted in self.decode(frame):
+                self.waiting.pop(seq).set_result(accepted)
+
+    def flush(self) -> None:
+        queued, self.queued = self.queued, []
+        self.transport.write(b"".join(queued))
+
+    async def append(self, delivery: Any) -> str:
+        seq = next(self.seq)
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[seq] = future
+        d = delivery
+        body = self.encode(
+            (seq, d.source, d.provider_event_id, d.received_at, d.raw_body, d.headers)
+        )
+        if not self.queued:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.queued.append(_FRAME.pack(len(body)) + body)
+        return "accepted" if await future else "duplicate"
 
 
 def serve_without(parts: set[str]) -> None:
@@ -51,6 +143,25 @@ def serve_without(parts: set[str]) -> None:
             return "accepted"
 
         SQLiteStore.append = append  # type: ignore[method-assign,assignment]
+    if "append-process" in parts:
+        from bridge.store.sqlite import SQLiteStore
+
+        writer: list[_Appends] = []
+
+        async def appended(self: Any, delivery: Any) -> str:
+            if not writer:
+                ours, theirs = socket.socketpair()
+                command = [sys.executable, __file__, "--append-writer", str(self.path)]
+                subprocess.Popen(  # noqa: ASYNC220 (once, at the first delivery)
+                    [*command, str(theirs.fileno())], pass_fds=[theirs.fileno()]
+                )
+                theirs.close()
+                loop = asyncio.get_running_loop()
+                _, protocol = await loop.create_unix_connection(_Appends, sock=ours)
+                writer.append(protocol)
+            return await writer[0].append(delivery)
+
+        SQLiteStore.append = appended  # type: ignore[method-assign,assignment]
     if "no-log" in parts:
         os.environ["BRIDGE_LOG_LEVEL"] = "warning"
     from bridge.cli import main
@@ -60,8 +171,11 @@ def serve_without(parts: set[str]) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU time of the process and its live children (the `append-process` writer)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(int(child)) for child in children)
 
 
 def main() -> None:
@@ -74,7 +188,11 @@ def main() -> None:
         help="';'-separated; each a ','-separated set of parts to switch off, or 'full'",
     )
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # the bridge's own process
+    parser.add_argument("--append-writer", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.append_writer is not None:
+        append_writer(args.append_writer[0], int(args.append_writer[1]))
+        return
     if args.serve is not None:
         serve_without(set(args.serve.split(",")) - {"full", ""})
         return
