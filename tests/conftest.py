@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -124,6 +125,60 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+class ServeProcess:
+    """A `millimetric-bridge serve` process: its port, URL, process and log file."""
+
+    def __init__(self, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = proc
+        self.log = log
+
+    def logged(self, event: str) -> int:
+        """How many of its log lines are `event`."""
+        lines = [msgspec.json.decode(line) for line in self.log.read_bytes().splitlines()]
+        return sum(1 for line in lines if line.get("event") == event)
+
+
+@contextlib.contextmanager
+def serve_process(sink: RunningSink, db: Path, secret: str, **env: str) -> Iterator[ServeProcess]:
+    """A real `serve` process on the SQLite file `db`, Stripe signed with `secret`,
+    forwarding to `sink`, once it answers /healthz; stopped with SIGTERM, as a platform
+    stops it. Its output goes to a log file beside `db`."""
+    port = free_port()
+    log = db.parent / f"serve-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [Path(sys.executable).parent / "millimetric-bridge", "serve"],
+            env={
+                **os.environ,
+                "MILLIMETRIC_KEY": "sk_dev_local_bridge",
+                "MILLIMETRIC_HOST": sink.url,
+                "BRIDGE_DATABASE_URL": f"sqlite:///{db}",
+                "STRIPE_WEBHOOK_SECRET": secret,
+                "PORT": str(port),
+                "BRIDGE_HOST": "127.0.0.1",
+                **env,
+            },
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = ServeProcess(port, proc, log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, f"serve exited at start-up: {log.read_text()}"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "serve did not answer /healthz"
+            time.sleep(0.1)
+        yield server
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
 
 
 class RunningSink:

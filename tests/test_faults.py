@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import errno
 import os
 import resource
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +38,7 @@ from handlers.stripe import handler as stripe
 from tests.conftest import (
     RunningSink,
     ServerThread,
-    free_port,
+    serve_process,
     subscription_event,
     write_lock_held,
 )
@@ -349,40 +346,6 @@ def test_a_real_full_disk_gives_503_then_recovers(sink: RunningSink, small_disk:
     }
 
 
-SCRIPT = Path(sys.executable).parent / "millimetric-bridge"
-
-
-@contextlib.contextmanager
-def serving(sink: RunningSink, db: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """A real `serve` process on `db`, once it answers /healthz: the process and its URL."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "MILLIMETRIC_KEY": "sk_dev_local_bridge",
-        "MILLIMETRIC_HOST": sink.url,
-        "BRIDGE_DATABASE_URL": f"sqlite:///{db}",
-        "STRIPE_WEBHOOK_SECRET": SECRET,
-        "PORT": str(port),
-        "BRIDGE_HOST": "127.0.0.1",
-    }
-    proc = subprocess.Popen([SCRIPT, "serve"], env=env, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: proc.poll() is not None or answers(f"{url}/healthz"))
-        assert proc.poll() is None, "serve exited at start-up"
-        yield proc, url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
-
-
-def answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 @pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="prlimit(2) is Linux's")
 def test_files_that_cannot_grow_give_503_then_recover(sink: RunningSink, tmp_path: Path) -> None:
     """The disk refusing the store's writes, without privileges: the `serve` process's
@@ -390,7 +353,8 @@ def test_files_that_cannot_grow_give_503_then_recover(sink: RunningSink, tmp_pat
     every write past that fails (EFBIG) as it would on a full disk. Deliveries are
     answered 503, never 200; the limit lifted, the provider's retries are stored once."""
     db = tmp_path / "bridge.db"
-    with serving(sink, db) as (proc, url):
+    with serve_process(sink, db, SECRET) as server:
+        proc, url = server.proc, server.url
         assert post(url, delivery("roomy")).status_code == 200
         _, hard = resource.prlimit(proc.pid, resource.RLIMIT_FSIZE)
         resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (32 * 1024, hard))

@@ -10,23 +10,18 @@ import asyncio
 import contextlib
 import os
 import resource
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
-import msgspec
 import pytest
 
 from bridge.connections import BODY_GRACE
 from bridge.testing import sign
 from handlers.stripe import handler as stripe
-from tests.conftest import RunningSink, free_port, subscription_event
+from tests.conftest import RunningSink, ServeProcess, free_port, serve_process, subscription_event
 
-SCRIPT = Path(sys.executable).parent / "millimetric-bridge"
 SECRET = "whsec_slow_clients_secret"
 TRICKLERS = 1000
 #: How much earlier than a deadline a close may be seen: uvloop's clock counts whole
@@ -36,14 +31,8 @@ EARLY = 0.05
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-class Serving:
-    """A `millimetric-bridge serve` process: its port, its pid and its log file."""
-
-    def __init__(self, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = proc
-        self.log = log
+class Serving(ServeProcess):
+    """A `serve` process, with what these tests read of it from /proc."""
 
     def holds(self, clients: list[Stream]) -> int:
         """How many of `clients` the server has accepted and holds open: sockets among its
@@ -71,46 +60,11 @@ class Serving:
         (line,) = [line for line in status.splitlines() if line.startswith("VmRSS:")]
         return int(line.split()[1]) / 1024
 
-    def logged(self, event: str) -> int:
-        """How many log lines are `event`."""
-        lines = [msgspec.json.decode(line) for line in self.log.read_bytes().splitlines()]
-        return sum(1 for line in lines if line.get("event") == event)
-
 
 @contextlib.contextmanager
 def serving(tmp_path: Path, sink: RunningSink, **env: str) -> Iterator[Serving]:
-    port = free_port()
-    log = tmp_path / f"serve-{port}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [SCRIPT, "serve"],
-            env={
-                **os.environ,
-                "MILLIMETRIC_KEY": "sk_dev_local_bridge",
-                "MILLIMETRIC_HOST": sink.url,
-                "BRIDGE_DATABASE_URL": f"sqlite:///{tmp_path}/bridge-{port}.db",
-                "STRIPE_WEBHOOK_SECRET": SECRET,
-                "PORT": str(port),
-                "BRIDGE_HOST": "127.0.0.1",
-                **env,
-            },
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    server = Serving(port, proc, log)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, log.read_text()
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "serve did not answer /healthz"
-            time.sleep(0.1)
-        yield server
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+    with serve_process(sink, tmp_path / f"bridge-{free_port()}.db", SECRET, **env) as server:
+        yield Serving(server.port, server.proc, server.log)
 
 
 @pytest.fixture
