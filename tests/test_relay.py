@@ -399,6 +399,8 @@ def test_past_the_backlog_cap_the_relay_answers_429_and_webhooks_still_200(
             assert refused.json()["error"] == "rate_limited"
             assert "BRIDGE_RELAY_MAX_PENDING" in refused.json()["message"]
             assert int(refused.headers["retry-after"]) >= 1
+        # Nor is an erasure: the forget is taken, erases at once, and waits its turn.
+        assert post(server.url, "forget", {"user_id": "usr_cap"}).status_code == 202
         for n in range(3):  # webhook intake is never refused for the relay's backlog
             body, headers = signed_webhook(n)
             assert httpx.post(
@@ -409,7 +411,10 @@ def test_past_the_backlog_cap_the_relay_answers_429_and_webhooks_still_200(
             }
         knobs(sink, keys=[DEV_KEY])  # the key works again: the backlog drains
         wait_for(
-            lambda: {f"cap{i}" for i in range(5)} <= {c.get("event_id") for c in sink_calls(sink)},
+            lambda: (
+                {f"cap{i}" for i in range(5)} <= {c.get("event_id") for c in sink_calls(sink)}
+                and {"route": "forget", "user_id": "usr_cap"} in sink_calls(sink)
+            ),
             within=90,
         )
         # Once the backlog read again shows room, the relay takes calls again.

@@ -23,8 +23,8 @@ erasure reaches the disk (`Store.erase`).
 
 The routes are served at the ASGI level, as intake is: a route middleware reads the body
 from `receive` and answers without a `Request` or a handler call. Above
-`BRIDGE_RELAY_MAX_PENDING` calls waiting, the relay answers 429 `rate_limited` (webhook
-intake never looks at it).
+`BRIDGE_RELAY_MAX_PENDING` calls waiting, the relay answers 429 `rate_limited` to tracks,
+identifies and batches (a forget and webhook intake never look at it).
 """
 
 from __future__ import annotations
@@ -311,7 +311,8 @@ async def _relay(
         check_scope(route, key)
         if not relay.known(key):
             raise IngestRefused(401, "invalid_api_key")
-        relay.check_room(store)
+        if route != "forget":  # an erasure is never put off: it adds one call, frees more
+            relay.check_room(store)
         try:
             body = await body_deadline.run(_body(receive, headers, max_body))
         except HTTPException as error:  # 413 over the size limit, 408 past the deadline
@@ -388,7 +389,8 @@ def relay_routes(
             "the call is stored (sent to Millimetric after); 400 invalid_payload; 401 "
             "malformed_api_key or invalid_api_key (a key from BRIDGE_RELAY_KEYS); 403 for a "
             "pk_ key, an rk_ key, or a forget without an sk_ key; 413 body too large; 429 "
-            "rate_limited while BRIDGE_RELAY_MAX_PENDING calls wait; 503 the store cannot "
+            "rate_limited while BRIDGE_RELAY_MAX_PENDING calls wait (never for a forget); "
+            "503 the store cannot "
             "take it (retry with the same event_id)."
         )
         return post(
