@@ -390,8 +390,7 @@ def relay_routes(
             "malformed_api_key or invalid_api_key (a key from BRIDGE_RELAY_KEYS); 403 for a "
             "pk_ key, an rk_ key, or a forget without an sk_ key; 413 body too large; 429 "
             "rate_limited while BRIDGE_RELAY_MAX_PENDING calls wait (never for a forget); "
-            "503 the store cannot "
-            "take it (retry with the same event_id)."
+            "503 the store cannot take it (retry with the same event_id)."
         )
         return post(
             f"/v1/{route}",

@@ -138,6 +138,10 @@ def record(translations: Sequence[Translation], now: float) -> Op[bool]:
     meanwhile is left to it), then write the calls of those translated: planned together,
     save that a delivery that erases goes alone, in order. Whether anything stored was
     erased (the WAL's old frames may still hold it)."""
+    if not all(plannable(t.outputs) for t in translations):
+        # Before the deliveries' rows: an erasure waiting for the lock while holding
+        # them could deadlock with one holding the lock and erasing what they link to.
+        yield from rows("erasure_lock")
     found = yield from rows("lock_untranslated", [t.delivery.id for t in translations])
     claimed = {int(inbox_id) for (inbox_id,) in found}
     yield from write(
