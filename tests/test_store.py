@@ -285,6 +285,30 @@ async def test_a_send_failing_while_its_user_is_forgotten_is_never_sent_again(
         await store.delivered([forget.id], NOW)
 
 
+async def test_a_batch_translated_while_its_user_is_forgotten_queues_nothing_about_them(
+    store: Store,
+) -> None:
+    """A translated batch about a user recorded while the user's forget is accepted (an
+    operator's forget on one instance, the translate stage on another): either the batch
+    sees the forget and queues nothing about the user, or the forget erases what it
+    queued; never a call left to be sent about a forgotten user. The batch starts a
+    little later each round, so that some rounds fall inside the forget's transaction."""
+    for n in range(40):
+        user = f"u_batch_{n}"
+        await store.append(raw_delivery(f"t{n}"))
+        (stored,) = await store.untranslated(10)
+        batch = [Translation(delivery=stored, outputs=[Track(event="purchase", user_id=user)])]
+
+        async def recorded(batch: list[Translation] = batch, delay: float = n * 0.0002) -> None:
+            await asyncio.sleep(delay)
+            await store.record(batch)
+
+        await asyncio.gather(recorded(), store.accept(delivery(f"f{n}", Forget(user_id=user))))
+        assert await store.claim("track", 10, 1 << 20, NOW) == [], f"round {n}"
+        (forget,) = await store.claim("forget", 10, 1 << 20, NOW)
+        await store.delivered([forget.id], NOW)
+
+
 async def test_cleanup_follows_retention(store: Store) -> None:
     day = 86400.0
     await store.accept(delivery("old", at=NOW - 40 * day))

@@ -22,7 +22,9 @@ deletes the calls about them that are not in flight, drops the raw payloads of e
 linked delivery, records a tombstone (a hash, never the id) so that nothing about them is
 stored again, and makes the forget row claimable only once no earlier call for that user
 is still on its way. Nothing is found by searching bodies: a substring of one user's id
-is part of other users' data.
+is part of other users' data. Erasures and the writes that queue or return calls about
+someone take turns (`operations._erasure_lock`): on PostgreSQL, where several instances
+write at once, neither may miss what the other commits.
 """
 
 from __future__ import annotations

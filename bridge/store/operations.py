@@ -113,6 +113,7 @@ def append(delivery: Delivery, state: str = "untranslated") -> Op[int | None]:
 
 def accept(delivery: Delivery) -> Op[AcceptResult]:
     """A delivery the bridge made itself, stored with its calls (`Store.accept`)."""
+    yield from _erasure_lock(erases=not plannable(delivery.calls))
     inbox_id = yield from append(delivery, "translated")
     if inbox_id is None:
         return "duplicate"
@@ -138,10 +139,7 @@ def record(translations: Sequence[Translation], now: float) -> Op[bool]:
     meanwhile is left to it), then write the calls of those translated: planned together,
     save that a delivery that erases goes alone, in order. Whether anything stored was
     erased (the WAL's old frames may still hold it)."""
-    if not all(plannable(t.outputs) for t in translations):
-        # Before the deliveries' rows: an erasure waiting for the lock while holding
-        # them could deadlock with one holding the lock and erasing what they link to.
-        yield from rows("erasure_lock")
+    yield from _erasure_lock(erases=not all(plannable(t.outputs) for t in translations))
     found = yield from rows("lock_untranslated", [t.delivery.id for t in translations])
     claimed = {int(inbox_id) for (inbox_id,) in found}
     yield from write(
@@ -271,6 +269,16 @@ def _forgotten_among(subjects: list[str]) -> Op[set[str]]:
 # -- erasure ---------------------------------------------------------------------------------
 
 
+def _erasure_lock(*, erases: bool) -> Op[None]:
+    """Taken first, until commit, by what erases (alone) and by what writes or returns
+    calls about someone (shared: these do not wait for one another). Otherwise, on
+    PostgreSQL, each reads before the other commits: a forget misses a batch's new calls
+    or a send returned to the queue, the batch or the return misses the forget, and a
+    call about a forgotten user is left to be sent. Taken before any row is locked, so
+    that it cannot join a deadlock. (SQLite runs one write transaction at a time.)"""
+    yield from rows("erasure_lock" if erases else "erasure_lock_shared")
+
+
 def _forget(user_id: str, beside: list[str], now: float) -> Op[None]:
     """Erase at once what is linked to a user, and remember them as forgotten.
 
@@ -280,9 +288,9 @@ def _forget(user_id: str, beside: list[str], now: float) -> Op[None]:
     `erase` finds them later), deliveries linked to any of them become linked to the user,
     then everything linked to the user goes, and the quarantined deliveries that name any
     of them. Sends in flight stay: the forget row waits for them, `erase` removes them once
-    they are sent, and a failed one is dropped when it returns (`erasure_lock` keeps the
+    they are sent, and a failed one is dropped when it returns (`_erasure_lock` keeps the
     forget and that return from missing each other)."""
-    yield from rows("erasure_lock")
+    yield from _erasure_lock(erases=True)  # its caller's already: taken again at once
     subject = hash_subject(user_id)
     visitors = [v for (v,) in (yield from rows("visitors_of", subject, subject))]
     related = sorted({*beside, *(hash_subject(v) for v in visitors)} - {subject})
@@ -342,7 +350,7 @@ def _purge_prefixes(source: str, purge: Purge, now: float) -> Op[None]:
 def release_all_claims(now: float) -> Op[int]:
     """The forwarder that held these claims is gone: what it had in flight is due again now
     (Millimetric deduplicates those sends by event_id), save calls about a forgotten user."""
-    yield from rows("erasure_lock")
+    yield from _erasure_lock(erases=False)
     yield from count("drop_forgotten_claims")
     return (yield from count("release_claims", now))
 
@@ -383,7 +391,7 @@ def delivered(ids: list[int], now: float) -> Op[None]:
 
 
 def retry(ids: list[int], next_at: float, count_attempt: bool) -> Op[None]:
-    yield from rows("erasure_lock")
+    yield from _erasure_lock(erases=False)
     yield from count("retry", next_at, int(count_attempt), ids)
     # A send that failed after its user was forgotten is not tried again.
     yield from count("drop_forgotten_retries", ids)

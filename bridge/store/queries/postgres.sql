@@ -100,11 +100,13 @@ SELECT DISTINCT %s, inbox_id FROM inbox_subjects WHERE subject = ANY(%s::text[])
 ON CONFLICT DO NOTHING;
 
 -- name: erasure_lock
--- Held until commit by a forget and by what returns sends in flight to the queue (a retry,
--- a dead forwarder's claims released). Each reads before the other commits otherwise: the
--- forget skips the send as in flight, the return does not see the forget yet, and a call
--- about a forgotten user waits to be sent again.
+-- Until commit, alone: an erasure (`_erasure_lock` in bridge/store/operations.py).
 SELECT pg_advisory_xact_lock(hashtextextended('millimetric-bridge erasure ' || current_schema(), 0));
+
+-- name: erasure_lock_shared
+-- Until commit, beside others: what writes or returns calls about someone.
+SELECT pg_advisory_xact_lock_shared(
+  hashtextextended('millimetric-bridge erasure ' || current_schema(), 0));
 
 -- name: remember_forgotten
 INSERT INTO forgotten (subject, at) VALUES (%s, %s) ON CONFLICT DO NOTHING;

@@ -94,6 +94,9 @@ WHERE subject IN (SELECT value FROM json_each(?));
 -- (postgres.sql takes a lock here; SQLite runs one write transaction at a time.)
 SELECT 1;
 
+-- name: erasure_lock_shared
+SELECT 1;
+
 -- name: remember_forgotten
 INSERT INTO forgotten (subject, at) VALUES (?, ?) ON CONFLICT DO NOTHING;
 
