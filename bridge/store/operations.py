@@ -276,7 +276,10 @@ def _erasure_lock(*, erases: bool) -> Op[None]:
     or a send returned to the queue, the batch or the return misses the forget, and a
     call about a forgotten user is left to be sent. Taken before any row is locked, so
     that it cannot join a deadlock. (SQLite runs one write transaction at a time.)"""
-    yield from rows("erasure_lock" if erases else "erasure_lock_shared")
+    if erases:
+        yield from rows("erasure_lock")
+    else:
+        yield from rows("erasure_lock_shared")
 
 
 def _forget(user_id: str, beside: list[str], now: float) -> Op[None]:
