@@ -291,9 +291,8 @@ def _forget(user_id: str, beside: list[str], now: float) -> Op[None]:
     `erase` finds them later), deliveries linked to any of them become linked to the user,
     then everything linked to the user goes, and the quarantined deliveries that name any
     of them. Sends in flight stay: the forget row waits for them, `erase` removes them once
-    they are sent, and a failed one is dropped when it returns (`_erasure_lock` keeps the
-    forget and that return from missing each other)."""
-    yield from _erasure_lock(erases=True)  # its caller's already: taken again at once
+    they are sent, and a failed one is dropped when it returns. The caller took
+    `_erasure_lock` alone, first in the transaction."""
     subject = hash_subject(user_id)
     visitors = [v for (v,) in (yield from rows("visitors_of", subject, subject))]
     related = sorted({*beside, *(hash_subject(v) for v in visitors)} - {subject})
