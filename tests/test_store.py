@@ -8,6 +8,7 @@ import asyncio
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -262,27 +263,33 @@ async def test_a_failed_send_for_a_forgotten_user_is_not_retried(store: Store) -
     assert len(await store.claim("forget", 10, 1 << 20, NOW)) == 1
 
 
+async def beside_a_forget(store: Store, n: int, user: str, work: Awaitable[None]) -> None:
+    """Run `work` while the user's forget is accepted, starting it a little later each
+    round `n` (so that some rounds fall inside the forget's transaction); then nothing
+    about the user is left to send, and the forget goes."""
+
+    async def later() -> None:
+        await asyncio.sleep(n * 0.0002)
+        await work
+
+    await asyncio.gather(later(), store.accept(delivery(f"f{n}", Forget(user_id=user))))
+    assert await store.claim("track", 10, 1 << 20, NOW) == [], f"round {n}"
+    (forget,) = await store.claim("forget", 10, 1 << 20, NOW)
+    await store.delivered([forget.id], NOW)
+
+
 async def test_a_send_failing_while_its_user_is_forgotten_is_never_sent_again(
     store: Store,
 ) -> None:
     """A failed send returned to the queue while its user's forget is accepted: either the
     forget erases the returned row or the return drops it, never neither (on PostgreSQL
     they were two transactions each reading before the other committed: CI saw the user's
-    identify sent after their forget was accepted). The return starts a little later each
-    round, so that some rounds fall inside the forget's transaction."""
+    identify sent after their forget was accepted)."""
     for n in range(40):
         user = f"u_race_{n}"
         await store.accept(delivery(f"e{n}", Track(event="purchase", user_id=user)))
         (row,) = await store.claim("track", 10, 1 << 20, NOW)
-
-        async def returned(row_id: int = row.id, delay: float = n * 0.0002) -> None:
-            await asyncio.sleep(delay)
-            await store.retry([row_id], NOW, count_attempt=False)
-
-        await asyncio.gather(returned(), store.accept(delivery(f"f{n}", Forget(user_id=user))))
-        assert await store.claim("track", 10, 1 << 20, NOW) == [], f"round {n}"
-        (forget,) = await store.claim("forget", 10, 1 << 20, NOW)
-        await store.delivered([forget.id], NOW)
+        await beside_a_forget(store, n, user, store.retry([row.id], NOW, count_attempt=False))
 
 
 async def test_a_batch_translated_while_its_user_is_forgotten_queues_nothing_about_them(
@@ -291,22 +298,13 @@ async def test_a_batch_translated_while_its_user_is_forgotten_queues_nothing_abo
     """A translated batch about a user recorded while the user's forget is accepted (an
     operator's forget on one instance, the translate stage on another): either the batch
     sees the forget and queues nothing about the user, or the forget erases what it
-    queued; never a call left to be sent about a forgotten user. The batch starts a
-    little later each round, so that some rounds fall inside the forget's transaction."""
+    queued; never a call left to be sent about a forgotten user."""
     for n in range(40):
         user = f"u_batch_{n}"
         await store.append(raw_delivery(f"t{n}"))
         (stored,) = await store.untranslated(10)
         batch = [Translation(delivery=stored, outputs=[Track(event="purchase", user_id=user)])]
-
-        async def recorded(batch: list[Translation] = batch, delay: float = n * 0.0002) -> None:
-            await asyncio.sleep(delay)
-            await store.record(batch)
-
-        await asyncio.gather(recorded(), store.accept(delivery(f"f{n}", Forget(user_id=user))))
-        assert await store.claim("track", 10, 1 << 20, NOW) == [], f"round {n}"
-        (forget,) = await store.claim("forget", 10, 1 << 20, NOW)
-        await store.delivered([forget.id], NOW)
+        await beside_a_forget(store, n, user, store.record(batch))
 
 
 async def test_cleanup_follows_retention(store: Store) -> None:
