@@ -146,20 +146,23 @@ def serve_without(parts: set[str]) -> None:
     if "append-process" in parts:
         from bridge.store.sqlite import SQLiteStore
 
-        writer: list[_Appends] = []
+        writer: list[asyncio.Task[_Appends]] = []  # one, started by the first delivery
+
+        async def start(path: Path) -> _Appends:
+            ours, theirs = socket.socketpair()
+            command = [sys.executable, __file__, "--append-writer", str(path)]
+            subprocess.Popen(  # noqa: ASYNC220 (once, at the first delivery)
+                [*command, str(theirs.fileno())], pass_fds=[theirs.fileno()]
+            )
+            theirs.close()
+            loop = asyncio.get_running_loop()
+            _, protocol = await loop.create_unix_connection(_Appends, sock=ours)
+            return protocol
 
         async def appended(self: Any, delivery: Any) -> str:
-            if not writer:
-                ours, theirs = socket.socketpair()
-                command = [sys.executable, __file__, "--append-writer", str(self.path)]
-                subprocess.Popen(  # noqa: ASYNC220 (once, at the first delivery)
-                    [*command, str(theirs.fileno())], pass_fds=[theirs.fileno()]
-                )
-                theirs.close()
-                loop = asyncio.get_running_loop()
-                _, protocol = await loop.create_unix_connection(_Appends, sock=ours)
-                writer.append(protocol)
-            return await writer[0].append(delivery)
+            if not writer:  # the deliveries arriving meanwhile wait for the same one
+                writer.append(asyncio.ensure_future(start(self.path)))
+            return await (await writer[0]).append(delivery)
 
         SQLiteStore.append = appended  # type: ignore[method-assign,assignment]
     if "no-log" in parts:
